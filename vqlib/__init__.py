@@ -2,7 +2,9 @@
 
 from .base import Quantizer, quantizer_from_config, quantizer_to_config
 from .output import QuantizerOutput
+from .residual import ResidualVQ
+from .vector_quantize import VectorQuantize
 
 __version__ = "0.1.0"
 
-__all__ = ["Quantizer", "QuantizerOutput", "quantizer_from_config", "quantizer_to_config"]
+__all__ = ["Quantizer", "QuantizerOutput", "ResidualVQ", "VectorQuantize", "quantizer_from_config", "quantizer_to_config"]

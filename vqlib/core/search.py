@@ -1,0 +1,72 @@
+"""Exact nearest-code search that never materialises the full tokens x codes distance matrix.
+
+Distances are computed a block of tokens at a time (``||c||^2 - 2 x.c`` through one GEMM per block,
+``||x||^2`` is constant per row and does not change the argmin), so peak memory is bounded by
+``max_elements`` floats whatever the codebook size. Faiss' exact flat search is an alternative backend.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SearchBackend = Literal["auto", "torch", "faiss"]
+
+DEFAULT_MAX_ELEMENTS = 1 << 24  # 64 MB of fp32 scores per block
+
+
+@torch.no_grad()
+def nearest_code(
+    x: Tensor,
+    codes: Tensor,
+    *,
+    cosine: bool = False,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    backend: SearchBackend = "auto",
+) -> Tensor:
+    """Index of the nearest row of ``codes`` (k, d) for each row of ``x`` (n, d), as int64 (n,).
+
+    Euclidean by default; ``cosine=True`` maximises the normalised dot product. Computed in float32.
+    """
+    if x.ndim != 2 or codes.ndim != 2 or x.shape[1] != codes.shape[1]:
+        raise ValueError(f"nearest_code expects x (n, d) and codes (k, d), got {tuple(x.shape)} and {tuple(codes.shape)}")
+    x, codes = x.float(), codes.float()
+    if cosine:
+        x, codes = F.normalize(x, dim=-1), F.normalize(codes, dim=-1)
+    if backend == "faiss" or (backend == "auto" and _prefer_faiss(x, codes)):
+        return _faiss_search(x, codes, cosine)
+    if backend not in ("auto", "torch", "faiss"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'faiss', got {backend!r}")
+    n, k = x.shape[0], codes.shape[0]
+    # cosine: argmax x.c == argmin (-2 x.c); euclidean: argmin ||c||^2 - 2 x.c
+    bias = torch.zeros(k, device=x.device) if cosine else codes.pow(2).sum(-1)
+    codes_t = codes.t()
+    rows = max(1, min(n, max_elements // max(k, 1)))
+    out = torch.empty(n, dtype=torch.long, device=x.device)
+    for start in range(0, n, rows):
+        block = torch.addmm(bias, x[start : start + rows], codes_t, beta=1.0, alpha=-2.0)
+        out[start : start + rows] = block.argmin(dim=-1)
+    return out
+
+
+FAISS_MIN_CODES = 4096
+
+
+def _prefer_faiss(x: Tensor, codes: Tensor) -> bool:
+    # Measured on 2 CPU cores (8192 x 256 queries): Faiss' fused flat search is ~2x faster than blocked
+    # GEMM + argmin from 4096 codes up, and slower below. On CUDA tensors we stay in torch (no host copy).
+    return not x.is_cuda and codes.shape[0] >= FAISS_MIN_CODES
+
+
+def _faiss_search(x: Tensor, codes: Tensor, cosine: bool) -> Tensor:
+    import faiss
+    import numpy as np
+
+    xq = np.ascontiguousarray(x.detach().cpu().numpy())
+    xb = np.ascontiguousarray(codes.detach().cpu().numpy())
+    metric = faiss.METRIC_INNER_PRODUCT if cosine else faiss.METRIC_L2
+    _, idx = faiss.knn(xq, xb, 1, metric=metric)
+    return torch.from_numpy(idx[:, 0].astype("int64")).to(x.device)
