@@ -29,10 +29,6 @@ from .validation import check_features, check_finite, check_indices, check_mask
 _MAX_BITS = 62  # indices are int64
 
 
-def _entropy(log_p: Tensor) -> Tensor:
-    return -(log_p.exp() * log_p).sum(dim=-1)
-
-
 class LFQ(Quantizer):
     """Lookup-free quantizer (``spherical=True``: binary spherical quantizer, BSQ).
 
@@ -137,12 +133,13 @@ class LFQ(Quantizer):
             shifts = torch.arange(group_bits - 1, -1, -1, device=z.device)
             all_bits = (torch.arange(2**group_bits, device=z.device).unsqueeze(-1) >> shifts) & 1
             group_codes = self._bits_to_codes(all_bits.bool())  # (2^g, g): small, per group only
-            # -||z - c||^2 up to terms constant over codes (all codes have the same norm).
-            logits = 2 * group @ group_codes.t() / self.temperature
-            log_p = logits.log_softmax(dim=-1)
-            per_sample = per_sample + _entropy(log_p).mean()
-            avg_p = log_p.exp().mean(dim=0)
-            codebook = codebook + _entropy(avg_p.clamp_min(1e-30).log())
+            # -||z - c||^2 / T up to terms constant over codes (all codes have the same norm).
+            logits = group @ (group_codes.t() * (2 / self.temperature))
+            log_p = logits.log_softmax(dim=-1).clamp_min(-80.0)  # exp(-80) ~ 2e-35: no denormals
+            p = log_p.exp()
+            per_sample = per_sample - (p * log_p).sum(dim=-1).mean()
+            avg_p = p.mean(dim=0)
+            codebook = codebook - (avg_p * avg_p.clamp_min(1e-30).log()).sum()
         return per_sample, codebook
 
     # -- public API ----------------------------------------------------------------------------
