@@ -1,0 +1,28 @@
+"""Post-training vector quantization of model weights (``import vqlib.compress``).
+
+    cfg = VQConfig(algorithm="calibrated", vector_dim=4, codebook_bits=8)
+    model, report = compress(model, cfg, calibration=batches)
+    save_compressed(model, "out/")
+    model = load_compressed("out/", skeleton_or_factory)
+
+The storage format is documented in ``vqlib.compress.format``.
+"""
+
+from .api import compress
+from .config import VQConfig
+from .format import FORMAT_VERSION, VQLinear
+from .io import load_compressed, save_compressed
+from .report import CompressionReport, LayerReport
+from .scalar import ScalarLinear
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CompressionReport",
+    "LayerReport",
+    "ScalarLinear",
+    "VQConfig",
+    "VQLinear",
+    "compress",
+    "load_compressed",
+    "save_compressed",
+]

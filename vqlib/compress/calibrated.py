@@ -1,0 +1,229 @@
+"""Calibration-aware VQ (GPTVQ / VPTQ style) of one layer given its input Hessian H = X^T X / n.
+
+1. Hessian-weighted k-means initialises each codebook group from the current (error-corrected)
+   weights, with vectors weighted by how much their error costs (squared scale / U_ii^2).
+2. GPTQ column loop over vectors of d columns, in blocks with lazy batched updates. With U the
+   upper Cholesky factor of H^-1 (H^-1 = U^T U), quantizing the d columns S jointly costs
+   ||(w_S - q_S) U_SS^-1||^2 per row and is compensated optimally by
+   W_R -= (w_S - q_S) U_SS^-1 U_SR for the later columns R (d = 1 is exactly GPTQ). The code is
+   chosen under that metric: nearest neighbour after mapping vectors and codebook by U_SS^-1.
+3. Fine-tune with the codes fixed: the output error tr((Q - W) H (Q - W)^T) is quadratic in the
+   codebooks (solved by Jacobi-preconditioned conjugate gradient) and in the scales (solved
+   exactly per row), alternated; kept only if it lowers the error after storage rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .codebooks import VQParts, assign_additive, column_scales, rms_scales, round_codebook
+from .config import VQConfig
+from .data_free import finalize_codebooks, fit_group, group_vector_ranges, pad_columns
+from .format import vector_group_index
+
+
+def damped_hessian(hessian: Tensor, damping: float) -> Tensor:
+    """Dead inputs (zero diagonal, e.g. padding) get a unit diagonal; then add damping * mean diag."""
+    h = hessian.clone()
+    diag = torch.diagonal(h)
+    diag[diag <= 0] = 1.0
+    diag += damping * diag.mean()
+    return h
+
+
+def inverse_hessian_factor(hessian: Tensor) -> Tensor:
+    """Upper Cholesky factor U of H^-1 (float64 factorisation for stability, float32 result)."""
+    h = hessian.double()
+    for attempt in range(6):
+        try:
+            lower = torch.linalg.cholesky(h)
+            hinv = torch.cholesky_inverse(lower)
+            return torch.linalg.cholesky(hinv, upper=True).float()
+        except torch.linalg.LinAlgError:
+            # Numerically indefinite: add more damping, as GPTQ users do by hand.
+            h = h + torch.eye(h.shape[0], dtype=h.dtype, device=h.device) * 0.1 * torch.diagonal(h).mean() * 10**attempt
+    raise ValueError("the calibration Hessian could not be factorised even with heavy damping")
+
+
+def pad_hessian(hessian: Tensor, size: int) -> Tensor:
+    pad = size - hessian.shape[0]
+    return torch.nn.functional.pad(hessian, (0, pad, 0, pad)) if pad else hessian
+
+
+def gptq_vq(weight: Tensor, hessian: Tensor, cfg: VQConfig, seed: int) -> VQParts:
+    """Calibration-aware VQ of a float32 (out, in) weight with input Hessian (in, in)."""
+    out_features, _ = weight.shape
+    d, m = cfg.vector_dim, cfg.num_codebooks
+    target = pad_columns(weight, d)
+    in_p = target.shape[1]
+    n_vec = in_p // d
+    h = damped_hessian(pad_hessian(hessian, in_p), cfg.damping)
+    u = inverse_hessian_factor(h)
+    scales = rms_scales(weight, cfg.scale_granularity, cfg.scale_group_size)
+    col_scale = column_scales(scales, in_p, cfg.scale_group_size)
+    if col_scale is None:
+        col_scale = torch.ones_like(target)
+    vec_scale = col_scale[:, ::d]  # (out, n_vec)
+    # Diagonal d x d blocks of U and their inverses: the per-slice metric transform.
+    u_blocks = torch.diagonal(u.reshape(n_vec, d, n_vec, d), dim1=0, dim2=2).permute(2, 0, 1)
+    eye = torch.eye(d, device=u.device).expand(n_vec, d, d)
+    transforms = torch.linalg.solve_triangular(u_blocks, eye, upper=True)
+    importance = (1.0 / torch.diagonal(u) ** 2).reshape(n_vec, d).mean(1)
+
+    ranges = group_vector_ranges(n_vec, cfg)
+    group_starts = {start: g for g, (start, _) in enumerate(ranges)}
+    group_of_vec = vector_group_index(n_vec, d, cfg.group_size)
+    step = cfg.block_size // d
+    starts = sorted(set(range(0, n_vec, step)) | set(group_starts))
+    bounds = list(zip(starts, starts[1:] + [n_vec]))
+
+    w = target.clone()
+    codebooks = torch.empty(len(ranges), m, cfg.codebook_size, d, device=weight.device)
+    codes = torch.empty(out_features, n_vec, m, dtype=torch.long, device=weight.device)
+    for vs, ve in bounds:
+        if vs in group_starts:
+            g = group_starts[vs]
+            gs, ge = ranges[g]
+            vecs = (w[:, gs * d : ge * d] / col_scale[:, gs * d : ge * d]).reshape(-1, d)
+            vw = (vec_scale[:, gs:ge] ** 2 * importance[None, gs:ge]).reshape(-1)
+            codebooks[g] = fit_group(vecs, vw, cfg, seed + 7919 * g)[0]
+        cs, ce = vs * d, ve * d
+        block = w[:, cs:ce].clone()
+        errors = torch.zeros_like(block)
+        u_block = u[cs:ce, cs:ce]
+        for j in range(vs, ve):
+            lc = (j - vs) * d
+            cb = codebooks[group_of_vec[j]]  # (M, K, d)
+            t = transforms[j]
+            s = vec_scale[:, j : j + 1]
+            c = assign_additive((block[:, lc : lc + d] / s) @ t, cb @ t, cfg.refine_passes)
+            q = cb[0][c[:, 0]]
+            for i in range(1, m):
+                q = q + cb[i][c[:, i]]
+            err = (block[:, lc : lc + d] - s * q) @ t
+            block[:, lc + d :] -= err @ u_block[lc : lc + d, lc + d :]
+            errors[:, lc : lc + d] = err
+            codes[:, j] = c
+        w[:, ce:] -= errors @ u[cs:ce, ce:]
+    values, cb_scales = finalize_codebooks(codebooks, cfg.codebook_dtype)
+    parts = VQParts(codes, values, cb_scales, scales)
+    if cfg.finetune_steps > 0:
+        parts = finetune(target, h, parts, cfg)
+    return parts
+
+
+class _AdditiveDecoder:
+    """The linear map (flat codebooks (G*M*K, d), per-vector scales) -> padded weight, and its adjoint."""
+
+    def __init__(self, codes: Tensor, codebook_shape: tuple[int, ...], cfg: VQConfig):
+        g, m, k, d = codebook_shape
+        out_features, n_vec, _ = codes.shape
+        group_of_vec = vector_group_index(n_vec, d, cfg.group_size, device=codes.device)
+        base = (group_of_vec[None, :, None] * m + torch.arange(m, device=codes.device)[None, None, :]) * k
+        self.flat_index = [(base[..., i] + codes[..., i]).reshape(-1) for i in range(m)]
+        self.shape = (out_features, n_vec, d)
+        self.num_entries = g * m * k
+
+    def decode(self, flat_codebooks: Tensor, vec_scale: Tensor | None) -> Tensor:
+        out = flat_codebooks[self.flat_index[0]]
+        for idx in self.flat_index[1:]:
+            out = out + flat_codebooks[idx]
+        out = out.reshape(self.shape)
+        if vec_scale is not None:
+            out = out * vec_scale[..., None]
+        return out.reshape(self.shape[0], -1)
+
+    def adjoint(self, grad: Tensor, vec_scale: Tensor | None) -> Tensor:
+        g = grad.reshape(self.shape)
+        if vec_scale is not None:
+            g = g * vec_scale[..., None]
+        g = g.reshape(-1, self.shape[2])
+        out = torch.zeros(self.num_entries, self.shape[2], device=grad.device, dtype=grad.dtype)
+        for idx in self.flat_index:
+            out.index_add_(0, idx, g)
+        return out
+
+
+def output_error(q: Tensor, target: Tensor, hessian: Tensor) -> float:
+    e = q - target
+    return float(((e @ hessian) * e).sum())
+
+
+def _solve_codebooks(dec: _AdditiveDecoder, flat: Tensor, vec_scale, target, h, steps: int) -> Tensor:
+    """Jacobi-preconditioned CG on the normal equations of min_C tr((A C - W) H (A C - W)^T)."""
+    flat = flat.clone()
+    r = dec.adjoint((target - dec.decode(flat, vec_scale)) @ h, vec_scale)
+    sq = torch.ones(dec.shape[:2], device=flat.device) if vec_scale is None else vec_scale**2
+    diag_h = torch.diagonal(h).reshape(1, dec.shape[1], dec.shape[2])
+    precond = dec.adjoint((sq[..., None] * diag_h).reshape(dec.shape[0], -1), None)
+    precond = torch.where(precond > 0, precond, torch.ones_like(precond))
+    z = r / precond
+    p = z.clone()
+    rz = (r * z).sum()
+    for _ in range(steps):
+        ap = dec.adjoint(dec.decode(p, vec_scale) @ h, vec_scale)
+        pap = (p * ap).sum()
+        if not pap > 0:
+            break
+        alpha = rz / pap
+        flat += alpha * p
+        r -= alpha * ap
+        z = r / precond
+        rz_new = (r * z).sum()
+        p = z + (rz_new / rz) * p
+        rz = rz_new
+    return flat
+
+
+def _solve_scales(decoded: Tensor, target: Tensor, h: Tensor, old: Tensor, scale_group_size: int) -> Tensor:
+    """Exact least-squares scales (out, S) for an unscaled decoded weight (out, in_p)."""
+    if old.shape[1] == 1:
+        dh = decoded @ h
+        num, den = (dh * target).sum(1), (dh * decoded).sum(1)
+        new = (num / den)[:, None]
+    else:
+        out_features, in_p = decoded.shape
+        n_groups = old.shape[1]
+        col_group = torch.arange(in_p, device=decoded.device) // scale_group_size
+        a = torch.zeros(out_features, n_groups, n_groups, device=decoded.device)
+        b = torch.zeros(out_features, n_groups, device=decoded.device)
+        for g in range(n_groups):
+            cols = slice(g * scale_group_size, min(in_p, (g + 1) * scale_group_size))
+            y = decoded[:, cols] @ h[cols, :]  # contribution of group g's columns
+            a[:, :, g] = torch.zeros(out_features, n_groups, device=decoded.device).index_add_(1, col_group, decoded * y)
+            b[:, g] = (y * target).sum(1)
+        ridge = 1e-6 * torch.diagonal(a, dim1=1, dim2=2).mean(1).clamp_min(1e-30)
+        a = a + ridge[:, None, None] * torch.eye(n_groups, device=a.device)
+        new = torch.linalg.solve(a, b[..., None])[..., 0]
+    ok = torch.isfinite(new) & (new.abs() < 65000)
+    return torch.where(ok, new, old)
+
+
+def finetune(target: Tensor, h: Tensor, parts: VQParts, cfg: VQConfig, rounds: int = 2) -> VQParts:
+    """Alternate codebook CG and exact scale solves with codes fixed; keep the result only if better."""
+    d = cfg.vector_dim
+    in_p = target.shape[1]
+    shape = tuple(parts.codebooks.shape)
+    dec = _AdditiveDecoder(parts.codes, shape, cfg)
+    scales = parts.scales
+
+    def vec_scale_of(s):
+        cs = column_scales(s, in_p, cfg.scale_group_size)
+        return None if cs is None else cs[:, ::d]
+
+    before = output_error(dec.decode(parts.codebooks.reshape(-1, d), vec_scale_of(scales)), target, h)
+    flat = parts.codebooks.reshape(-1, d)
+    steps = [cfg.finetune_steps // rounds + (1 if r < cfg.finetune_steps % rounds else 0) for r in range(rounds)]
+    for n in steps:
+        flat = _solve_codebooks(dec, flat, vec_scale_of(scales), target, h, n)
+        if scales is not None:
+            scales = _solve_scales(dec.decode(flat, None), target, h, scales, cfg.scale_group_size)
+    values, cb_scales = round_codebook(flat.reshape(shape), cfg.codebook_dtype)
+    if scales is not None:
+        scales = _solve_scales(dec.decode(values.reshape(-1, d), None), target, h, scales, cfg.scale_group_size)
+        scales = scales.to(torch.float16).float()
+    after = output_error(dec.decode(values.reshape(-1, d), vec_scale_of(scales)), target, h)
+    if after < before:
+        return VQParts(parts.codes, values, cb_scales, scales)
+    return parts

@@ -1,0 +1,162 @@
+"""``VQConfig``: one typed object that picks the storage format and the compression algorithm."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+ALGORITHMS = ("data_free", "calibrated", "scalar_rtn")
+CODEBOOK_DTYPES = ("fp16", "int8")
+SCALE_GRANULARITIES = ("row", "group", "none")
+PAD_POLICIES = ("pad", "skip", "error")
+
+
+@dataclass
+class VQConfig:
+    """Format and algorithm for post-training weight quantization (see ``vqlib.compress.format``).
+
+    Format (ignored by ``scalar_rtn`` except the filters):
+        vector_dim: d, weights per vector, taken along the input dimension.
+        num_codebooks: M additive codebooks (1 = plain VQ, 2 = additive/residual, AQLM style).
+        codebook_bits: B, each codebook has 2**B entries; codes are stored as uint8 for B <= 8
+            and int16 for 9 <= B <= 16 (a B < 8 code still takes a full byte and is counted so).
+        group_size: input columns sharing one set of codebooks (GPTVQ groups); None = one per layer.
+            Must be a multiple of vector_dim.
+        codebook_dtype: "fp16", or "int8" with one fp16 scale per codebook.
+        scale_granularity: "row" (one fp16 scale per output row), "group" (one per row and
+            ``scale_group_size`` input columns) or "none" (no scales stored).
+    Algorithm:
+        algorithm: "data_free" (k-means on the weights), "calibrated" (Hessian-aware GPTQ-style
+            VQ with error feedback and codebook/scale fine-tuning; needs calibration batches) or
+            "scalar_rtn" (round-to-nearest, ``scalar_bits`` with one fp16 scale and uint8 zero
+            per ``scalar_group_size`` columns; the baseline).
+    Layer filter: ``include_modules`` / ``skip_modules`` are fnmatch globs on qualified module
+    names, ``skip_types`` are class names, layers with fewer than ``min_weights`` weights are skipped.
+    ``pad`` says what to do when in_features is not a multiple of vector_dim: "pad" zero-pads the
+    input dim to the next multiple (the pad is stored and counted, and dropped at forward time),
+    "skip" leaves the layer uncompressed with a reason in the report, "error" raises.
+    ``strict=True`` turns every non-filter skip (too few vectors for the codebook, unpadded
+    layer, layer not reached by calibration) into an error.
+    """
+
+    algorithm: Literal["data_free", "calibrated", "scalar_rtn"] = "calibrated"
+    vector_dim: int = 4
+    num_codebooks: int = 1
+    codebook_bits: int = 8
+    group_size: int | None = None
+    codebook_dtype: Literal["fp16", "int8"] = "fp16"
+    scale_granularity: Literal["row", "group", "none"] = "row"
+    scale_group_size: int = 128
+    scalar_bits: int = 3
+    scalar_group_size: int = 128
+    pad: Literal["pad", "skip", "error"] = "pad"
+    include_modules: list[str] | None = None
+    skip_modules: list[str] = field(default_factory=lambda: ["lm_head"])
+    skip_types: list[str] = field(default_factory=list)
+    min_weights: int = 0
+    kmeans_iters: int = 25
+    kmeans_points_per_centroid: int = 256
+    refine_passes: int = 1
+    block_size: int = 128
+    damping: float = 0.01
+    finetune_steps: int = 30
+    device: str | None = None
+    seed: int = 0
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        def need_int(name: str, lo: int, hi: int | None = None) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"VQConfig.{name}: expected an int, got {type(value).__name__} {value!r}")
+            if value < lo or (hi is not None and value > hi):
+                rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+                raise ValueError(f"VQConfig.{name}: expected a value {rng}, got {value}")
+
+        def need_choice(name: str, choices: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"VQConfig.{name}: expected one of {list(choices)}, got {value!r}")
+
+        need_choice("algorithm", ALGORITHMS)
+        need_choice("codebook_dtype", CODEBOOK_DTYPES)
+        need_choice("scale_granularity", SCALE_GRANULARITIES)
+        need_choice("pad", PAD_POLICIES)
+        need_int("vector_dim", 1, 64)
+        need_int("num_codebooks", 1, 8)
+        need_int("codebook_bits", 1, 16)
+        need_int("scale_group_size", 1)
+        need_int("scalar_bits", 1, 8)
+        need_int("scalar_group_size", 1)
+        need_int("min_weights", 0)
+        need_int("kmeans_iters", 1)
+        need_int("kmeans_points_per_centroid", 1)
+        need_int("refine_passes", 0)
+        need_int("block_size", 1)
+        need_int("finetune_steps", 0)
+        need_int("seed", 0)
+        if self.group_size is not None:
+            need_int("group_size", 1)
+            if self.group_size % self.vector_dim:
+                raise ValueError(
+                    f"VQConfig.group_size: expected a multiple of vector_dim={self.vector_dim}, got {self.group_size}"
+                )
+        if self.scale_granularity == "group" and self.scale_group_size % self.vector_dim:
+            raise ValueError(
+                f"VQConfig.scale_group_size: expected a multiple of vector_dim={self.vector_dim}, "
+                f"got {self.scale_group_size}"
+            )
+        if self.block_size % self.vector_dim:
+            raise ValueError(
+                f"VQConfig.block_size: expected a multiple of vector_dim={self.vector_dim}, got {self.block_size}"
+            )
+        if not isinstance(self.damping, (int, float)) or not (0 < float(self.damping) < 1):
+            raise ValueError(f"VQConfig.damping: expected a float in (0, 1), got {self.damping!r}")
+        for name in ("skip_modules", "skip_types"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise TypeError(f"VQConfig.{name}: expected a list of strings, got {value!r}")
+            setattr(self, name, list(value))
+        if self.include_modules is not None:
+            if not isinstance(self.include_modules, (list, tuple)) or not all(
+                isinstance(v, str) for v in self.include_modules
+            ):
+                raise TypeError(f"VQConfig.include_modules: expected a list of strings or None, got {self.include_modules!r}")
+            self.include_modules = list(self.include_modules)
+        if self.device is not None and not isinstance(self.device, str):
+            raise TypeError(f"VQConfig.device: expected a device string like 'cuda:0' or None, got {self.device!r}")
+
+    @property
+    def codebook_size(self) -> int:
+        return 2**self.codebook_bits
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "VQConfig":
+        if not isinstance(data, dict):
+            raise TypeError(f"VQConfig.from_dict: expected a dict, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"VQConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "VQConfig":
+        """Read a config from a .json or .yaml/.yml file (a flat mapping of VQConfig fields)."""
+        path = Path(path)
+        text = path.read_text()
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            raise ValueError(f"VQConfig.from_file: expected a .json, .yaml or .yml file, got {path.name!r}")
+        return cls.from_dict(data or {})
