@@ -49,15 +49,21 @@ class PaddedConv1d(nn.Module):
         norm: str = "weight_norm",
     ):
         super().__init__()
-        self.conv = _normed(
-            nn.Conv1d(in_channels, out_channels, kernel_size, stride=stride, dilation=dilation), norm
-        )
         self.causal = causal
         self.stride = stride
         self.padding_total = (kernel_size - 1) * dilation - (stride - 1)
         self.effective_kernel = (kernel_size - 1) * dilation + 1
+        # Stride 1 with an even, symmetric padding: let the convolution pad (saves a copy per call).
+        self.builtin_padding = not causal and stride == 1 and self.padding_total % 2 == 0
+        self.conv = _normed(
+            nn.Conv1d(in_channels, out_channels, kernel_size, stride=stride, dilation=dilation,
+                      padding=self.padding_total // 2 if self.builtin_padding else 0),
+            norm,
+        )
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.builtin_padding:
+            return self.conv(x)
         length = x.shape[-1]
         frames = math.ceil(length / self.stride)
         # Right padding so that the last (partial) frame is a full window.
