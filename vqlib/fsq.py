@@ -11,12 +11,12 @@ from __future__ import annotations
 import math
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
 from .base import Quantizer, usage_metrics
 from .output import QuantizerOutput
-from .validation import check_features, check_finite, check_indices, check_mask
+from .core.layout import check_decode_layout, from_tokens, prepare_input
+from .validation import check_indices
 
 _INT64_MAX = 2**63 - 1
 
@@ -111,17 +111,8 @@ class FSQ(Quantizer):
     # -- public API ----------------------------------------------------------------------------
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> QuantizerOutput:
-        check_features(x, self.dim, channel_first=self.channel_first)
-        if self.check_finite:
-            check_finite(x)
-        if self.channel_first:
-            x_last = rearrange(x, "b d ... -> b ... d")
-        else:
-            x_last = x
-        token_shape = x_last.shape[:-1]
-        check_mask(mask, tuple(token_shape))
-
-        z = project(self.project_in, x_last.reshape(-1, self.dim)).float()
+        tokens, flat_mask, token_shape = prepare_input(x, mask, self.dim, self.channel_first, self.check_finite)
+        z = project(self.project_in, tokens).float()
         bounded = self._bound(z)
         digits = (bounded.round() + self._half_width).long()
         indices = (digits * self._basis).sum(dim=-1)
@@ -130,13 +121,9 @@ class FSQ(Quantizer):
         # the gradient is that of the normalised bounded z.
         z_normalised = bounded / self._half_width.float()
         codes = codes + (z_normalised - z_normalised.detach())
-        quantized = project(self.project_out, codes).reshape(*token_shape, self.dim).to(x.dtype)
-        if self.channel_first:
-            quantized = rearrange(quantized, "b ... d -> b d ...")
+        quantized = from_tokens(project(self.project_out, codes).to(x.dtype), token_shape, self.channel_first)
+        metrics = usage_metrics(indices if flat_mask is None else indices[flat_mask], self.codebook_size)
         indices = indices.reshape(token_shape)
-
-        kept = indices if mask is None else indices[mask]
-        metrics = usage_metrics(kept, self.codebook_size)
         loss = torch.zeros((), device=x.device, dtype=torch.float32)
         return QuantizerOutput(quantized=quantized, indices=indices, loss=loss, metrics=metrics)
 
@@ -149,12 +136,8 @@ class FSQ(Quantizer):
         """Quantized features for ``indices``; equal (torch.equal) to ``forward(x).quantized`` in eval mode
         for float32 inputs. Shape ``(*indices.shape, dim)``, or ``(b, dim, *spatial)`` when channel_first."""
         codes = self.indices_to_codes(indices)
-        if self.channel_first and indices.ndim < 1:
-            raise ValueError("FSQ.decode: channel_first=True expects indices of shape (batch, *spatial), got a 0-d tensor")
-        quantized = project(self.project_out, codes.reshape(-1, self.codebook_dim)).reshape(*indices.shape, self.dim)
-        if self.channel_first:
-            quantized = rearrange(quantized, "b ... d -> b d ...")
-        return quantized
+        check_decode_layout(indices, self.channel_first, "FSQ")
+        return from_tokens(project(self.project_out, codes.reshape(-1, self.codebook_dim)), tuple(indices.shape), self.channel_first)
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}, dim={self.dim}, codebook_size={self.codebook_size}"

@@ -18,13 +18,13 @@ import math
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 from .base import Quantizer, usage_metrics
 from .fsq import project
 from .output import QuantizerOutput
-from .validation import check_features, check_finite, check_indices, check_mask
+from .core.layout import check_decode_layout, from_tokens, prepare_input
+from .validation import check_indices
 
 _MAX_BITS = 62  # indices are int64
 
@@ -145,14 +145,8 @@ class LFQ(Quantizer):
     # -- public API ----------------------------------------------------------------------------
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> QuantizerOutput:
-        check_features(x, self.dim, channel_first=self.channel_first)
-        if self.check_finite:
-            check_finite(x)
-        x_last = rearrange(x, "b d ... -> b ... d") if self.channel_first else x
-        token_shape = x_last.shape[:-1]
-        check_mask(mask, tuple(token_shape))
-
-        z = project(self.project_in, x_last.reshape(-1, self.dim))
+        tokens, flat_mask, token_shape = prepare_input(x, mask, self.dim, self.channel_first, self.check_finite)
+        z = project(self.project_in, tokens)
         with torch.autocast(device_type=x.device.type, enabled=False):
             z = z.float()
             if self.spherical:
@@ -161,8 +155,8 @@ class LFQ(Quantizer):
             indices = (bits.long() << self._shifts).sum(dim=-1)
             codes = self._bits_to_codes(bits)
 
-            z_kept = z if mask is None else z[mask.reshape(-1)]
-            metrics = usage_metrics(indices if mask is None else indices[mask.reshape(-1)], self.codebook_size)
+            z_kept = z if flat_mask is None else z[flat_mask]
+            metrics = usage_metrics(indices if flat_mask is None else indices[flat_mask], self.codebook_size)
             loss = z.new_zeros(())
             if self.entropy_weight != 0:
                 per_sample, codebook = self._entropies(z_kept)
@@ -170,28 +164,22 @@ class LFQ(Quantizer):
                 metrics["per_sample_entropy"] = per_sample.detach()
                 metrics["codebook_entropy"] = codebook.detach()
             if self.commitment_weight != 0 and z_kept.shape[0] > 0:
-                codes_kept = codes if mask is None else codes[mask.reshape(-1)]
+                codes_kept = codes if flat_mask is None else codes[flat_mask]
                 commitment = F.mse_loss(z_kept, codes_kept)
                 loss = loss + self.commitment_weight * commitment
                 metrics["commitment"] = commitment.detach()
 
             # Straight-through: the forward value is exactly `codes` (z - z.detach() is exactly 0 for finite z).
             codes = codes + (z - z.detach())
-        quantized = project(self.project_out, codes).reshape(*token_shape, self.dim).to(x.dtype)
-        if self.channel_first:
-            quantized = rearrange(quantized, "b ... d -> b d ...")
+        quantized = from_tokens(project(self.project_out, codes).to(x.dtype), token_shape, self.channel_first)
         return QuantizerOutput(quantized=quantized, indices=indices.reshape(token_shape), loss=loss, metrics=metrics)
 
     def decode(self, indices: Tensor) -> Tensor:
         """Quantized features for ``indices``; equal (torch.equal) to ``forward(x).quantized`` in eval mode
         for float32 inputs. Shape ``(*indices.shape, dim)``, or ``(b, dim, *spatial)`` when channel_first."""
         codes = self.indices_to_codes(indices)
-        if self.channel_first and indices.ndim < 1:
-            raise ValueError("LFQ.decode: channel_first=True expects indices of shape (batch, *spatial), got a 0-d tensor")
-        quantized = project(self.project_out, codes.reshape(-1, self.codebook_dim)).reshape(*indices.shape, self.dim)
-        if self.channel_first:
-            quantized = rearrange(quantized, "b ... d -> b d ...")
-        return quantized
+        check_decode_layout(indices, self.channel_first, "LFQ")
+        return from_tokens(project(self.project_out, codes.reshape(-1, self.codebook_dim)), tuple(indices.shape), self.channel_first)
 
     def extra_repr(self) -> str:
         return (

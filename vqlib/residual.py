@@ -10,7 +10,8 @@ from .core.codebook import CodebookUpdate, Distance
 from .core.estimators import straight_through
 from .output import QuantizerOutput
 from .validation import check_indices
-from .vector_quantize import VectorQuantize, from_tokens, masked_mse, prepare_input
+from .core.layout import from_tokens, prepare_input
+from .vector_quantize import VectorQuantize, masked_mse
 
 
 class ResidualVQ(Quantizer):

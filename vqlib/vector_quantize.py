@@ -14,33 +14,10 @@ from .core.codebook import Codebook, CodebookUpdate, Distance, Reparam
 from .core.estimators import rotation_trick, straight_through
 from .core.search import DEFAULT_MAX_ELEMENTS, SearchBackend
 from .output import QuantizerOutput
-from .validation import check_features, check_finite, check_indices, check_mask
+from .core.layout import from_tokens, prepare_input
+from .validation import check_indices
 
 GradientEstimator = Literal["ste", "rotation"]
-
-
-def to_tokens(x: Tensor, channel_first: bool) -> tuple[Tensor, tuple[int, ...]]:
-    """(..., d) or (b, d, *spatial) -> ((n, d), token shape)."""
-    if channel_first:
-        x = rearrange(x, "b d ... -> b ... d")
-    return x.reshape(-1, x.shape[-1]), tuple(x.shape[:-1])
-
-
-def from_tokens(x: Tensor, token_shape: tuple[int, ...], channel_first: bool) -> Tensor:
-    x = x.reshape(*token_shape, x.shape[-1])
-    return rearrange(x, "b ... d -> b d ...") if channel_first else x
-
-
-def prepare_input(
-    x: Tensor, mask: Tensor | None, dim: int, channel_first: bool, finite: bool
-) -> tuple[Tensor, Tensor | None, tuple[int, ...]]:
-    """Validate x/mask and flatten to tokens: ((n, dim), (n,) bool mask or None, token shape)."""
-    check_features(x, dim, channel_first=channel_first)
-    if finite:
-        check_finite(x)
-    tokens, token_shape = to_tokens(x, channel_first)
-    check_mask(mask, token_shape)
-    return tokens, (None if mask is None else mask.reshape(-1)), token_shape
 
 
 def masked_mse(a: Tensor, b: Tensor, weight: Tensor | None) -> Tensor:
