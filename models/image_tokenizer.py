@@ -183,9 +183,12 @@ class ImageTokenizer(HubMixin, nn.Module):
         """Indices from :meth:`encode` -> images (b, C, H, W) (not clamped; clamp to [-1, 1] for display)."""
         if not isinstance(indices, Tensor):
             raise TypeError(f"indices: expected a torch.Tensor, got {type(indices).__name__}")
-        if indices.ndim < 3:
+        expected_ndim = 3 if self.codes_per_token == 1 else 4
+        if indices.ndim != expected_ndim:
+            trailing = "" if expected_ndim == 3 else f", levels/heads (up to {self.codes_per_token})"
             raise ValueError(
-                f"indices: expected shape (batch, h, w) plus the quantizer's trailing axes, got {tuple(indices.shape)}"
+                f"indices: expected shape (batch, h, w{trailing}) for {type(self.quantizer).__name__}, "
+                f"got {tuple(indices.shape)}"
             )
         return self.decoder(self.post_quant_conv(self._codes_to_latent(indices)))
 
