@@ -4,3 +4,8 @@ from .hub import HubMixin
 from .image_tokenizer import ImageTokenizer, ImageTokenizerOutput
 
 __all__ = ["HubMixin", "ImageTokenizer", "ImageTokenizerOutput"]
+
+# Audio tokenizer (EnCodec-style codec).
+from .audio_tokenizer import AudioTokenizer, AudioTokenizerOutput  # noqa: E402
+
+__all__ += ["AudioTokenizer", "AudioTokenizerOutput"]
