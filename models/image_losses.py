@@ -40,6 +40,7 @@ class NLayerDiscriminator(nn.Module):
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
         if norm not in ("batch", "group", "none"):
             raise ValueError(f"norm must be 'batch', 'group' or 'none', got {norm!r}")
+        self.n_layers = n_layers
         wrap = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda m: m)
 
         def norm_layer(c: int) -> nn.Module:
@@ -62,9 +63,16 @@ class NLayerDiscriminator(nn.Module):
             ]
         layers.append(wrap(nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1)))
         self.main = nn.Sequential(*layers)
+        # n_layers halvings, then two 4x4 stride-1 convs that each remove one pixel.
+        self.min_input_size = 3 * 2**n_layers
         self.apply(_init_weights)
 
     def forward(self, x: Tensor) -> Tensor:
+        if min(x.shape[-2:]) < self.min_input_size:
+            raise ValueError(
+                f"discriminator with {self.n_layers} layers needs images of at least {self.min_input_size}x"
+                f"{self.min_input_size}, got {tuple(x.shape[-2:])}; lower disc_layers"
+            )
         return self.main(x)
 
 

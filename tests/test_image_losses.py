@@ -30,6 +30,9 @@ def test_patchgan_gives_one_logit_per_patch(norm, spectral):
     # 3 stride-2 convs (64 -> 8) then two 4x4 stride-1 convs with padding 1 (8 -> 7 -> 6)
     assert out.shape == (2, 1, 6, 6)
     assert any("parametrizations" in n for n, _ in d.named_parameters()) == spectral
+    d(torch.randn(1, 3, 24, 24))  # the smallest input 3 layers accept
+    with pytest.raises(ValueError, match="at least 24x24, got \\(16, 16\\); lower disc_layers"):
+        d(torch.randn(1, 3, 16, 16))
 
 
 def test_hinge_and_vanilla_values():
