@@ -140,3 +140,26 @@ def test_two_process_cpu_ddp_fit(tmp_path):
     (ckpt,) = (log_dir / "checkpoints").glob("*.ckpt")
     assert torch.load(ckpt, weights_only=True)["global_step"] == 3
     assert list((log_dir / "reconstructions").glob("*.png"))
+
+
+@pytest.mark.parametrize("config,tokens", [("image_f16_simvq65k.yaml", 256), ("image_f8_frozen100k.yaml", 1024)])
+def test_gpu_recipes_build_their_tokenizers(config, tokens, tmp_path):
+    """The full-size recipes' tokenizer sections instantiate (with a small stand-in for the frozen codebook file)."""
+    import yaml
+    from jsonargparse import ArgumentParser
+    from safetensors.torch import save_file
+
+    cfg = yaml.safe_load((CONFIGS / config).read_text())
+    tok_cfg = cfg["model"]["init_args"]["tokenizer"]
+    q_args = tok_cfg["init_args"]["quantizer"]["init_args"]
+    if "codebook_path" in q_args:
+        save_file({"codebook": torch.randn(512, 16)}, tmp_path / "frozen.safetensors")
+        q_args["codebook_path"] = str(tmp_path / "frozen.safetensors")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--tokenizer", type=ImageTokenizer)
+    tok = parser.instantiate(parser.parse_object({"tokenizer": tok_cfg})).tokenizer
+    assert tok.tokens_per_image(256) == tokens
+    tok.eval()
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert tok(x).reconstruction.shape == x.shape

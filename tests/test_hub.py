@@ -181,3 +181,29 @@ def test_push_to_hub_uploads_saved_folder(monkeypatch):
     assert seen["files"] == ["README.md", "config.json", "model.safetensors"]
     assert 'from_pretrained("me/tok")' in seen["card"]
     assert torch.equal(seen["loaded"].decoder.conv_out.weight, tok.decoder.conv_out.weight)
+
+
+def test_frozen_codebook_factory_round_trip_needs_no_codebook_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from vqlib.models import frozen_codebook_quantizer
+
+    features = torch.randn(40, 12)
+    save_file({"codebook": features}, tmp_path / "frozen.safetensors")
+    q = frozen_codebook_quantizer(8, str(tmp_path / "frozen.safetensors"), codebook_dim=4)
+    assert q.codebook_size == 40 and torch.equal(q.codebooks[0].basis, features)
+    tok = trained(tiny_tokenizer(q))
+    folder = tok.save_pretrained(tmp_path / "tok")
+    cfg = json.loads((folder / "config.json").read_text())["init_args"]["quantizer"]
+    assert cfg["class_path"] == "vqlib.VectorQuantize" and cfg["init_args"]["init_codebook_shape"] == [40, 12]
+    (tmp_path / "frozen.safetensors").unlink()
+    loaded = ImageTokenizer.from_pretrained(folder)
+    x = random_images(2)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).reconstruction, tok(x).reconstruction)
+    with pytest.raises(FileNotFoundError, match="frozen codebook file .* does not exist"):
+        frozen_codebook_quantizer(8, str(tmp_path / "frozen.safetensors"))
+    save_file({"a": features, "b": features.clone()}, tmp_path / "two.safetensors")
+    with pytest.raises(ValueError, match="holds 2 tensors"):
+        frozen_codebook_quantizer(8, str(tmp_path / "two.safetensors"))
+    assert frozen_codebook_quantizer(8, str(tmp_path / "two.safetensors"), key="b").codebook_size == 40

@@ -333,8 +333,10 @@ class EmbeddedImageDataModule(LightningDataModule):
 
     Validation uses whole held-out photographs (``val_photos``), so no validation crop overlaps any training
     crop. Training crops are drawn at seeded random positions (``train_samples`` per epoch, same on every
-    rank); validation crops are a fixed non-overlapping grid over the held-out photos (``val_samples`` of them,
-    spread evenly). ``scale`` resizes every photo first (0.5 = half size: more content per crop).
+    rank); validation crops are a fixed grid over the held-out photos with step ``val_stride`` (default: the
+    crop size, i.e. non-overlapping), ``val_samples`` of them spread evenly over the grid. Codebook usage is
+    measured over the validation tokens, so they should outnumber the codes (overlapping crops help).
+    ``scale`` resizes every photo first (0.5 = half size: more content per crop).
     """
 
     def __init__(
@@ -349,6 +351,7 @@ class EmbeddedImageDataModule(LightningDataModule):
         val_photos: list[str] = ["chelsea", "china"],
         train_samples: int = 16384,
         val_samples: int = 64,
+        val_stride: int | None = None,
         random_flip: bool = True,
         seed: int = 0,
     ):
@@ -368,7 +371,10 @@ class EmbeddedImageDataModule(LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers, self.scale = num_workers, scale
         self.train_photos, self.val_photos = train_photos, val_photos
+        if val_stride is not None and val_stride < 1:
+            raise ValueError(f"val_stride must be >= 1, got {val_stride}")
         self.train_samples, self.val_samples = train_samples, val_samples
+        self.val_stride = val_stride or crop_size
         self.random_flip, self.seed = random_flip, seed
         self.train_set: PhotoCropDataset | None = None
         self.val_set: PhotoCropDataset | None = None
@@ -402,7 +408,8 @@ class EmbeddedImageDataModule(LightningDataModule):
 
         val = self._load(self.val_photos)
         grid = [(i, top, left, False) for i, p in enumerate(val)
-                for top in range(0, p.shape[1] - c + 1, c) for left in range(0, p.shape[2] - c + 1, c)]  # fmt: skip
+                for top in range(0, p.shape[1] - c + 1, self.val_stride)
+                for left in range(0, p.shape[2] - c + 1, self.val_stride)]  # fmt: skip
         if len(grid) > self.val_samples:
             keep = np.linspace(0, len(grid) - 1, self.val_samples).round().astype(int)
             grid = [grid[i] for i in keep]
