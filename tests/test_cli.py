@@ -117,9 +117,10 @@ def test_every_image_config_parses(config, capsys):
     assert "vqlib.models.ImageTokenizer" in out and "class_path: vqlib." in out
 
 
-@pytest.mark.slow
 def test_two_process_cpu_ddp_fit(tmp_path):
-    """strategy ddp (gloo on CPU), devices=2, with the discriminator on from step 1 (unused parameters)."""
+    """strategy ddp (gloo on CPU), devices=2, with the discriminator on from step 1 (unused parameters).
+
+    A required check, so it is not marked slow although it takes ~25 s: two fresh processes import Lightning."""
     cmd = [sys.executable, "-m", "vqlib.training.cli", "fit", "--config", str(TINY), *SHRINK,
            "--trainer.strategy", "ddp_find_unused_parameters_true", "--trainer.devices", "2",
            "--data.init_args.train_samples", "24",  # 12 per rank: 3 batches of 4
