@@ -40,11 +40,11 @@ def _filter_reason(name: str, module: nn.Linear, ancestors: list[nn.Module], cfg
     hit = sorted(types & set(cfg.skip_types))
     if hit:
         return f"type {hit[0]} in skip_types"
-    if module.weight.numel() < cfg.min_weights:
-        return f"{module.weight.numel()} weights < min_weights={cfg.min_weights}"
     if any(isinstance(a, nn.MultiheadAttention) for a in ancestors[:1]):
         # nn.MultiheadAttention reads out_proj.weight directly instead of calling the module.
         return "inside nn.MultiheadAttention, which reads the weight tensor directly"
+    if module.weight.numel() < cfg.min_weights:
+        return f"{module.weight.numel()} weights < min_weights={cfg.min_weights}"
     return None
 
 
@@ -117,7 +117,8 @@ def _relative_error(weight: Tensor, dequant: Tensor, hessian: Tensor | None) -> 
 def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
     """Swap ``old`` for ``new`` under every parent that holds it (shared modules included)."""
     for parent in model.modules():
-        for child_name, child in list(parent.named_children()):
+        # _modules, not named_children(): the latter hides a second slot holding the same module.
+        for child_name, child in list(parent._modules.items()):
             if child is old:
                 setattr(parent, child_name, new)
 
@@ -195,6 +196,7 @@ def compress(
     was_training = model.training
     model.eval()
     result = model
+    created: list[nn.Module] = []
     try:
         with torch.no_grad():
             if batches:
@@ -231,6 +233,10 @@ def compress(
                     rec.bits_per_weight = new.bits_per_weight
                     rec.storage_bytes = new.storage_bytes()
                     rec.original_bytes = weight_bytes(linear.weight)
+                    # Later calibration passes run through this layer: keep its dequantized weight
+                    # (the memory the original weight had) until compress returns.
+                    new.weight_cache = dequant.to(device=linear.weight.device, dtype=linear.weight.dtype)
+                    created.append(new)
                     if name == "":
                         result = new
                     else:
@@ -240,6 +246,8 @@ def compress(
                         notify(rec)
                 del hessians
     finally:
+        for layer in created:
+            layer.cache_dequantized_weight(None)
         model.train(was_training)
         if result is not model:
             result.train(was_training)

@@ -22,7 +22,7 @@ def nearest(x: Tensor, codebook: Tensor) -> Tensor:
         chunk = x[start : start + rows]
         # ||x||^2 is constant per row and does not change the argmin.
         dist = torch.addmm(cb_sq[None, :], chunk, codebook.T, alpha=-2.0)
-        out[start : start + rows] = dist.argmin(1)
+        out[start : start + rows] = dist.min(1).indices  # faster than argmin on CPU
     return out
 
 

@@ -69,7 +69,29 @@ def num_groups(size: int, group: int | None) -> int:
     return 1 if group is None else math.ceil(size / group)
 
 
-class VQLinear(nn.Module):
+class DequantCacheMixin:
+    """Optional cache of the dequantized weight (a non-persistent buffer: follows .to(), never saved).
+
+    Forward normally dequantizes on every call (the reference semantics, minimal memory);
+    ``cache_dequantized_weight(dtype)`` trades the memory of an uncompressed weight for speed, e.g.
+    while ``compress`` runs calibration batches through already-compressed layers.
+    """
+
+    def cache_dequantized_weight(self, dtype: torch.dtype | None) -> None:
+        """Keep the dequantized weight in ``dtype`` for the reference forward; ``None`` drops it."""
+        self.weight_cache = None if dtype is None else self.dequantize_weight(torch.float32).to(dtype)
+
+    def _reference_linear(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__}: expected {self.in_features} input features on the last dim, got shape {tuple(x.shape)}"
+            )
+        cached = self.weight_cache
+        weight = (cached if cached is not None else self.dequantize_weight(torch.float32)).to(x.dtype)
+        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+
+class VQLinear(DequantCacheMixin, nn.Module):
     """A linear layer whose weight is stored as vector codes into (additive) codebooks.
 
     ``forward`` dispatches to ``vqlib.kernels`` when a kernel is registered for the input's device,
@@ -134,6 +156,7 @@ class VQLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device), requires_grad=False)
         else:
             self.bias = None
+        self.register_buffer("weight_cache", None, persistent=False)
 
     @classmethod
     def from_parts(
@@ -238,11 +261,7 @@ class VQLinear(nn.Module):
 
         if kernels.lookup_linear_available(x.device):
             return kernels.lookup_linear(x, self)
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"VQLinear: expected {self.in_features} input features on the last dim, got shape {tuple(x.shape)}")
-        weight = self.dequantize_weight(torch.float32).to(x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, weight, bias)
+        return self._reference_linear(x)
 
     def extra_repr(self) -> str:
         return (

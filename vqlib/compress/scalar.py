@@ -14,8 +14,9 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .format import DequantCacheMixin
 
 
 def pack_bits(values: Tensor, bits: int) -> Tensor:
@@ -66,7 +67,7 @@ def rtn_quantize(weight: Tensor, bits: int, group_size: int) -> tuple[Tensor, Te
     return levels, scale.to(torch.float16), zero.to(torch.uint8)
 
 
-class ScalarLinear(nn.Module):
+class ScalarLinear(DequantCacheMixin, nn.Module):
     """Linear layer with a scalar ``bits``-bit round-to-nearest weight and per-group scales/zeros."""
 
     def __init__(
@@ -96,6 +97,7 @@ class ScalarLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device), requires_grad=False)
         else:
             self.bias = None
+        self.register_buffer("weight_cache", None, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int) -> "ScalarLinear":
@@ -148,8 +150,7 @@ class ScalarLinear(nn.Module):
         return w.to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.dequantize_weight(torch.float32).to(x.dtype)
-        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+        return self._reference_linear(x)
 
     def extra_repr(self) -> str:
         return (
