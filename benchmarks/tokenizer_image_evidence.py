@@ -71,6 +71,7 @@ def run_variant(name: str, args: argparse.Namespace, out: Path) -> dict[str, flo
             cli_args += ["--trainer.val_check_interval", str(max(1, args.max_steps // 4))]
     if args.val_every is not None:
         cli_args += ["--trainer.val_check_interval", str(args.val_every)]
+    cli_args += list(args.overrides)
     start = time.perf_counter()
     cli = run_cli(cli_args)
     seconds = time.perf_counter() - start
@@ -91,6 +92,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", default="runs/tokenizer_image_evidence")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="extra vqlib-train arguments for every variant, after --")
     args = parser.parse_args()
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in VARIANTS]

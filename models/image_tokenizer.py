@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from einops import rearrange
@@ -43,6 +44,10 @@ class ImageTokenizer(HubMixin, nn.Module):
         z_channels: encoder output / decoder input channels.
         use_attention: self-attention in the middle (lowest-resolution) block of encoder and decoder.
         norm_groups: GroupNorm groups (reduced to a divisor of the channel count for small models).
+        latent_norm: "batchnorm" centres and scales each latent channel (BatchNorm without affine, running
+            statistics in eval) before quantization. Codebooks that are a linear image of a zero-mean cloud
+            (SimVQ, frozen projector) cannot follow latents sitting off to one side of the origin, which
+            leaves most codes unused; centring the latents removes that offset.
     """
 
     def __init__(
@@ -57,6 +62,7 @@ class ImageTokenizer(HubMixin, nn.Module):
         use_attention: bool = True,
         dropout: float = 0.0,
         norm_groups: int = 32,
+        latent_norm: Literal["none", "batchnorm"] = "none",
     ):
         super().__init__()
         if not isinstance(quantizer, Quantizer):
@@ -67,11 +73,14 @@ class ImageTokenizer(HubMixin, nn.Module):
         for name, value in (("in_channels", in_channels), ("ch", ch), ("z_channels", z_channels), ("norm_groups", norm_groups)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if latent_norm not in ("none", "batchnorm"):
+            raise ValueError(f"latent_norm must be 'none' or 'batchnorm', got {latent_norm!r}")
         if num_res_blocks < 0:
             raise ValueError(f"num_res_blocks must be >= 0, got {num_res_blocks}")
         self.init_args = dict(
             in_channels=in_channels, ch=ch, ch_mult=list(ch_mult), num_res_blocks=num_res_blocks,
             z_channels=z_channels, use_attention=use_attention, dropout=dropout, norm_groups=norm_groups,
+            latent_norm=latent_norm,
         )  # fmt: skip
         self.in_channels = in_channels
         self.downsample_factor = 2 ** (len(ch_mult) - 1)
@@ -80,7 +89,12 @@ class ImageTokenizer(HubMixin, nn.Module):
         self.encoder = Encoder(in_channels=in_channels, **arch)
         self.decoder = Decoder(out_channels=in_channels, **arch)
         self.quantizer = quantizer
-        self.quant_conv = nn.Conv2d(z_channels, quantizer.dim, 1)
+        quant_conv = nn.Conv2d(z_channels, quantizer.dim, 1)
+        self.quant_conv = (
+            nn.Sequential(quant_conv, nn.BatchNorm2d(quantizer.dim, affine=False))
+            if latent_norm == "batchnorm"
+            else quant_conv
+        )
         self.post_quant_conv = nn.Conv2d(quantizer.dim, z_channels, 1)
 
     # -- hub --------------------------------------------------------------------------------------------------

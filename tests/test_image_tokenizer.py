@@ -134,3 +134,17 @@ def test_bad_constructor_arguments():
         tiny_tokenizer(ch_mult=())
     with pytest.raises(ValueError, match="ch must be >= 1"):
         tiny_tokenizer(ch=0)
+
+
+def test_batchnorm_latents_are_centred_and_round_trip_in_eval():
+    tok = tiny_tokenizer(VectorQuantize(8, 64, codebook_update="gradient", reparam="simvq"), latent_norm="batchnorm")
+    x = random_images(4, seed=5)
+    z = tok.quant_conv(tok.encoder(x))
+    assert z.mean(dim=(0, 2, 3)).abs().max() < 1e-5  # each latent channel centred over the batch in training
+    tok(x)
+    tok.eval()
+    with torch.no_grad():
+        out = tok(x)
+    assert torch.equal(tok.decode(tok.encode(x)), out.reconstruction)
+    with pytest.raises(ValueError, match="latent_norm must be 'none' or 'batchnorm'"):
+        tiny_tokenizer(latent_norm="layer")
