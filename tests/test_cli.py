@@ -73,12 +73,12 @@ def test_fit_writes_metrics_grids_config_and_checkpoint(fitted):
     assert float(val[0]["val/bits_per_image"]) == 16 * 6  # 64 codes = 6 bits
     assert 0 < float(val[0]["val/usage"]) <= 1
     assert (fitted / "config.yaml").is_file()
-    (ckpt,) = (fitted / "checkpoints").glob("*.ckpt")
+    ckpt = fitted / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, weights_only=True)["global_step"] == 3
 
 
 def test_export_then_from_pretrained(fitted, tmp_path, capsys):
-    (ckpt,) = (fitted / "checkpoints").glob("*.ckpt")
+    ckpt = fitted / "checkpoints" / "last.ckpt"
     with pytest.raises(SystemExit) as exit_info:
         main(["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "tok")])  # config.yaml found beside the run
     assert exit_info.value.code == 0
@@ -103,7 +103,7 @@ def test_export_errors(fitted, tmp_path, capsys):
 
 
 def test_validate_subcommand_from_checkpoint(fitted, tmp_path):
-    (ckpt,) = (fitted / "checkpoints").glob("*.ckpt")
+    ckpt = fitted / "checkpoints" / "last.ckpt"
     main(["validate", "--config", str(fitted / "config.yaml"), "--ckpt_path", str(ckpt),
           "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"])  # fmt: skip
 
@@ -138,7 +138,7 @@ def test_two_process_cpu_ddp_fit(tmp_path):
         pytest.fail(f"2-process DDP fit did not finish in 240 s (hang?): {e}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     (log_dir,) = (tmp_path / "lightning_logs").iterdir()
-    (ckpt,) = (log_dir / "checkpoints").glob("*.ckpt")
+    ckpt = log_dir / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, weights_only=True)["global_step"] == 3
     assert list((log_dir / "reconstructions").glob("*.png"))
 
