@@ -8,6 +8,9 @@
 The storage format is documented in ``vqlib.compress.format``.
 """
 
+import sys
+import types
+
 from .api import compress
 from .config import VQConfig
 from .format import FORMAT_VERSION, VQLinear
@@ -26,3 +29,13 @@ __all__ = [
     "load_compressed",
     "save_compressed",
 ]
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``vqlib.compress`` be both this package and the ``compress(model, cfg)`` entry point."""
+
+    def __call__(self, model, config, **kwargs):
+        return compress(model, config, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -56,6 +56,7 @@ def kmeans(
         verbose=False,
         # Faiss subsamples to max_points_per_centroid * k by default; we pass what we want clustered.
         max_points_per_centroid=max(1, (n + num_clusters - 1) // num_clusters),
+        min_points_per_centroid=1,  # few points per centroid is a caller decision, not a warning
     )
     km.train(data, weights=w)
     return torch.from_numpy(km.centroids.copy()).to(x.device)
