@@ -38,7 +38,7 @@ def _check_wave_pair(estimate: Tensor, reference: Tensor) -> None:
 
 
 class MultiScaleMelLoss(nn.Module):
-    """Mean over scales of ``|log10(mel(estimate)) - log10(mel(reference))|`` (L1).
+    """Mean over scales of ``|log10(mel(estimate) + eps) - log10(mel(reference) + eps)|`` (L1).
 
     One mel spectrogram per window length (hop = window / 4, magnitude, Slaney mel scale).
     Small windows resolve transients, large ones pitch. ``n_mels`` gives the number of mel
@@ -51,7 +51,7 @@ class MultiScaleMelLoss(nn.Module):
         sample_rate: int,
         window_lengths: Sequence[int] = (32, 64, 128, 256, 512, 1024, 2048),
         n_mels: int | Sequence[int] = (5, 10, 20, 40, 80, 160, 320),
-        clamp_eps: float = 1e-5,
+        eps: float = 1e-5,
     ):
         super().__init__()
         window_lengths = list(window_lengths)
@@ -61,7 +61,7 @@ class MultiScaleMelLoss(nn.Module):
                 f"n_mels: expected one value or {len(window_lengths)} (one per window), got {len(n_mels_list)}"
             )
         self.sample_rate = sample_rate
-        self.clamp_eps = clamp_eps
+        self.eps = eps
         self.window_lengths = window_lengths
         self.transforms = nn.ModuleList(
             torchaudio.transforms.MelSpectrogram(
@@ -79,7 +79,10 @@ class MultiScaleMelLoss(nn.Module):
 
     def log_mels(self, wave: Tensor) -> list[Tensor]:
         flat = rearrange(wave, "b c t -> (b c) t").float()
-        return [torch.log10(t(flat).clamp_min(self.clamp_eps)) for t in self.transforms]
+        # log(mel + eps), not log(clamp(mel, eps)): a clamp has zero gradient where the estimate is quieter
+        # than eps, so a model that has learned to output silence (cheap early on, when the targets hold
+        # silent stretches) would get no signal to leave it.
+        return [torch.log10(t(flat) + self.eps) for t in self.transforms]
 
     def forward(self, estimate: Tensor, reference: Tensor) -> Tensor:
         _check_wave_pair(estimate, reference)
