@@ -285,19 +285,20 @@ def linear_bytes(model):
     return total
 
 
-# name -> (target bits, VQConfig fields)
+# name -> (target bits, VQConfig fields on top of the defaults: int8 codebooks, row scales;
+# "g128" = one set of codebooks per 128 input columns, the VQConfig default)
 CONFIGS = {
     "scalar_rtn 2b g128": (2, dict(algorithm="scalar_rtn", scalar_bits=2)),
+    "data_free d4 1x8 g128": (2, dict(algorithm="data_free", vector_dim=4)),
+    "calibrated d4 1x8 g128": (2, dict(algorithm="calibrated", vector_dim=4)),
+    "data_free d8 2x8": (2, dict(algorithm="data_free", vector_dim=8, num_codebooks=2, group_size=None)),
+    "calibrated d8 2x8": (2, dict(algorithm="calibrated", vector_dim=8, num_codebooks=2, group_size=None)),
     "scalar_rtn 3b g128": (3, dict(algorithm="scalar_rtn", scalar_bits=3)),
+    "data_free d8 3x8": (3, dict(algorithm="data_free", vector_dim=8, num_codebooks=3, group_size=None)),
+    "calibrated d8 3x8": (3, dict(algorithm="calibrated", vector_dim=8, num_codebooks=3, group_size=None)),
     "scalar_rtn 4b g128": (4, dict(algorithm="scalar_rtn", scalar_bits=4)),
-    "data_free d4 1x8": (2, dict(algorithm="data_free", vector_dim=4, codebook_bits=8)),
-    "calibrated d4 1x8": (2, dict(algorithm="calibrated", vector_dim=4, codebook_bits=8)),
-    "data_free d8 2x8 int8": (2, dict(algorithm="data_free", vector_dim=8, num_codebooks=2, codebook_dtype="int8")),
-    "calibrated d8 2x8 int8": (2, dict(algorithm="calibrated", vector_dim=8, num_codebooks=2, codebook_dtype="int8")),
-    "data_free d8 3x8 int8": (3, dict(algorithm="data_free", vector_dim=8, num_codebooks=3, codebook_dtype="int8")),
-    "calibrated d8 3x8 int8": (3, dict(algorithm="calibrated", vector_dim=8, num_codebooks=3, codebook_dtype="int8")),
-    "data_free d4 2x8": (4, dict(algorithm="data_free", vector_dim=4, num_codebooks=2)),
-    "calibrated d4 2x8": (4, dict(algorithm="calibrated", vector_dim=4, num_codebooks=2)),
+    "data_free d4 2x8": (4, dict(algorithm="data_free", vector_dim=4, num_codebooks=2, group_size=None)),
+    "calibrated d4 2x8": (4, dict(algorithm="calibrated", vector_dim=4, num_codebooks=2, group_size=None)),
 }
 
 

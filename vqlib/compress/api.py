@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .calibrated import gptq_vq, output_error
-from .calibration import as_batch_list, collect_hessians, execution_order
+from .calibration import LayerStats, as_batch_list, collect_statistics, execution_order
 from .config import VQConfig
 from .data_free import pad_columns, quantize_data_free
 from .format import VQLinear, num_groups
@@ -76,7 +76,7 @@ def _format_reason(module: nn.Linear, cfg: VQConfig) -> tuple[str | None, str]:
     return None, note
 
 
-def _quantize_layer(linear: nn.Linear, cfg: VQConfig, hessian: Tensor | None, seed: int) -> tuple[nn.Module, Tensor, Tensor]:
+def _quantize_layer(linear: nn.Linear, cfg: VQConfig, stats: LayerStats | None, seed: int) -> tuple[nn.Module, Tensor, Tensor]:
     """Return (new module, original float32 weight, dequantized float32 weight) on the compute device."""
     device = torch.device(cfg.device) if cfg.device else linear.weight.device
     weight = linear.weight.detach().to(device=device, dtype=torch.float32)
@@ -86,7 +86,8 @@ def _quantize_layer(linear: nn.Linear, cfg: VQConfig, hessian: Tensor | None, se
         if cfg.algorithm == "data_free":
             parts = quantize_data_free(weight, cfg, seed)
         else:
-            parts = gptq_vq(weight, hessian.to(device), cfg, seed)
+            cross = None if stats.cross is None or stats.cross is stats.hessian else stats.cross.to(device)
+            parts = gptq_vq(weight, stats.hessian.to(device), cfg, seed, cross=cross)
         new = VQLinear.from_parts(
             linear,
             codes=parts.codes,
@@ -106,21 +107,43 @@ def _quantize_layer(linear: nn.Linear, cfg: VQConfig, hessian: Tensor | None, se
     return new, weight, dequant
 
 
-def _relative_error(weight: Tensor, dequant: Tensor, hessian: Tensor | None) -> tuple[float, str]:
-    if hessian is None:
+def _relative_error(weight: Tensor, dequant: Tensor, stats: LayerStats | None) -> tuple[float, str]:
+    """||X Q^T - X_ref W^T|| / ||X_ref W^T|| over the calibration tokens ("output", X_ref = inputs in
+    the original model), with X_ref = X when there is no reference pass ("layer"), or
+    ||Q - W|| / ||W|| without calibration ("weight")."""
+    if stats is None:
         return float((dequant - weight).norm() / weight.norm().clamp_min(1e-30)), "weight"
-    h = hessian.to(weight.device)
-    base = output_error(torch.zeros_like(weight), weight, h)
-    return math.sqrt(output_error(dequant, weight, h) / max(base, 1e-30)), "output"
+    h = stats.hessian.to(weight.device)
+    if stats.cross is None:
+        base = output_error(torch.zeros_like(weight), weight, h)
+        return math.sqrt(output_error(dequant, weight, h) / max(base, 1e-30)), "layer"
+    cross, ref = stats.cross.to(weight.device), stats.reference.to(weight.device)
+    base = float(((weight @ ref) * weight).sum())
+    err = float(((dequant @ h) * dequant).sum()) - 2 * float((dequant * (weight @ cross)).sum()) + base
+    return math.sqrt(max(err, 0.0) / max(base, 1e-30)), "output"
 
 
-def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Swap ``old`` for ``new`` under every parent that holds it (shared modules included)."""
-    for parent in model.modules():
-        # _modules, not named_children(): the latter hides a second slot holding the same module.
-        for child_name, child in list(parent._modules.items()):
-            if child is old:
-                setattr(parent, child_name, new)
+class _Swapper:
+    """Replaces layers in place and can temporarily put the originals back (the reference pass)."""
+
+    def __init__(self, model: nn.Module, keep_originals: bool):
+        self.model = model
+        self.keep_originals = keep_originals
+        self.slots: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []  # parent, attr, original, new
+
+    def replace(self, old: nn.Module, new: nn.Module) -> None:
+        """Swap ``old`` for ``new`` under every parent that holds it (shared modules included)."""
+        for parent in self.model.modules():
+            # _modules, not named_children(): the latter hides a second slot holding the same module.
+            for child_name, child in list(parent._modules.items()):
+                if child is old:
+                    setattr(parent, child_name, new)
+                    if self.keep_originals:
+                        self.slots.append((parent, child_name, old, new))
+
+    def use_original(self, original: bool) -> None:
+        for parent, attr, old, new in self.slots:
+            setattr(parent, attr, old if original else new)
 
 
 def compress(
@@ -197,6 +220,7 @@ def compress(
     model.eval()
     result = model
     created: list[nn.Module] = []
+    swapper = _Swapper(model, keep_originals=cfg.original_output_target and bool(batches))
     try:
         with torch.no_grad():
             if batches:
@@ -220,14 +244,21 @@ def compress(
             order = {n: i for i, n in enumerate(all_linear)}
             for group in groups:
                 layers = {n: eligible[n] for n in group}
-                hessians = collect_hessians(model, layers, batches, calls) if group[0] in called else {}
+                stats = {}
+                if group[0] in called:
+                    use_reference = swapper.use_original if cfg.original_output_target and swapper.slots else None
+                    stats = collect_statistics(model, layers, batches, calls, use_reference)
+                    if cfg.original_output_target and use_reference is None:
+                        # Nothing compressed upstream yet: the inputs are the original ones.
+                        for st in stats.values():
+                            st.cross = st.reference = st.hessian
                 for name in group:
                     t0 = time.perf_counter()
                     linear = eligible[name]
-                    hessian = hessians.get(name)
-                    new, weight, dequant = _quantize_layer(linear, cfg, hessian, cfg.seed + _LAYER_SEED_STRIDE * order[name])
+                    layer_stats = stats.get(name)
+                    new, weight, dequant = _quantize_layer(linear, cfg, layer_stats, cfg.seed + _LAYER_SEED_STRIDE * order[name])
                     rec = records[name]
-                    rec.relative_error, rec.error_kind = _relative_error(weight, dequant, hessian)
+                    rec.relative_error, rec.error_kind = _relative_error(weight, dequant, layer_stats)
                     rec.status, rec.reason = "compressed", notes.get(name, "")
                     rec.method = cfg.algorithm
                     rec.bits_per_weight = new.bits_per_weight
@@ -240,11 +271,11 @@ def compress(
                     if name == "":
                         result = new
                     else:
-                        _replace(model, linear, new)
+                        swapper.replace(linear, new)
                     rec.seconds = time.perf_counter() - t0
                     if notify:
                         notify(rec)
-                del hessians
+                del stats
     finally:
         for layer in created:
             layer.cache_dequantized_weight(None)

@@ -23,13 +23,17 @@ from .data_free import finalize_codebooks, fit_group, group_vector_ranges, pad_c
 from .format import vector_group_index
 
 
-def damped_hessian(hessian: Tensor, damping: float) -> Tensor:
-    """Dead inputs (zero diagonal, e.g. padding) get a unit diagonal; then add damping * mean diag."""
+def damped_hessian(hessian: Tensor, damping: float) -> tuple[Tensor, float, Tensor]:
+    """Dead inputs (zero diagonal, e.g. padding) get a unit diagonal; then add lam = damping * mean diag.
+
+    Returns (damped H, lam, dead-input mask)."""
     h = hessian.clone()
     diag = torch.diagonal(h)
-    diag[diag <= 0] = 1.0
-    diag += damping * diag.mean()
-    return h
+    dead = diag <= 0
+    diag[dead] = 1.0
+    lam = damping * float(diag.mean())
+    diag += lam
+    return h, lam, dead
 
 
 def inverse_hessian_factor(hessian: Tensor) -> Tensor:
@@ -51,16 +55,39 @@ def pad_hessian(hessian: Tensor, size: int) -> Tensor:
     return torch.nn.functional.pad(hessian, (0, pad, 0, pad)) if pad else hessian
 
 
-def gptq_vq(weight: Tensor, hessian: Tensor, cfg: VQConfig, seed: int) -> VQParts:
-    """Calibration-aware VQ of a float32 (out, in) weight with input Hessian (in, in)."""
+def regression_target(weight: Tensor, cross: Tensor, h_damped: Tensor, lam: float, dead: Tensor) -> Tensor:
+    """W* = (W C + lam W)(H + lam I)^-1 with C = X_ref^T X / n: the weight whose outputs on the
+    compressed-model inputs X best match the original outputs X_ref W^T, pulled towards W where
+    the calibration data says nothing (ridge); W* = W when X = X_ref (dead inputs count as such)."""
+    cross = cross.clone()
+    cross[dead, dead] = 1.0
+    rhs = weight @ cross + lam * weight
+    return torch.cholesky_solve(rhs.double().T, torch.linalg.cholesky(h_damped.double())).T.float()
+
+
+def gptq_vq(
+    weight: Tensor, hessian: Tensor, cfg: VQConfig, seed: int, cross: Tensor | None = None
+) -> VQParts:
+    """Calibration-aware VQ of a float32 (out, in) weight with input Hessian (in, in).
+
+    With ``cross`` = X_ref^T X / n (inputs of the original model vs. the partly compressed one),
+    the target is the original layer output instead of this layer's output on compressed inputs,
+    so the layer also compensates the error of the layers before it.
+    """
     out_features, _ = weight.shape
     d, m = cfg.vector_dim, cfg.num_codebooks
     target = pad_columns(weight, d)
     in_p = target.shape[1]
     n_vec = in_p // d
-    h = damped_hessian(pad_hessian(hessian, in_p), cfg.damping)
+    h, lam, dead = damped_hessian(pad_hessian(hessian, in_p), cfg.damping)
+    if cross is not None:
+        # A stronger ridge than GPTQ's damping: with few calibration tokens the regression would
+        # otherwise fit noise in weakly-excited input directions.
+        extra = cfg.target_damping * float(torch.diagonal(h).mean())
+        h_target = h + extra * torch.eye(in_p, device=h.device)
+        target = regression_target(target, pad_hessian(cross, in_p), h_target, lam + extra, dead)
     u = inverse_hessian_factor(h)
-    scales = rms_scales(weight, cfg.scale_granularity, cfg.scale_group_size)
+    scales = rms_scales(target[:, : weight.shape[1]], cfg.scale_granularity, cfg.scale_group_size)
     col_scale = column_scales(scales, in_p, cfg.scale_group_size)
     if col_scale is None:
         col_scale = torch.ones_like(target)
@@ -74,7 +101,7 @@ def gptq_vq(weight: Tensor, hessian: Tensor, cfg: VQConfig, seed: int) -> VQPart
     ranges = group_vector_ranges(n_vec, cfg)
     group_starts = {start: g for g, (start, _) in enumerate(ranges)}
     group_of_vec = vector_group_index(n_vec, d, cfg.group_size)
-    step = cfg.block_size // d
+    step = max(1, cfg.block_size // d)
     starts = sorted(set(range(0, n_vec, step)) | set(group_starts))
     bounds = list(zip(starts, starts[1:] + [n_vec]))
 

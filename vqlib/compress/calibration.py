@@ -7,7 +7,8 @@ layer input's leading dims, padded tokens are left out of that layer's Hessian.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -110,69 +111,118 @@ def execution_order(model: nn.Module, layers: dict[str, nn.Module], batch: Any) 
     return groups, calls
 
 
-def collect_hessians(
-    model: nn.Module, layers: dict[str, nn.Module], batches: list[Any], calls_per_batch: dict[str, int]
-) -> dict[str, Tensor]:
-    """Accumulate H = X^T X / n (float32, on the input's device) for every layer in ``layers``.
+@dataclass
+class LayerStats:
+    """Second moments of a layer's inputs over the calibration tokens (float32, (in, in)).
 
-    Layers fed the same tensor object in a call share one Hessian computation. If every layer is
-    called once per batch, the forward stops as soon as all of them have run.
+    ``hessian`` = X^T X / n for the inputs X the layer gets in the partly compressed model.
+    With a reference pass (the original layers swapped back in), ``cross`` = X_ref^T X / n and
+    ``reference`` = X_ref^T X_ref / n pair every token with its input in the original model.
     """
-    sums: dict[int, Tensor] = {}
+
+    hessian: Tensor
+    cross: Tensor | None = None
+    reference: Tensor | None = None
+
+
+def _flat_tokens(x: Tensor, mask: Tensor | None) -> Tensor:
+    feats = x.detach()
+    if mask is not None and tuple(feats.shape[:-1]) == tuple(mask.shape):
+        feats = feats[mask.to(feats.device)]
+    return feats.reshape(-1, feats.shape[-1]).float()
+
+
+def collect_statistics(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    batches: list[Any],
+    calls_per_batch: dict[str, int],
+    use_reference: Callable[[bool], None] | None = None,
+) -> dict[str, LayerStats]:
+    """Accumulate input statistics for every layer in ``layers`` over all batches.
+
+    Layers fed the same tensor object in a call share one computation. If every layer is called
+    once per batch, each forward stops as soon as all of them have run. ``use_reference(True)``
+    must put the original layers back into the model and ``use_reference(False)`` the compressed
+    ones; when given, every batch is run both ways (one batch of inputs is held at a time).
+    """
+    sums: dict[int, dict[str, Tensor]] = {}
     counts: dict[int, int] = {}
     owner: dict[str, int] = {}
-    seen_this_batch: dict[int, tuple[Tensor, int]] = {}
-    state: dict[str, Any] = {"mask": None, "done": set()}
+    seen: dict[int, tuple[Tensor, int]] = {}  # this batch's input tensors (kept alive so ids stay unique)
+    ref_inputs: dict[str, list[Tensor]] = {}
+    state: dict[str, Any] = {"mask": None, "done": set(), "calls": {}, "reference_pass": False}
     early_stop = all(calls_per_batch.get(n, 0) == 1 for n in layers)
-    handles = []
 
     def make_hook(name):
         def hook(module, args, kwargs):
             x = layer_input(args, kwargs)
-            # The tensor itself is kept so that its id cannot be reused by another tensor in this batch.
-            entry = seen_this_batch.get(id(x))
-            key = entry[1] if entry is not None and entry[0] is x else None
-            if key is None:
-                key = len(sums) if name not in owner else owner[name]
-                feats = x.detach()
-                mask = state["mask"]
-                if mask is not None and tuple(feats.shape[:-1]) == tuple(mask.shape):
-                    feats = feats[mask.to(feats.device)]
-                feats = feats.reshape(-1, feats.shape[-1]).float()
-                if key not in sums:
-                    sums[key] = torch.zeros(feats.shape[1], feats.shape[1], device=feats.device)
-                    counts[key] = 0
-                sums[key].addmm_(feats.T, feats)
-                counts[key] += feats.shape[0]
-                seen_this_batch[id(x)] = (x, key)
-            owner.setdefault(name, key)
+            call = state["calls"][name] = state["calls"].get(name, 0) + 1
             state["done"].add(name)
+            if state["reference_pass"]:
+                ref_inputs.setdefault(name, []).append(x)
+            else:
+                entry = seen.get(id(x))
+                if entry is None or entry[0] is not x:
+                    key = owner.get(name, len(sums))
+                    feats = _flat_tokens(x, state["mask"])
+                    acc = sums.setdefault(key, {})
+                    counts[key] = counts.get(key, 0) + feats.shape[0]
+                    _accumulate(acc, "hessian", feats, feats)
+                    if use_reference is not None:
+                        if len(ref_inputs.get(name, [])) < call:
+                            raise ValueError(
+                                f"calibration: layer {name!r} is called more often with compressed layers than "
+                                "in the original model; the original-output target needs the same call pattern"
+                            )
+                        ref = _flat_tokens(ref_inputs[name][call - 1], state["mask"])
+                        _accumulate(acc, "cross", ref, feats)
+                        _accumulate(acc, "reference", ref, ref)
+                    seen[id(x)] = (x, key)
+                owner.setdefault(name, seen[id(x)][1])
             if early_stop and len(state["done"]) == len(layers):
                 raise _StopForward
 
         return hook
 
-    for name, layer in layers.items():
-        handles.append(layer.register_forward_pre_hook(make_hook(name), with_kwargs=True))
+    def run(batch, index, reference_pass):
+        state.update(done=set(), calls={}, reference_pass=reference_pass)
+        try:
+            checked_run(model, batch, index)
+        except _StopForward:
+            pass
+
+    handles = [layer.register_forward_pre_hook(make_hook(n), with_kwargs=True) for n, layer in layers.items()]
     try:
         for i, batch in enumerate(batches):
-            seen_this_batch.clear()
-            state["done"] = set()
+            seen.clear()
+            ref_inputs.clear()
             state["mask"] = batch_token_mask(batch)
-            try:
-                checked_run(model, batch, i)
-            except _StopForward:
-                pass
+            if use_reference is not None:
+                use_reference(True)
+                try:
+                    run(batch, i, True)
+                finally:
+                    use_reference(False)
+            run(batch, i, False)
     finally:
         for h in handles:
             h.remove()
-        seen_this_batch.clear()
+        seen.clear()
+        ref_inputs.clear()
     missing = [n for n in layers if n not in owner]
     if missing:
         raise ValueError(f"calibration: layers {missing} were not called by the calibration batches")
-    out: dict[str, Tensor] = {}
+    out: dict[str, LayerStats] = {}
     for name, key in owner.items():
         if counts[key] == 0:
             raise ValueError(f"calibration: layer {name!r} saw no tokens (every token masked out?)")
-        out[name] = sums[key] / counts[key]
+        acc = {k: v / counts[key] for k, v in sums[key].items()}
+        out[name] = LayerStats(acc["hessian"], acc.get("cross"), acc.get("reference"))
     return out
+
+
+def _accumulate(acc: dict[str, Tensor], key: str, a: Tensor, b: Tensor) -> None:
+    if key not in acc:
+        acc[key] = torch.zeros(a.shape[1], b.shape[1], device=b.device)
+    acc[key].addmm_(a.T.to(b.device), b)

@@ -97,7 +97,7 @@ def _field_parser(f: dataclasses.Field, hint: Any):
             return None if text.lower() == "none" else base(text)
 
         return dict(type=optional, metavar=f"{base.__name__.upper()}|none")
-    return dict(type=hint)
+    return dict(type=hint, metavar=hint.__name__.upper())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,16 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("VQConfig fields (see vqlib.compress.VQConfig)")
     hints = typing.get_type_hints(VQConfig)
     for f in dataclasses.fields(VQConfig):
-        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"cfg_{f.name}", default=None, **_field_parser(f, hints[f.name]))
+        group.add_argument(
+            f"--{f.name.replace('_', '-')}", dest=f"cfg_{f.name}", default=argparse.SUPPRESS, **_field_parser(f, hints[f.name])
+        )
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> VQConfig:
     data: dict[str, Any] = VQConfig.from_file(args.config).to_dict() if args.config else {}
     for f in dataclasses.fields(VQConfig):
-        value = getattr(args, f"cfg_{f.name}")
-        if value is not None or (f.name in ("group_size", "include_modules") and f"--{f.name.replace('_', '-')}" in sys.argv):
-            data[f.name] = value
+        if hasattr(args, f"cfg_{f.name}"):  # given on the command line (defaults are suppressed)
+            data[f.name] = getattr(args, f"cfg_{f.name}")
     return VQConfig.from_dict(data)
 
 

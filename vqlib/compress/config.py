@@ -38,6 +38,13 @@ class VQConfig:
     ``pad`` says what to do when in_features is not a multiple of vector_dim: "pad" zero-pads the
     input dim to the next multiple (the pad is stored and counted, and dropped at forward time),
     "skip" leaves the layer uncompressed with a reason in the report, "error" raises.
+    ``original_output_target`` (with calibration): every batch also runs through the original
+    layers, so the calibrated method fits each layer's output in the original model (compensating
+    the error of the layers already compressed) and all methods report their error against it;
+    costs a second forward per batch and keeps the original weights until ``compress`` returns.
+    ``damping`` (GPTQ's percdamp) and ``target_damping`` (ridge of that output regression, pulling
+    it towards the original weights) are fractions of the mean Hessian diagonal.
+    ``block_size`` (GPTQ columns per lazy-update block) is rounded down to a multiple of vector_dim.
     ``strict=True`` turns every non-filter skip (too few vectors for the codebook, unpadded
     layer, layer not reached by calibration) into an error.
     """
@@ -46,8 +53,8 @@ class VQConfig:
     vector_dim: int = 4
     num_codebooks: int = 1
     codebook_bits: int = 8
-    group_size: int | None = None
-    codebook_dtype: Literal["fp16", "int8"] = "fp16"
+    group_size: int | None = 128
+    codebook_dtype: Literal["fp16", "int8"] = "int8"
     scale_granularity: Literal["row", "group", "none"] = "row"
     scale_group_size: int = 128
     scalar_bits: int = 3
@@ -61,8 +68,10 @@ class VQConfig:
     kmeans_points_per_centroid: int = 256
     refine_passes: int = 1
     block_size: int = 128
-    damping: float = 0.01
+    damping: float = 0.03
+    target_damping: float = 0.1
     finetune_steps: int = 30
+    original_output_target: bool = True
     device: str | None = None
     seed: int = 0
     strict: bool = False
@@ -109,12 +118,10 @@ class VQConfig:
                 f"VQConfig.scale_group_size: expected a multiple of vector_dim={self.vector_dim}, "
                 f"got {self.scale_group_size}"
             )
-        if self.block_size % self.vector_dim:
-            raise ValueError(
-                f"VQConfig.block_size: expected a multiple of vector_dim={self.vector_dim}, got {self.block_size}"
-            )
         if not isinstance(self.damping, (int, float)) or not (0 < float(self.damping) < 1):
             raise ValueError(f"VQConfig.damping: expected a float in (0, 1), got {self.damping!r}")
+        if not isinstance(self.target_damping, (int, float)) or not (0 <= float(self.target_damping) <= 100):
+            raise ValueError(f"VQConfig.target_damping: expected a float in [0, 100], got {self.target_damping!r}")
         for name in ("skip_modules", "skip_types"):
             value = getattr(self, name)
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
