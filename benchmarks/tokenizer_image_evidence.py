@@ -62,7 +62,6 @@ def run_variant(name: str, args: argparse.Namespace, out: Path) -> dict[str, flo
         "--trainer.default_root_dir", str(root),
         "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir", str(root),
         "--trainer.logger.init_args.version", "0",
-        "--trainer.enable_checkpointing", "false",
         "--trainer.enable_progress_bar", str(not args.no_progress).lower(),
     ]  # fmt: skip
     if args.max_steps is not None:
