@@ -188,7 +188,10 @@ def _solve_codebooks(dec: _AdditiveDecoder, flat: Tensor, vec_scale, target, h, 
     z = r / precond
     p = z.clone()
     rz = (r * z).sum()
+    rz_start = float(rz)
     for _ in range(steps):
+        if not float(rz) > 1e-8 * rz_start:  # converged (Jacobi PCG usually needs only a few steps)
+            break
         ap = dec.adjoint(dec.decode(p, vec_scale) @ h, vec_scale)
         pap = (p * ap).sum()
         if not pap > 0:

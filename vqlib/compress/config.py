@@ -70,7 +70,7 @@ class VQConfig:
     block_size: int = 128
     damping: float = 0.03
     target_damping: float = 0.1
-    finetune_steps: int = 30
+    finetune_steps: int = 8
     original_output_target: bool = True
     device: str | None = None
     seed: int = 0
