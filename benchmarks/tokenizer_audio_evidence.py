@@ -50,6 +50,20 @@ def print_table(title: str, results: dict[int, dict[str, float]]) -> None:
         print(f"{n:>7} {r['kbps']:>6.2f} {r['mel_distance']:>13.4f} {r['si_sdr']:>10.2f}")
 
 
+def print_curve(metrics_csv: Path, levels: list[int]) -> None:
+    """Validation metrics logged during training (one row per validation)."""
+    import csv
+
+    if not metrics_csv.is_file():
+        return
+    rows = [r for r in csv.DictReader(metrics_csv.open()) if r.get("val/mel_distance")]
+    print("\nduring training (validation every val_check_interval steps):")
+    print(f"{'step':>6} " + " ".join(f"{'mel@' + str(n):>9} {'SI-SDR@' + str(n):>10}" for n in levels) + f" {'usage':>6}")
+    for r in rows:
+        cells = " ".join(f"{float(r[f'val/mel_distance_nq{n}']):>9.4f} {float(r[f'val/si_sdr_nq{n}']):>10.2f}" for n in levels)
+        print(f"{int(r['step']) + 1:>6} {cells} {float(r['val/usage_mean']):>6.3f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
@@ -61,6 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     if ns.threads:
         torch.set_num_threads(ns.threads)
     from vqlib.training.cli import run_cli
+
+    command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    sys.argv = sys.argv[:1]  # LightningCLI gets its arguments below, not this script's
 
     overrides = ["--trainer.default_root_dir", ns.out, "--trainer.logger.init_args.save_dir", ns.out]
     if ns.max_steps is not None:
@@ -80,13 +97,15 @@ def main(argv: list[str] | None = None) -> None:
     after = evaluate(cli.model, cli.datamodule, levels)
 
     print("\n=== audio tokenizer evidence ===")
-    print(f"command: python {' '.join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])}")
+    print(f"command: python benchmarks/{command}")
     print(f"config: {ns.config}; steps: {cli.trainer.global_step}; training wall time: {train_seconds:.0f} s")
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads")
     print(f"log dir: {cli.trainer.logger.log_dir if cli.trainer.logger else ns.out}")
     print_table("untrained (step 0), held-out synthetic validation clips:", before)
     print_table(f"trained ({cli.trainer.global_step} steps), held-out synthetic validation clips:", after)
+    if cli.trainer.logger is not None:
+        print_curve(Path(cli.trainer.logger.log_dir) / "metrics.csv", levels)
     lo, hi = levels[0], levels[-1]
     print(f"\nSI-SDR gain from {lo} to {hi} levels: {after[hi]['si_sdr'] - after[lo]['si_sdr']:+.2f} dB; "
           f"mel distance change: {after[hi]['mel_distance'] - after[lo]['mel_distance']:+.4f}")

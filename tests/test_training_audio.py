@@ -318,3 +318,30 @@ def test_configs_instantiate(name, monkeypatch):
     if name == "audio_24khz.yaml":
         assert tok.frame_rate == 75 and tok.num_quantizers == 32 and tok.codebook_size == 1024
         assert [tok.bitrate(n) for n in (2, 4, 8, 16)] == pytest.approx([1.5, 3.0, 6.0, 12.0])
+
+
+def test_two_process_cpu_ddp_fit_with_discriminator(tmp_path):
+    """strategy ddp (gloo on CPU), 2 processes, through the discriminator start (unused parameters before it)."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "vqlib.training.cli", "fit", "--config", str(CONFIGS / "audio_tiny.yaml"),
+           "--trainer.strategy", "ddp_find_unused_parameters_true", "--trainer.devices", "2",
+           "--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--trainer.enable_progress_bar", "false",
+           "--trainer.log_every_n_steps", "1",
+           "--model.init_args.disc_start_step", "2", "--data.init_args.num_train_clips", "64",
+           "--data.init_args.num_val_clips", "4", "--data.init_args.segment_seconds", "0.25",
+           "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path)]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    try:
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"2-process DDP fit did not finish in 240 s (hang?): {e}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (log_dir,) = (tmp_path / "lightning_logs").iterdir()
+    (ckpt,) = (log_dir / "checkpoints").glob("*.ckpt")
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 4
+    rows = list(csv.DictReader(open(log_dir / "metrics.csv")))
+    assert any(r.get("train/loss_d") for r in rows) and any(r.get("val/si_sdr_nq8") for r in rows)
+    assert len(list((log_dir / "audio" / "step_0000004").glob("*.wav"))) == 6
