@@ -4,7 +4,7 @@ Every validation logs ``val/psnr``, ``val/ssim`` (images mapped to [0, 1]), ``va
 and perplexity over the whole validation set per quantizer level (``val/usage``, ``val/perplexity`` and
 ``val/usage_level{i}`` ... for several levels/heads), ``val/tokens_per_image`` and ``val/bits_per_image``, and
 writes a PNG grid (originals on odd rows, reconstructions below them) to
-``<log_dir>/reconstructions/step_XXXXXXX.png``.
+``<log_dir>/reconstructions/{val,test}_step_XXXXXXX.png``.
 
 ``trainer.global_step`` counts generator steps only: discriminator steps are not counted, so ``max_steps``
 means training batches whether or not the discriminator is active.
@@ -12,6 +12,7 @@ means training batches whether or not the discriminator is active.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,7 @@ class ImageTokenizerModule(LightningModule):
         q = tokenizer.quantizer
         levels = tokenizer.codes_per_token
         self.usage = CodebookUsageTracker(q.codebook_size, levels)
-        self._logged_batch: tuple[Tensor, Tensor] | None = None
+        self._logged: list[tuple[Tensor, Tensor]] = []
 
     # -- optimisation -----------------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -156,12 +157,22 @@ class ImageTokenizerModule(LightningModule):
         for key, value in metrics.items():
             self.log(key, value, on_epoch=True, on_step=False, sync_dist=True, batch_size=b, prog_bar=key.endswith("psnr"))
         self.usage.update(out.indices, has_level_axis=self.tokenizer.codes_per_token > 1)
-        if batch_idx == 0:
-            n = self.num_logged_images
-            self._logged_batch = (images[:n].detach().cpu(), rec[:n].detach().cpu())
+        # A few images from every batch, so that the grid spans the whole validation set.
+        taken = sum(r.shape[0] for r, _ in self._logged)
+        if taken < self.num_logged_images:
+            batches = self._num_eval_batches(prefix)
+            per_batch = max(1, math.ceil(self.num_logged_images / batches)) if batches else self.num_logged_images
+            k = min(per_batch, self.num_logged_images - taken)
+            self._logged.append((images[:k].detach().cpu(), rec[:k].detach().cpu()))
         self._image_size = tuple(images.shape[-2:])
 
+    def _num_eval_batches(self, prefix: str) -> int:
+        counts = self.trainer.num_val_batches if prefix == "val" else self.trainer.num_test_batches
+        total = sum(counts)
+        return int(total) if math.isfinite(total) else 0  # 0: unknown length
+
     def on_validation_epoch_start(self) -> None:
+        self._logged = []
         self.usage.reset()
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -171,6 +182,7 @@ class ImageTokenizerModule(LightningModule):
         self._log_epoch_summary("val")
 
     def on_test_epoch_start(self) -> None:
+        self._logged = []
         self.usage.reset()
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
@@ -199,12 +211,13 @@ class ImageTokenizerModule(LightningModule):
         self._write_grid(prefix)
 
     def _write_grid(self, prefix: str) -> None:
-        if self._logged_batch is None or not self.trainer.is_global_zero or self.trainer.sanity_checking:
+        if not self._logged or not self.trainer.is_global_zero or self.trainer.sanity_checking:
             return
         from torchvision.utils import save_image
 
-        real, rec = self._logged_batch
-        self._logged_batch = None
+        real = torch.cat([r for r, _ in self._logged])
+        rec = torch.cat([r for _, r in self._logged])
+        self._logged = []
         rows = max(1, min(8, real.shape[0]))
         # Originals and reconstructions interleaved in row pairs.
         pairs = [torch.cat([real[i : i + rows], rec[i : i + rows]]) for i in range(0, real.shape[0], rows)]
