@@ -232,20 +232,22 @@ class ImageFolderDataModule(LightningDataModule):
                 f"image folder {folder} contains no images (looked recursively for extensions {self.extensions})"
             )
         if self.check_files != "none":
-            good = []
+            good, bad = [], []
             for path in files:
                 reason = check_image_file(path, full=self.check_files == "full")
                 if reason is None:
                     good.append(path)
                 else:
-                    self.skipped.append((path, reason))
-            bad = [p for p, _ in self.skipped if p.is_relative_to(folder)]
+                    bad.append((path, reason))
+            self.skipped.extend(bad)
             if bad and self.strict:
-                listing = "; ".join(f"{p}: {r}" for p, r in self.skipped)
+                listing = "; ".join(f"{p}: {r}" for p, r in bad)
                 raise ValueError(f"{len(bad)} unreadable image file(s) in {folder} (strict=True): {listing}")
             if bad:
-                log.warning("skipped %d unreadable image file(s) in %s: %s", len(bad), folder, ", ".join(map(str, bad)))
-                warnings.warn(f"skipped {len(bad)} unreadable image file(s) in {folder}: {', '.join(map(str, bad))}", RuntimeWarning)
+                names = ", ".join(str(p) for p, _ in bad[:50]) + (f" and {len(bad) - 50} more" if len(bad) > 50 else "")
+                message = f"skipped {len(bad)} unreadable image file(s) in {folder}: {names}"
+                log.warning(message)
+                warnings.warn(message, RuntimeWarning)
             files = good
             if not files:
                 raise ValueError(f"image folder {folder}: none of its {len(bad)} image files could be read")
