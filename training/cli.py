@@ -131,14 +131,14 @@ def export_main(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "export":
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "export":
         try:
-            raise SystemExit(export_main(argv[1:]))
+            raise SystemExit(export_main(args[1:]))
         except (FileNotFoundError, ValueError, TypeError) as e:
             print(f"vqlib-train export: error: {e}", file=sys.stderr)
             raise SystemExit(2) from e
-    run_cli(argv)
+    run_cli(None if argv is None else args)  # None: LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":
