@@ -89,7 +89,10 @@ def save_compressed(
         raise FileExistsError(f"save_compressed: {path} already exists (pass overwrite=True to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like mkdir's
         weights = tmp / WEIGHTS_NAME
         save_file(_state_for_safetensors(model), str(weights), metadata={"format": "pt", "quant_method": "vqlib"})
         quant = {
@@ -110,6 +113,8 @@ def save_compressed(
             json.dump(data, f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
+        for f in (weights, tmp / CONFIG_NAME):
+            os.chmod(f, 0o666 & ~umask)
         _fsync_dir(tmp)
         if path.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
