@@ -75,6 +75,16 @@ def test_meta_device_skeleton(tmp_path, compressed):
     ids = torch.randint(0, 20, (2, 4))
     assert torch.equal(loaded(ids), compressed(ids))
 
+    class WithTransientBuffer(Net):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("rope", torch.ones(3), persistent=False)
+
+    with torch.device("meta"):
+        skeleton = WithTransientBuffer()
+    with pytest.raises(ValueError, match=r"\['rope'\].*meta device"):
+        load_compressed(out, skeleton)
+
 
 def test_hf_style_config_is_kept(tmp_path, compressed):
     class Cfg:

@@ -287,4 +287,10 @@ def load_compressed(
             for other in names[1:]:
                 parent_name, _, attr = other.rpartition(".")
                 setattr(model.get_submodule(parent_name) if parent_name else model, attr, first)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if left:
+        raise ValueError(
+            f"load_compressed: {left[:5]} are not in the saved file and the skeleton holds them on the meta "
+            "device (non-persistent buffers?); build the skeleton on a real device instead"
+        )
     return model.to(device).eval()
