@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .calibrated import gptq_vq, output_error
 from .calibration import LayerStats, as_batch_list, collect_statistics, execution_order
 from .config import VQConfig
-from .data_free import pad_columns, quantize_data_free
+from .data_free import quantize_data_free
 from .format import VQLinear, num_groups
 from .report import CompressionReport, LayerReport, ProgressBar, model_bytes, weight_bytes
 from .scalar import ScalarLinear
