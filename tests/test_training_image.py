@@ -250,3 +250,14 @@ def test_resume_restores_ema_state_exactly_and_continues_bit_identically(tmp_pat
     final, expected = resumed.state_dict(), continuous.state_dict()
     for k in expected:
         assert torch.equal(final[k], expected[k]), f"{k} differs after resuming"
+
+
+def test_learning_rate_warmup_and_cosine_decay():
+    module = ImageTokenizerModule(tiny_tokenizer(), learning_rate=1.0, warmup_steps=10, lr_decay="cosine", min_lr_ratio=0.1)
+    module.trainer = L.Trainer(max_steps=110, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    assert module.generator_lr(0) == pytest.approx(0.1)
+    assert module.generator_lr(9) == pytest.approx(1.0)
+    assert module.generator_lr(60) == pytest.approx(0.55)  # half-way through the decay
+    assert module.generator_lr(110) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="lr_decay"):
+        ImageTokenizerModule(tiny_tokenizer(), lr_decay="step")

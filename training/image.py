@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
@@ -55,6 +55,8 @@ class ImageTokenizerModule(LightningModule):
         betas: Adam betas ((0.5, 0.9) as in taming / VQGAN).
         weight_decay: AdamW decoupled weight decay (0 = Adam).
         warmup_steps: linear learning-rate warm-up of the generator.
+        lr_decay: "cosine" decays the generator's learning rate to ``min_lr_ratio`` x its value at
+            ``trainer.max_steps`` (no decay when max_steps is unset); "none" keeps it constant.
         gradient_clip: clip the generator's gradient norm (None = off; manual optimisation ignores
             ``trainer.gradient_clip_val``).
         num_logged_images: images per reconstruction grid.
@@ -70,6 +72,8 @@ class ImageTokenizerModule(LightningModule):
         betas: tuple[float, float] = (0.5, 0.9),
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        lr_decay: Literal["none", "cosine"] = "none",
+        min_lr_ratio: float = 0.1,
         gradient_clip: float | None = None,
         num_logged_images: int = 8,
     ):
@@ -80,7 +84,12 @@ class ImageTokenizerModule(LightningModule):
         self.learning_rate = learning_rate
         self.disc_learning_rate = disc_learning_rate if disc_learning_rate is not None else learning_rate
         self.betas, self.weight_decay = tuple(betas), weight_decay
+        if lr_decay not in ("none", "cosine"):
+            raise ValueError(f"lr_decay must be 'none' or 'cosine', got {lr_decay!r}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         self.warmup_steps, self.gradient_clip = warmup_steps, gradient_clip
+        self.lr_decay, self.min_lr_ratio = lr_decay, min_lr_ratio
         self.num_logged_images = num_logged_images
         q = tokenizer.quantizer
         levels = tokenizer.codes_per_token
@@ -98,6 +107,17 @@ class ImageTokenizerModule(LightningModule):
             return opt_g
         return [opt_g, adam(self.loss.discriminator.parameters(), self.disc_learning_rate)]
 
+    def generator_lr(self, step: int) -> float:
+        """Learning rate of the generator at ``step``: linear warm-up, then constant or cosine decay."""
+        lr = self.learning_rate
+        if self.warmup_steps > 0:
+            lr *= min(1.0, (step + 1) / self.warmup_steps)
+        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        if self.lr_decay == "cosine" and max_steps and max_steps > 0:
+            progress = min(1.0, max(0, step - self.warmup_steps) / max(1, max_steps - self.warmup_steps))
+            lr *= self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return lr
+
     def _optimizers(self):
         opts = self.optimizers()
         return (opts, None) if not isinstance(opts, list) else (opts[0], opts[1])
@@ -106,9 +126,9 @@ class ImageTokenizerModule(LightningModule):
         images = _images(batch)
         step = self.global_step
         opt_g, opt_d = self._optimizers()
-        if self.warmup_steps > 0:
+        if self.warmup_steps > 0 or self.lr_decay != "none":
             for group in opt_g.optimizer.param_groups:
-                group["lr"] = self.learning_rate * min(1.0, (step + 1) / self.warmup_steps)
+                group["lr"] = self.generator_lr(step)
 
         out = self.tokenizer(images)
         disc_active = self.loss.discriminator_active(step)
