@@ -54,6 +54,7 @@ TARGET_SPEEDUP = 4.0
 TARGET_MEMORY_RATIO = 1 / 8
 TARGET_SIZE = 65536
 OOM_SIZE = 262144
+MEMORY_RESERVE_GB = 1.5
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -198,27 +199,38 @@ def run_worker(args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # parent: one child per (size, library, variant), then the table
 # ---------------------------------------------------------------------------------------------------
+def effective_cap_gb(args: argparse.Namespace) -> float:
+    """The per-child memory cap: --mem-limit-gb, lowered to what the machine has free (less a reserve)
+    so that a capped child can never push the whole machine into the kernel's OOM killer."""
+    if args.device != "cpu" or args.mem_limit_gb <= 0:
+        return args.mem_limit_gb
+    avail = mem_available_bytes()
+    if avail is None:
+        return args.mem_limit_gb
+    return max(1.0, round(min(args.mem_limit_gb, avail / GB - MEMORY_RESERVE_GB), 1))
+
+
 def run_child(args: argparse.Namespace, lib: str, variant: str, size: int, indices_out: str) -> dict:
+    cap = effective_cap_gb(args)
+    if cap != args.mem_limit_gb:
+        print(f"  note: cap lowered to {cap} GB (only {mem_available_bytes() / GB:.1f} GB free on the machine)", flush=True)
     cmd = [
         sys.executable, os.path.abspath(__file__), "--worker",
         "--lib", lib, "--variant", variant, "--size", str(size),
         "--dim", str(args.dim), "--tokens", str(args.tokens), "--steps", str(args.steps),
         "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", args.device,
-        "--estimator", args.estimator, "--seed", str(args.seed), "--mem-limit-gb", str(args.mem_limit_gb),
+        "--estimator", args.estimator, "--seed", str(args.seed), "--mem-limit-gb", str(cap),
         "--indices-out", indices_out,
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    avail = mem_available_bytes()
-    if avail is not None and args.device == "cpu" and avail < args.mem_limit_gb * GB:
-        print(f"  note: only {avail / GB:.1f} GB available, below the {args.mem_limit_gb} GB cap", flush=True)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return dict(json.loads(line[len("RESULT "):]), cap=cap)
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     # A child killed by the kernel (SIGKILL, rc -9) ran out of memory outside our cap.
     status = "oom" if proc.returncode in (-9, 137) else "error"
-    return {"lib": lib, "variant": variant, "size": size, "status": status, "error": " | ".join(tail)[:300]}
+    return {"lib": lib, "variant": variant, "size": size, "status": status, "cap": cap, "error": " | ".join(tail)[:300]}
 
 
 def index_agreement(a: dict, b: dict) -> float | None:
@@ -258,14 +270,13 @@ def main(args: argparse.Namespace) -> None:
                 pair = {}
                 for lib in args.libs:
                     r = run_child(args, lib, variant, size, os.path.join(tmp, f"{lib}-{variant}-{size}.npy"))
-                    r["cap"] = args.mem_limit_gb
                     pair[lib] = r
-                    extra = f" ({r.get('error')})" if r["status"] != "ok" else ""
+                    if r["status"] == "ok":
+                        what = f"{r['sec_per_step']:.3f} s/step, peak {r['peak_gb']:.2f} GB"
+                    else:
+                        what = f"{r['status']} under the {r.get('cap')} GB cap: {r.get('error')}"
                     print(
-                        f"  {variant:5s} K={size:<7d} {lib:5s} {r['status']}: "
-                        f"{describe(r, 'sec_per_step', '.3f')} s/step, {describe(r, 'peak_gb', '.2f')} GB, "
-                        f"load {fmt(r.get('load_before'), '.1f')}{extra}",
-                        flush=True,
+                        f"  {variant:5s} K={size:<7d} {lib:5s} {what}, load {fmt(r.get('load_before'), '.1f')}", flush=True
                     )
                 if "vqlib" in pair and "vqpt" in pair:
                     pair["agree"] = index_agreement(pair["vqlib"], pair["vqpt"])
@@ -285,7 +296,7 @@ def print_table(rows, args: argparse.Namespace) -> None:
         ratio = a["peak_gb"] / b["peak_gb"] if both_ok and b["peak_gb"] > 0 else None
         print(
             f"| {variant} | {size} | {describe(a, 'sec_per_step', '.3f') if a else '-'} | "
-            f"{describe(b, 'sec_per_step', '.3f') if b else '-'} | {fmt(speedup, '.1f')}x | "
+            f"{describe(b, 'sec_per_step', '.3f') if b else '-'} | {fmt(speedup, '.1f') + 'x' if speedup else '-'} | "
             f"{describe(a, 'peak_gb', '.3f') if a else '-'} | {describe(b, 'peak_gb', '.2f') if b else '-'} | "
             f"{fmt(ratio, '.3f')} | {fmt(pair.get('agree'), '.4f')} |"
         )
