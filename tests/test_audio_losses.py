@@ -15,15 +15,6 @@ from vqlib.models.audio_losses import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny convolutions: OpenMP thread hand-offs cost far more than the maths on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def sines(batch: int, length: int, sample_rate: int = 8000, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     freqs = 100 + 1500 * torch.rand(batch, 1, 1, generator=g)

@@ -9,15 +9,6 @@ from vqlib import ResidualVQ
 from vqlib.models.audio_tokenizer import AudioTokenizer, mix_channels
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny convolutions: OpenMP thread hand-offs cost far more than the maths on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_tokenizer(channels: int = 1, *, sample_rate: int = 8000, levels: int = 4, codes: int = 32,
                    dropout: float = 0.0, causal: bool = False, channel_first: bool = True, seed: int = 0) -> AudioTokenizer:
     torch.manual_seed(seed)

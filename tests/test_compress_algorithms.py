@@ -17,15 +17,6 @@ from vqlib.compress.format import decode_weight
 SMALL = dict(vector_dim=4, codebook_bits=5, kmeans_iters=10, finetune_steps=10)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one intra-op thread is much faster on a busy shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Block(nn.Module):
     """Attention-like block: q/k/v read the same tensor, then an MLP."""
 

@@ -11,15 +11,6 @@ from vqlib.compress import VQLinear, load_compressed
 from vqlib.compress.cli import main
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one intra-op thread is much faster on a busy shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 FACTORY = textwrap.dedent(
     """
     import torch

@@ -12,15 +12,6 @@ from vqlib.compress.format import decode_weight, pack_codes, unpack_codes
 from vqlib.compress.scalar import pack_bits, rtn_quantize, unpack_bits
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one intra-op thread is much faster on a busy shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 
 def _layer(**kw):
     args = dict(vector_dim=2, num_codebooks=1, codebook_bits=2, bias=True)

@@ -10,15 +10,6 @@ import vqlib.compress.io as vio
 from vqlib.compress import FORMAT_VERSION, ScalarLinear, VQConfig, VQLinear, compress, load_compressed, save_compressed
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one intra-op thread is much faster on a busy shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 FAST = dict(vector_dim=4, codebook_bits=4, kmeans_iters=5, finetune_steps=0)
 
 

@@ -41,14 +41,6 @@ EVALUATION = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _embed(model, batch):
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state

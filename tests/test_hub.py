@@ -12,14 +12,6 @@ from vqlib import FSQ, ResidualVQ, VectorQuantize
 from vqlib.models import ImageTokenizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def trained(tok: ImageTokenizer, steps: int = 2) -> ImageTokenizer:
     """A couple of training forwards so EMA buffers / k-means state differ from a fresh model."""
     tok.train()

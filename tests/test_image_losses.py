@@ -15,14 +15,6 @@ from vqlib.models.image_losses import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("norm,spectral", [("batch", False), ("group", False), ("none", True)])
 def test_patchgan_gives_one_logit_per_patch(norm, spectral):
     d = NLayerDiscriminator(ndf=8, n_layers=3, norm=norm, spectral_norm=spectral)

@@ -11,14 +11,6 @@ from vqlib import FSQ, LFQ, ResidualVQ, VectorQuantize
 from vqlib.models import ImageTokenizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("ch_mult,factor", [((1, 2, 2), 4), ((1, 1, 2, 2), 8), ((1, 1, 2, 2, 2), 16)])
 def test_shapes_and_token_counts(ch_mult, factor):
     tok = tiny_tokenizer(ch_mult=ch_mult)

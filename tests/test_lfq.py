@@ -6,15 +6,6 @@ import torch
 from vqlib.lfq import LFQ
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # Tiny tensors: intra-op threads only add overhead, and stall badly on a busy shared CPU.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _seeded(*shape, scale=1.0, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
 

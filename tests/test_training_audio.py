@@ -20,15 +20,6 @@ from vqlib.training.audio_synth import TRAIN_SPLIT, VAL_SPLIT, synthesize_clip  
 CONFIGS = Path(__file__).resolve().parent.parent / "training" / "configs"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny convolutions: OpenMP thread hand-offs cost far more than the maths on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---- synthetic data ------------------------------------------------------------------------------------------------
 def test_synth_clips_deterministic_and_splits_disjoint():
     a = synthesize_clip(3, 5, 4000, 8000)

@@ -18,14 +18,6 @@ from vqlib.training.image_data import EpochShuffleSampler, to_rgb
 from vqlib.training.metrics import CodebookUsageTracker, psnr, ssim
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Decoding rules
 # ---------------------------------------------------------------------------------------------------------------
