@@ -97,7 +97,7 @@ class Codebook(nn.Module):
         elif reparam == "simvq":
             # SimVQ: frozen Gaussian basis C; the learnable map W moves every code each step (codes = C W).
             self.register_buffer("basis", torch.randn(codebook_size, dim, generator=gen) * dim**-0.5)
-            self.proj = nn.Linear(dim, dim, bias=False)
+            self.proj = nn.Linear(dim, dim, bias=True)
         else:
             if init_codebook is not None:
                 if tuple(init_codebook.shape) != (codebook_size, dim):
