@@ -7,15 +7,18 @@ same seed, initial weights, data order, optimiser and step count once per quanti
     simvq: vqlib.VectorQuantize(4, 65536, reparam="simvq", codebook_update="gradient")
 
 Both use the rotation-trick gradient estimator. The quantizer's own parameters (SimVQ's linear map; the
-EMA codebook has none) get AdamW with a 10x learning rate and weight decay 1.0 (--codebook-lr-mult,
---codebook-weight-decay): see docs_drafts/benchmarks.md for what each knob does to usage.
+EMA codebook has none) get AdamW with a 30x learning rate and weight decay 1.0 (--codebook-lr-mult,
+--codebook-weight-decay); SimVQ's map has a bias, as in the reference implementation. The README's
+"Quantizer benchmarks" section gives the ablations (no weight decay, straight-through estimator).
 
 Data: the real photographs shipped with scikit-image and scikit-learn (no network). The bottom 25% of
 rows of every photo is held out and never trained on. Usage = distinct codes picked over the held-out
-regions / codebook size, where the regions are tokenised at all 16 offsets of the 4x4 token grid (every
-pixel position is a token corner once): 1.62M tokens, ~25 per code, so every code that some held-out
-content maps to gets counted, while a codebook with dead codes cannot reach 95%. The table also gives
-usage over 1 and 4 of the offsets (~1.5 and ~6 tokens per code) and the perplexity of the code histogram.
+regions / codebook size. The regions are tokenised at all 16 offsets of the 4x4 token grid (every pixel
+position is a token corner once) and in 4 mirrorings (none, horizontal, vertical, both): 6.5M tokens,
+~99 per code. That is about half the ~195 tokens per code of the usual protocol (ImageNet val, 50k
+images x 256 tokens, 65,536 codes), so a codebook with dead codes cannot reach 95%. The table also
+gives usage over smaller subsets of the views (~1.5 to ~49 tokens per code) and the perplexity of the
+code histogram.
 
     python benchmarks/bench_utilization.py                        # default run (both variants)
     python benchmarks/bench_utilization.py --variants simvq --steps 200   # quick look
@@ -178,35 +181,54 @@ def train(variant: str, args: argparse.Namespace, train_data: CropSampler) -> tu
     return model, time.perf_counter() - start
 
 
-PHASE_SETS = {"1 phase": [(0, 0)], "4 phases": [(0, 0), (0, 2), (2, 0), (2, 2)], "16 phases": None}
+# Held-out views: every region at all 16 offsets of the 4x4 token grid, unflipped and mirrored
+# (horizontally, vertically, both). Usage is reported cumulatively over growing subsets of the views so
+# the table shows how it grows with the number of held-out tokens per code.
+OFFSETS = [(dy, dx) for dy in range(4) for dx in range(4)]
+FLIPS = ("none", "h", "v", "hv")
+VIEW_SETS = {
+    "1 offset": [("none", (0, 0))],
+    "4 offsets": [("none", o) for o in [(0, 0), (0, 2), (2, 0), (2, 2)]],
+    "16 offsets": [("none", o) for o in OFFSETS],
+    "16 offsets x 2 flips": [(f, o) for f in FLIPS[:2] for o in OFFSETS],
+    "16 offsets x 4 flips": [(f, o) for f in FLIPS for o in OFFSETS],
+}
+
+
+def _view(region: Tensor, flip: str, dy: int, dx: int) -> Tensor:
+    if "h" in flip:
+        region = region.flip(-1)
+    if "v" in flip:
+        region = region.flip(-2)
+    h, w = (region.shape[1] - dy) // 4 * 4, (region.shape[2] - dx) // 4 * 4
+    return region[None, :, dy : dy + h, dx : dx + w]
 
 
 @torch.no_grad()
 def evaluate(model: Autoencoder, regions: list[Tensor], codebook_size: int) -> dict:
-    """Tokenise every held-out region at all 16 offsets of the 4x4 token grid (every pixel position a
-    token corner once); usage = distinct codes / codebook size, also reported for 1 and 4 offsets.
-    Reconstruction error is measured on the offset-(0, 0) pass, clamped to [0, 1]."""
+    """Tokenise every held-out region in every view (16 grid offsets x 4 mirrorings); usage = distinct
+    codes / codebook size over all views, also reported over growing subsets of them (VIEW_SETS).
+    Reconstruction error is measured on the unflipped offset-(0, 0) view, clamped to [0, 1]."""
     model.eval()
-    counts = {(dy, dx): torch.zeros(codebook_size, dtype=torch.long) for dy in range(4) for dx in range(4)}
+    views = [(f, o) for f in FLIPS for o in OFFSETS]
+    counts = {v: torch.zeros(codebook_size, dtype=torch.long) for v in views}
     sq_err, pixels = 0.0, 0
     for region in regions:
-        for (dy, dx), c in counts.items():
-            h, w = (region.shape[1] - dy) // 4 * 4, (region.shape[2] - dx) // 4 * 4
-            images = region[None, :, dy : dy + h, dx : dx + w]
-            latents = model.encoder(images)
-            quantized, indices, _ = model.quantizer(latents)
-            c += torch.bincount(indices.reshape(-1), minlength=codebook_size)
-            if (dy, dx) == (0, 0):
+        for flip, (dy, dx) in views:
+            images = _view(region, flip, dy, dx)
+            quantized, indices, _ = model.quantizer(model.encoder(images))
+            counts[flip, (dy, dx)] += torch.bincount(indices.reshape(-1), minlength=codebook_size)
+            if (flip, dy, dx) == ("none", 0, 0):
                 sq_err += (model.decoder(quantized).clamp(0, 1) - images).pow(2).sum().item()
                 pixels += images.numel()
     total = sum(counts.values())
     used = total > 0
     p = total[used].double() / total.sum()
     mse = sq_err / pixels
-    curve = {
-        name: (sum(counts[k] for k in keys) > 0).float().mean().item() if keys else used.float().mean().item()
-        for name, keys in PHASE_SETS.items()
-    }
+    curve = {}
+    for name, keys in VIEW_SETS.items():
+        subset = sum(counts[k] for k in keys)
+        curve[name] = ((subset > 0).float().mean().item(), subset.sum().item() / codebook_size)
     return {
         "usage": used.float().mean().item(),
         "used": int(used.sum()),
@@ -236,7 +258,7 @@ def main(args: argparse.Namespace) -> None:
     photos = load_photos()
     train_data = CropSampler(photos, args.crop, held_out=False)
     eval_regions = CropSampler(photos, args.crop, held_out=True).regions
-    eval_tokens = sum(((r.shape[1] - dy) // 4) * ((r.shape[2] - dx) // 4) for r in eval_regions for dy in range(4) for dx in range(4))
+    eval_tokens = len(FLIPS) * sum(((r.shape[1] - dy) // 4) * ((r.shape[2] - dx) // 4) for r in eval_regions for dy, dx in OFFSETS)
     tokens_per_crop = (args.crop // 4) ** 2
     print(f"machine: {machine_description()}")
     print(
@@ -251,7 +273,8 @@ def main(args: argparse.Namespace) -> None:
     )
     per_code = eval_tokens / args.codebook_size
     print(
-        f"eval: held-out regions tokenised at all 16 grid offsets = {eval_tokens} tokens ({per_code:.1f} per code; "
+        f"eval: held-out regions tokenised at all 16 grid offsets x {len(FLIPS)} mirrorings = {eval_tokens} tokens "
+        f"({per_code:.1f} per code; "
         f"a uniform assignment would use {1 - math.exp(-per_code):.2%} of the codes)"
     )
     results = {}
@@ -267,14 +290,20 @@ def main(args: argparse.Namespace) -> None:
         )
 
     print()
-    print("| quantizer | codes used (held-out) | usage | usage at 1 / 4 / 16 offsets | perplexity | recon MSE | PSNR dB | train s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| quantizer | codes used (held-out) | usage | perplexity | recon MSE | PSNR dB | train s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for variant, r in results.items():
-        curve = " / ".join(f"{v:.1%}" for v in r["curve"].values())
         print(
-            f"| {variant} | {r['used']} / {args.codebook_size} | {r['usage']:.2%} | {curve} | {r['perplexity']:.0f} | "
+            f"| {variant} | {r['used']} / {args.codebook_size} | {r['usage']:.2%} | {r['perplexity']:.0f} | "
             f"{r['mse']:.5f} | {r['psnr']:.2f} | {r['train_s']:.0f} |"
         )
+    print("\nusage vs held-out tokens per code (views: grid offsets x mirrorings):\n")
+    print("| views | tokens per code | " + " | ".join(results) + " |")
+    print("|---|---:|" + "---:|" * len(results))
+    for name in VIEW_SETS:
+        per_code = next(iter(results.values()))["curve"][name][1]
+        cells = " | ".join(f"{r['curve'][name][0]:.2%}" for r in results.values())
+        print(f"| {name} | {per_code:.1f} | {cells} |")
     if "simvq" in results:
         u = results["simvq"]["usage"]
         print(f"\ntarget simvq usage >= {TARGET_USAGE:.0%}: {'PASS' if u >= TARGET_USAGE else 'FAIL'} ({u:.2%})")
@@ -287,15 +316,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--latent-dim", type=int, default=4)
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--crop", type=int, default=32)
-    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--steps", type=int, default=1600)
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--codebook-lr-mult", type=float, default=10.0, help="learning-rate factor for quantizer parameters")
+    p.add_argument("--codebook-lr-mult", type=float, default=30.0, help="learning-rate factor for quantizer parameters")
     p.add_argument("--codebook-weight-decay", type=float, default=1.0, help="AdamW decay of quantizer parameters")
     p.add_argument("--estimator", choices=["ste", "rotation"], default="rotation")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--log-every", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.crop % 4:

@@ -253,3 +253,25 @@ def test_learning_rate_warmup_and_cosine_decay():
     assert module.generator_lr(110) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="lr_decay"):
         ImageTokenizerModule(tiny_tokenizer(), lr_decay="step")
+
+
+def test_quantizer_parameters_get_their_own_learning_rate_and_weight_decay(tmp_path):
+    vq = VectorQuantize(8, 32, reparam="simvq", codebook_update="gradient")
+    module = ImageTokenizerModule(
+        tiny_tokenizer(vq), learning_rate=1e-3, weight_decay=0.0, quantizer_lr_mult=30.0,
+        quantizer_weight_decay=1.0, warmup_steps=10,
+    )  # fmt: skip
+    opt = module.configure_optimizers()
+    rest, quant = opt.param_groups
+    assert {id(p) for p in quant["params"]} == {id(p) for p in vq.parameters()}
+    assert not {id(p) for p in rest["params"]} & {id(p) for p in vq.parameters()}
+    assert (rest["lr"], rest["weight_decay"]) == (1e-3, 0.0)
+    assert quant["lr"] == pytest.approx(3e-2) and quant["weight_decay"] == 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(tmp_path, max_epochs=1, enable_checkpointing=False).fit(module, datamodule=tiny_data())
+    rest, quant = module.optimizers().optimizer.param_groups
+    assert rest["lr"] == pytest.approx(module.generator_lr(2))  # warm-up applies to both groups
+    assert quant["lr"] == pytest.approx(30 * module.generator_lr(2))
+    with pytest.raises(ValueError, match="quantizer_lr_mult"):
+        ImageTokenizerModule(tiny_tokenizer(), quantizer_lr_mult=0.0)
