@@ -1,5 +1,6 @@
 """Two CPU processes (gloo): every rank must hold a bit-identical codebook after training steps
-with k-means init, EMA updates and dead-code restarts, although each rank sees different data."""
+with k-means init, EMA updates and dead-code restarts, although each rank sees different data, also
+when the quantizer runs under torch.compile."""
 
 import os
 import socket
@@ -32,6 +33,8 @@ def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
         "vq": VectorQuantize(16, 64, kmeans_init=True, dead_code_window=2, seed=rank),
         "cos": VectorQuantize(16, 64, distance="cosine", dead_code_window=2, seed=rank),
         "rvq": ResidualVQ(16, 32, 3, kmeans_init=True, dead_code_window=2, quantizer_dropout=0.5, seed=0),
+        # torch.compile around a quantizer whose forward all-reduces, gathers and broadcasts codebook state
+        "compiled": torch.compile(VectorQuantize(16, 64, kmeans_init=True, dead_code_window=2, seed=rank), backend="aot_eager"),
     }
     for step in range(6):
         x = torch.randn(300 + 50 * rank, 16) * (1 + rank)
@@ -64,5 +67,5 @@ def test_codebooks_are_bit_identical_across_ranks(tmp_path):
         for p in ctx.processes:
             if p.is_alive():
                 p.terminate()
-    for name in ("vq", "cos", "rvq"):
+    for name in ("vq", "cos", "rvq", "compiled"):
         assert (tmp_path / name).read_text() == "same", name

@@ -81,6 +81,8 @@ class ResidualVQ(Quantizer):
     def level(self, i: int) -> VectorQuantize:
         return self.levels[0 if self.shared_codebook else i]
 
+    # Runs eagerly under torch.compile: the level count steers Python control flow (one graph per count).
+    @torch.compiler.disable
     def _active_levels(self, num_quantizers: int | None) -> int:
         if num_quantizers is not None:
             if not 1 <= num_quantizers <= self.num_quantizers:

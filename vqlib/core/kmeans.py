@@ -13,6 +13,7 @@ def faiss_has_gpu() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+@torch.compiler.disable  # Faiss is C++: under torch.compile it runs eagerly between graphs
 def kmeans(
     x: Tensor,
     num_clusters: int,
@@ -62,6 +63,7 @@ def kmeans(
     return torch.from_numpy(km.centroids.copy()).to(x.device)
 
 
+@torch.compiler.disable
 def kmeans_assign(x: Tensor, centroids: Tensor) -> Tensor:
     """Exact nearest-centroid assignment through a Faiss flat index (returns int64 (n,))."""
     import faiss

@@ -73,6 +73,7 @@ def _prefer_faiss(x: Tensor, codes: Tensor) -> bool:
         return False
 
 
+@torch.compiler.disable  # Faiss is C++: under torch.compile it runs eagerly between graphs
 def _faiss_search(x: Tensor, codes: Tensor, cosine: bool) -> Tensor:
     import faiss
 
