@@ -240,20 +240,8 @@ def evaluate(model: Autoencoder, regions: list[Tensor], codebook_size: int) -> d
     }
 
 
-def use_faiss_blas_path() -> None:
-    """faiss-cpu 1.15 answers queries one by one (no BLAS) below 128,000 queries per call
-    (``distance_compute_blas_threshold``); with 65,536 codes that path is 7-30x slower here for the
-    2,048-100,000-token calls this script makes. Faiss' historical value, 20, restores the blocked-GEMM path."""
-    try:
-        import faiss
-    except ImportError:
-        return
-    faiss.cvar.distance_compute_blas_threshold = min(faiss.cvar.distance_compute_blas_threshold, 20)
-
-
 def main(args: argparse.Namespace) -> None:
     setup_threads(args.threads)
-    use_faiss_blas_path()
     torch.manual_seed(args.seed)
     photos = load_photos()
     train_data = CropSampler(photos, args.crop, held_out=False)

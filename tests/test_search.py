@@ -27,14 +27,15 @@ def test_block_size_does_not_change_result():
     assert torch.equal(a, b)
 
 
-def test_search_memory_is_bounded():
-    # 4096 tokens x 262144 codes would be 4 GiB of fp32 distances; the blocked search needs ~64 MiB.
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_search_memory_is_bounded(backend):
+    # 4096 tokens x 262144 codes would be 4 GiB of fp32 distances; either blocked search needs ~64 MiB.
     import resource
 
     g = torch.Generator().manual_seed(5)
     x, codes = torch.randn(4096, 8, generator=g), torch.randn(262144, 8, generator=g)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    idx = nearest_code(x, codes, backend="torch")
+    idx = nearest_code(x, codes, backend=backend)
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert grown_mb < 1024, f"peak RSS grew by {grown_mb:.0f} MB"
     sample = torch.arange(0, 4096, 512)
@@ -99,3 +100,23 @@ def test_faiss_gpu_search_equals_torch_search(cosine):
     ref = nearest_code(x, codes, cosine=cosine, backend="torch")
     assert got.is_cuda and got.dtype == torch.long
     assert (got == ref).float().mean().item() > 0.999  # ties / fp32 rounding may differ on a handful
+
+
+def test_faiss_search_uses_the_blas_path_and_restores_faiss_global(monkeypatch):
+    import faiss
+
+    seen = []
+    real_knn = faiss.knn
+
+    def recording_knn(*args, **kwargs):
+        seen.append(faiss.cvar.distance_compute_blas_threshold)
+        return real_knn(*args, **kwargs)
+
+    monkeypatch.setattr(faiss, "knn", recording_knn)
+    before = faiss.cvar.distance_compute_blas_threshold
+    g = torch.Generator().manual_seed(8)
+    x, codes = torch.randn(1000, 4, generator=g), torch.randn(8192, 4, generator=g)
+    got = nearest_code(x, codes, backend="faiss")
+    assert torch.equal(got, torch.cdist(x.double(), codes.double()).argmin(-1))
+    assert seen and seen[0] < x.shape[0]  # 1,000 queries are above the threshold: the blocked-GEMM path
+    assert faiss.cvar.distance_compute_blas_threshold == before  # a Faiss global: never left changed

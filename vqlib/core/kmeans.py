@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vqlib.core.search import faiss_blas_path
+
 
 def faiss_has_gpu() -> bool:
     import faiss
@@ -71,5 +73,6 @@ def kmeans_assign(x: Tensor, centroids: Tensor) -> Tensor:
     data = np.ascontiguousarray(x.detach().float().cpu().numpy())
     index = faiss.IndexFlatL2(centroids.shape[1])
     index.add(np.ascontiguousarray(centroids.detach().float().cpu().numpy()))
-    _, idx = index.search(data, 1)
+    with faiss_blas_path(faiss):
+        _, idx = index.search(data, 1)
     return torch.from_numpy(idx[:, 0]).to(x.device)

@@ -2,13 +2,14 @@
 
 Distances are computed a block of tokens at a time (``||c||^2 - 2 x.c`` through one GEMM per block,
 ``||x||^2`` is constant per row and does not change the argmin), so peak memory is bounded by
-``max_elements`` floats whatever the codebook size. Faiss' exact flat search is the other backend: on
-CPU from 4,096 codes, and on CUDA tensors when faiss-gpu is installed (its GPU brute-force k-NN).
+``max_elements`` floats whatever the codebook size. Faiss' exact search is the other backend: the
+default on CPU, and on CUDA tensors when faiss-gpu is installed (its GPU brute-force k-NN).
 """
 
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -54,17 +55,18 @@ def nearest_code(
     return out
 
 
-FAISS_MIN_CODES = 4096
+FAISS_GPU_MIN_CODES = 4096
 
 
 def _prefer_faiss(x: Tensor, codes: Tensor) -> bool:
-    # Measured on 2 CPU cores (8192 x 256 queries): Faiss' fused flat search is ~2x faster than blocked
-    # GEMM + argmin from 4096 codes up, and slower below. On CUDA tensors Faiss is used only where a
-    # faiss-gpu build can search the device memory in place; a host round trip would cost more than it saves.
-    if codes.shape[0] < FAISS_MIN_CODES:
-        return False
+    # CPU: Faiss' exact search (blocked GEMM + fused argmin, see faiss_blas_path) was as fast as or faster
+    # than torch's blocked GEMM + argmin at every size measured (64-65,536 codes, dims 4-256, 1,024-16,384
+    # queries, 2 cores; benchmarks/bench_search.py), up to 50x at low dims. CUDA: Faiss only where a
+    # faiss-gpu build can search device memory in place, for large codebooks (not yet timed on a GPU).
     if not x.is_cuda:
         return True
+    if codes.shape[0] < FAISS_GPU_MIN_CODES:
+        return False
     from vqlib.core.kmeans import faiss_has_gpu
 
     try:
@@ -87,8 +89,25 @@ def _faiss_search(x: Tensor, codes: Tensor, cosine: bool) -> Tensor:
 
     xq = np.ascontiguousarray(x.detach().cpu().numpy())
     xb = np.ascontiguousarray(codes.detach().cpu().numpy())
-    _, idx = faiss.knn(xq, xb, 1, metric=metric)
+    with faiss_blas_path(faiss):
+        _, idx = faiss.knn(xq, xb, 1, metric=metric)
     return torch.from_numpy(idx[:, 0].astype("int64")).to(x.device)
+
+
+@contextmanager
+def faiss_blas_path(faiss):
+    """Make Faiss' exact search take its blocked-GEMM path for this call.
+
+    faiss-cpu 1.15 answers a call with fewer than ``distance_compute_blas_threshold`` (128,000) queries
+    query by query for low-dimensional data. Measured on 2 cores with 65,536 codes, that is 15-30x slower
+    at 4-8 dims and 1,024-4,096 queries, and no faster anywhere we measured; the indices are the same.
+    The threshold is a Faiss global, so it is lowered only for the duration of the call."""
+    old = faiss.cvar.distance_compute_blas_threshold
+    faiss.cvar.distance_compute_blas_threshold = min(old, 20)
+    try:
+        yield
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = old
 
 
 _GPU_RESOURCES: dict[int, object] = {}
