@@ -51,7 +51,7 @@ def test_search_rejects_mismatched_shapes():
 
 
 def _faiss_gpu_available() -> bool:
-    from vqlib.core.kmeans import faiss_has_gpu
+    from vqlib.core.search import faiss_has_gpu
 
     return torch.cuda.is_available() and faiss_has_gpu()
 

@@ -6,13 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vqlib.core.search import faiss_blas_path
-
-
-def faiss_has_gpu() -> bool:
-    import faiss
-
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+from vqlib.core.search import faiss_blas_path, faiss_has_gpu
 
 
 @torch.compiler.disable  # Faiss is C++: under torch.compile it runs eagerly between graphs

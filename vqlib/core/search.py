@@ -8,6 +8,7 @@ default on CPU, and on CUDA tensors when faiss-gpu is installed (its GPU brute-f
 
 from __future__ import annotations
 
+import functools
 import importlib
 from contextlib import contextmanager
 from typing import Literal
@@ -65,14 +66,17 @@ def _prefer_faiss(x: Tensor, codes: Tensor) -> bool:
     # faiss-gpu build can search device memory in place, for large codebooks (not yet timed on a GPU).
     if not x.is_cuda:
         return True
-    if codes.shape[0] < FAISS_GPU_MIN_CODES:
-        return False
-    from vqlib.core.kmeans import faiss_has_gpu
+    return codes.shape[0] >= FAISS_GPU_MIN_CODES and faiss_has_gpu()
 
+
+@functools.cache  # asked on every CUDA search; the answer cannot change within a process
+def faiss_has_gpu() -> bool:
+    """Whether the installed Faiss is a GPU build and sees at least one GPU."""
     try:
-        return faiss_has_gpu()
+        import faiss
     except ImportError:
         return False
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
 @torch.compiler.disable  # Faiss is C++: under torch.compile it runs eagerly between graphs
@@ -80,11 +84,8 @@ def _faiss_search(x: Tensor, codes: Tensor, cosine: bool) -> Tensor:
     import faiss
 
     metric = faiss.METRIC_INNER_PRODUCT if cosine else faiss.METRIC_L2
-    if x.is_cuda:
-        from vqlib.core.kmeans import faiss_has_gpu
-
-        if faiss_has_gpu():
-            return _faiss_gpu_search(faiss, x, codes, metric)
+    if x.is_cuda and faiss_has_gpu():
+        return _faiss_gpu_search(faiss, x, codes, metric)
     import numpy as np
 
     xq = np.ascontiguousarray(x.detach().cpu().numpy())
