@@ -32,13 +32,18 @@ def setup_threads(threads: int) -> None:
         pass
 
 
-def _status_kb(field: str) -> int | None:
+def _proc_kb(path: str, field: str) -> int | None:
+    """``field`` of a /proc file that reports sizes in kB (e.g. /proc/self/status), in bytes."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
     except OSError:
         return None
     return int(match.group(1)) * 1024 if match else None
+
+
+def _status_kb(field: str) -> int | None:
+    return _proc_kb("/proc/self/status", field)
 
 
 def rss_bytes() -> int:
@@ -76,12 +81,7 @@ def peak_rss_bytes() -> int:
 
 
 def mem_available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            match = re.search(r"^MemAvailable:\s+(\d+) kB", f.read(), re.MULTILINE)
-    except OSError:
-        return None
-    return int(match.group(1)) * 1024 if match else None
+    return _proc_kb("/proc/meminfo", "MemAvailable")
 
 
 def load_average() -> float:

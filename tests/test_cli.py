@@ -3,13 +3,12 @@ PNG grids and metrics, export -> from_pretrained, validate, --print_config of ev
 errors, and a 2-process CPU DDP fit in a subprocess with a timeout (so a hang fails instead of stalling)."""
 
 import csv
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import run_training_cli
 
 from vqlib.models import ImageTokenizer
 from vqlib.training.cli import main
@@ -121,7 +120,7 @@ def test_two_process_cpu_ddp_fit(tmp_path):
     """strategy ddp (gloo on CPU), devices=2, with the discriminator on from step 1 (unused parameters).
 
     A required check, so it is not marked slow although it takes ~25 s: two fresh processes import Lightning."""
-    cmd = [sys.executable, "-m", "vqlib.training.cli", "fit", "--config", str(TINY), *SHRINK,
+    args = ["fit", "--config", str(TINY), *SHRINK,
            "--trainer.strategy", "ddp_find_unused_parameters_true", "--trainer.devices", "2",
            "--data.init_args.train_samples", "24",  # 12 per rank: 3 batches of 4
            "--trainer.max_steps", "3", "--trainer.max_epochs", "1",
@@ -131,12 +130,7 @@ def test_two_process_cpu_ddp_fit(tmp_path):
            "--model.init_args.loss.init_args.disc_ndf", "8",
            "--model.init_args.loss.init_args.disc_layers", "2",
            "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    try:
-        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"2-process DDP fit did not finish in 240 s (hang?): {e}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_training_cli(args, cwd=tmp_path)
     (log_dir,) = (tmp_path / "lightning_logs").iterdir()
     ckpt = log_dir / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, weights_only=True)["global_step"] == 3

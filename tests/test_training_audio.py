@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import run_training_cli
 
 sf = pytest.importorskip("soundfile", reason="soundfile (train extra) reads and writes audio files")
 import lightning as L  # noqa: E402
@@ -313,23 +314,14 @@ def test_configs_instantiate(name, monkeypatch):
 
 def test_two_process_cpu_ddp_fit_with_discriminator(tmp_path):
     """strategy ddp (gloo on CPU), 2 processes, through the discriminator start (unused parameters before it)."""
-    import os
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-m", "vqlib.training.cli", "fit", "--config", str(CONFIGS / "audio_tiny.yaml"),
+    args = ["fit", "--config", str(CONFIGS / "audio_tiny.yaml"),
            "--trainer.strategy", "ddp_find_unused_parameters_true", "--trainer.devices", "2",
            "--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--trainer.enable_progress_bar", "false",
            "--trainer.log_every_n_steps", "1",
            "--model.init_args.disc_start_step", "2", "--data.init_args.num_train_clips", "64",
            "--data.init_args.num_val_clips", "4", "--data.init_args.segment_seconds", "0.25",
            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path)]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    try:
-        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"2-process DDP fit did not finish in 240 s (hang?): {e}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_training_cli(args, cwd=tmp_path)
     (log_dir,) = (tmp_path / "lightning_logs").iterdir()
     (ckpt,) = (log_dir / "checkpoints").glob("*.ckpt")
     assert torch.load(ckpt, weights_only=True)["global_step"] == 4
