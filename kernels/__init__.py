@@ -1,53 +1,184 @@
-"""Registry of compiled kernels for vqlib's compressed layers.
+"""Kernels for vqlib's compressed layers, and the one place that decides which of them runs.
 
-Nothing is registered yet: every query answers False and ``VQLinear`` runs its pure-PyTorch
-reference forward (dequantize + ``F.linear``). A kernel module registers itself with
-``register_lookup_linear(device_type, fn, available=...)``; ``fn(x, layer)`` receives the input and
-the ``vqlib.compress.VQLinear`` (whose tensors follow ``vqlib.compress.format``) and must return
-exactly what ``layer``'s reference forward returns, up to floating-point rounding.
+A compressed layer (``VQLinear``, ``ScalarLinear``) calls ``vqlib.kernels.linear(layer, x)`` in its
+forward. The registry holds ``Kernel`` entries keyed by layer type and device type; for each call
+it picks the highest-priority kernel whose ``supports(layer, x)`` answers ``None`` (or the reason
+it cannot run), and otherwise runs the layer's pure-PyTorch reference (dequantize + ``F.linear``),
+which is also the ground truth every kernel is tested against.
+
+Dispatch is visible, never silent:
+- ``explain(layer, x)`` returns the ``Decision`` (kernel name or "reference", and why);
+- the first call of each (layer type, device, format, path) logs one line on the ``vqlib.kernels``
+  logger, and a fallback to the reference while a kernel exists for that device warns once;
+- a kernel that fails to build raises ``KernelBuildError`` from ``run``: it is disabled for the
+  rest of the process with one loud warning naming the fallback.
+
+``VQLINEAR_KERNELS`` (environment, read at each dispatch) switches the choice: ``auto`` (default),
+``reference`` (always the reference path, for debugging), or a comma-separated list of kernel
+names that may run (others are treated as unavailable, with that reason).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import logging
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-LookupLinear = Callable[[Tensor, "torch.nn.Module"], Tensor]
+logger = logging.getLogger("vqlib.kernels")
 
-# device type ("cuda", ...) -> (kernel, availability check for a concrete device)
-_LOOKUP_LINEAR: dict[str, tuple[LookupLinear, Callable[[torch.device], bool]]] = {}
-
-
-def register_lookup_linear(
-    device_type: str, fn: LookupLinear, available: Callable[[torch.device], bool] | None = None
-) -> None:
-    """Register ``fn`` as the VQLinear kernel for ``device_type``; ``available(device)`` may veto a device."""
-    if not callable(fn):
-        raise TypeError(f"register_lookup_linear: expected a callable kernel, got {type(fn).__name__}")
-    _LOOKUP_LINEAR[device_type] = (fn, available or (lambda device: True))
+ENV_SWITCH = "VQLINEAR_KERNELS"
+REFERENCE = "reference"
 
 
-def unregister_lookup_linear(device_type: str) -> None:
-    _LOOKUP_LINEAR.pop(device_type, None)
+class KernelBuildError(RuntimeError):
+    """Raised by a kernel's ``run`` when its compiled code cannot be built or loaded on this machine."""
 
 
-def lookup_linear_available(device: torch.device | str) -> bool:
-    """True when a registered kernel can run VQLinear on ``device`` (always False on CPU today)."""
-    device = torch.device(device)
-    entry = _LOOKUP_LINEAR.get(device.type)
-    return entry is not None and bool(entry[1](device))
+@dataclass(frozen=True)
+class Kernel:
+    """One compiled implementation of a compressed layer's forward.
+
+    ``supports(layer, x)`` returns None when the kernel can run this layer on this input, otherwise a
+    short reason ("codebook_bits=16 not covered", "batch 64 above the small-batch crossover", ...).
+    ``run(layer, x)`` returns what the layer's reference forward returns, up to float rounding.
+    """
+
+    name: str
+    layer_type: str
+    device_type: str
+    run: Callable[[nn.Module, Tensor], Tensor]
+    supports: Callable[[nn.Module, Tensor], str | None]
+    priority: int = 0
 
 
-def lookup_linear(x: Tensor, layer: "torch.nn.Module") -> Tensor:
-    entry = _LOOKUP_LINEAR.get(x.device.type)
-    if entry is None or not entry[1](x.device):
-        raise RuntimeError(
-            f"lookup_linear: no VQLinear kernel is available for device {x.device}; "
-            "check lookup_linear_available(device) first (VQLinear does)"
-        )
-    return entry[0](x, layer)
+@dataclass(frozen=True)
+class Decision:
+    path: str  # a kernel name, or "reference"
+    reason: str
+    kernel: Kernel | None = field(default=None, compare=False, repr=False)
 
 
-__all__ = ["lookup_linear", "lookup_linear_available", "register_lookup_linear", "unregister_lookup_linear"]
+_KERNELS: list[Kernel] = []
+_BROKEN: dict[str, str] = {}  # kernel name -> build error
+_LOGGED: set[tuple] = set()
+
+
+def register_kernel(kernel: Kernel) -> None:
+    """Add ``kernel`` (replacing one of the same name)."""
+    if not isinstance(kernel, Kernel):
+        raise TypeError(f"register_kernel: expected a vqlib.kernels.Kernel, got {type(kernel).__name__}")
+    unregister_kernel(kernel.name)
+    _KERNELS.append(kernel)
+    _KERNELS.sort(key=lambda k: -k.priority)
+
+
+def unregister_kernel(name: str) -> None:
+    _KERNELS[:] = [k for k in _KERNELS if k.name != name]
+    _BROKEN.pop(name, None)
+
+
+def registered_kernels(layer_type: str | None = None, device_type: str | None = None) -> list[Kernel]:
+    return [
+        k
+        for k in _KERNELS
+        if (layer_type is None or k.layer_type == layer_type) and (device_type is None or k.device_type == device_type)
+    ]
+
+
+def _env_choice() -> tuple[str, set[str] | None]:
+    """("auto" | "reference" | "list", allowed names or None)."""
+    raw = os.environ.get(ENV_SWITCH, "auto").strip()
+    if raw in ("", "auto"):
+        return "auto", None
+    if raw == REFERENCE:
+        return REFERENCE, None
+    return "list", {name.strip() for name in raw.split(",") if name.strip()}
+
+
+def explain(layer: nn.Module, x: Tensor) -> Decision:
+    """Which path ``layer(x)`` takes and why (does not run anything)."""
+    mode, allowed = _env_choice()
+    if mode == REFERENCE:
+        return Decision(REFERENCE, f"{ENV_SWITCH}=reference forces the reference path")
+    candidates = registered_kernels(type(layer).__name__, x.device.type)
+    if not candidates:
+        return Decision(REFERENCE, f"no {type(layer).__name__} kernel is registered for device type {x.device.type!r}")
+    reasons = []
+    for kernel in candidates:
+        if allowed is not None and kernel.name not in allowed:
+            reasons.append(f"{kernel.name}: not listed in {ENV_SWITCH}")
+            continue
+        if kernel.name in _BROKEN:
+            reasons.append(f"{kernel.name}: failed to build ({_BROKEN[kernel.name]})")
+            continue
+        why_not = kernel.supports(layer, x)
+        if why_not is None:
+            return Decision(kernel.name, "format and input supported", kernel)
+        reasons.append(f"{kernel.name}: {why_not}")
+    return Decision(REFERENCE, "; ".join(reasons))
+
+
+def _format_key(layer: nn.Module) -> tuple:
+    spec = layer.format_spec() if hasattr(layer, "format_spec") else {}
+    return tuple(sorted((k, v) for k, v in spec.items() if k not in ("in_features", "out_features", "bias")))
+
+
+def _log_once(layer: nn.Module, x: Tensor, decision: Decision) -> None:
+    key = (type(layer).__name__, str(x.device), x.dtype, _format_key(layer), decision.path, decision.reason)
+    if key in _LOGGED:
+        return
+    _LOGGED.add(key)
+    message = f"{type(layer).__name__} on {x.device} ({x.dtype}, {layer.extra_repr()}): {decision.path} ({decision.reason})"
+    if decision.path == REFERENCE and registered_kernels(type(layer).__name__, x.device.type) and _env_choice()[0] != REFERENCE:
+        warnings.warn(f"vqlib.kernels: falling back to the slow reference path: {message}", RuntimeWarning, stacklevel=3)
+    logger.info(message)
+
+
+def linear(layer: nn.Module, x: Tensor) -> Tensor:
+    """Run ``layer``'s forward on ``x`` through the chosen kernel or the layer's reference path."""
+    while True:
+        decision = explain(layer, x)
+        _log_once(layer, x, decision)
+        if decision.kernel is None:
+            return layer._reference_linear(x)
+        try:
+            return decision.kernel.run(layer, x)
+        except KernelBuildError as exc:
+            _BROKEN[decision.kernel.name] = str(exc)
+            warnings.warn(
+                f"vqlib.kernels: kernel {decision.kernel.name!r} failed to build and is disabled for this process "
+                f"({exc}); falling back to the next kernel or the reference path",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+
+def reset_dispatch_log() -> None:
+    """Forget which dispatch lines were already logged and which kernels failed (tests use this)."""
+    _LOGGED.clear()
+    _BROKEN.clear()
+
+
+def _register_builtin_kernels() -> None:
+    """Import the kernel modules that register themselves; each guards its own optional dependency."""
+
+
+_register_builtin_kernels()
+
+__all__ = [
+    "ENV_SWITCH",
+    "Decision",
+    "Kernel",
+    "KernelBuildError",
+    "explain",
+    "linear",
+    "register_kernel",
+    "registered_kernels",
+    "reset_dispatch_log",
+    "unregister_kernel",
+]

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vqlib import kernels
 from vqlib.compress import ScalarLinear, VQConfig, VQLinear
 from vqlib.compress.format import decode_weight, pack_codes, unpack_codes
 from vqlib.compress.scalar import pack_bits, rtn_quantize, unpack_bits
@@ -137,29 +136,6 @@ def test_scalar_rtn_levels_bits_and_error():
     assert errors[0] > errors[1] > errors[2]
     x = torch.randn(4, 300)
     assert torch.allclose(layer(x), F.linear(x, w, linear.bias), atol=1e-5)
-
-
-def test_kernel_registry_is_honest_on_cpu():
-    assert kernels.lookup_linear_available("cpu") is False
-    assert kernels.lookup_linear_available(torch.device("cpu")) is False
-    with pytest.raises(RuntimeError, match="no VQLinear kernel"):
-        kernels.lookup_linear(torch.zeros(1, 4), _layer())
-
-
-def test_registered_kernel_is_dispatched_to(monkeypatch):
-    calls = []
-
-    def fake_kernel(x, layer):
-        calls.append(layer)
-        return torch.full((x.shape[0], layer.out_features), 7.0)
-
-    monkeypatch.setattr(kernels, "_LOOKUP_LINEAR", {})
-    kernels.register_lookup_linear("cpu", fake_kernel)
-    layer = _layer()
-    assert kernels.lookup_linear_available("cpu")
-    assert torch.equal(layer(torch.zeros(3, 4)), torch.full((3, 2), 7.0)) and calls == [layer]
-    kernels.unregister_lookup_linear("cpu")
-    assert not kernels.lookup_linear_available("cpu")
 
 
 @pytest.mark.parametrize(

@@ -94,9 +94,10 @@ class DequantCacheMixin:
 class VQLinear(DequantCacheMixin, nn.Module):
     """A linear layer whose weight is stored as vector codes into (additive) codebooks.
 
-    ``forward`` dispatches to ``vqlib.kernels`` when a kernel is registered for the input's device,
-    otherwise dequantizes the weight (in float32, then cast to the input dtype) and calls
-    ``F.linear``; this pure-PyTorch path is the reference for kernels.
+    ``forward`` goes through ``vqlib.kernels.linear``, which runs a registered kernel for the input's
+    device and the layer's format, or this layer's reference path: dequantize the weight (in float32,
+    then cast to the input dtype) and call ``F.linear``. The reference is the ground truth for kernels;
+    ``vqlib.kernels.explain(layer, x)`` says which path a call takes and why.
     """
 
     def __init__(
@@ -257,11 +258,9 @@ class VQLinear(DequantCacheMixin, nn.Module):
         )[:, : self.in_features].to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        from vqlib import kernels
+        from vqlib import kernels  # lazy: vqlib.kernels imports kernel modules that import this one
 
-        if kernels.lookup_linear_available(x.device):
-            return kernels.lookup_linear(x, self)
-        return self._reference_linear(x)
+        return kernels.linear(self, x)
 
     def extra_repr(self) -> str:
         return (
