@@ -12,7 +12,7 @@ output sample depends on future input: what a streaming codec needs.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from einops import rearrange
@@ -20,12 +20,14 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
-NORMS = ("weight_norm", "none")
+from vqlib.validation import check_choice, choices
+
+ConvNorm = Literal["weight_norm", "none"]
+NORMS = choices(ConvNorm)
 
 
 def _normed(module: nn.Module, norm: str) -> nn.Module:
-    if norm not in NORMS:
-        raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
+    check_choice("norm", norm, ConvNorm)
     return weight_norm(module) if norm == "weight_norm" else module
 
 

@@ -15,7 +15,7 @@ All discriminators take ``(batch, channels, time)`` and return a list with one
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 import torchaudio
@@ -24,8 +24,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
+from vqlib.validation import check_choice, choices
+
 DiscriminatorOutput = list[tuple[Tensor, list[Tensor]]]
-ADVERSARIAL_LOSSES = ("hinge", "least_squares")
+AdversarialLoss = Literal["hinge", "least_squares"]
+ADVERSARIAL_LOSSES = choices(AdversarialLoss)
 
 
 def _check_wave_pair(estimate: Tensor, reference: Tensor) -> None:
@@ -237,8 +240,7 @@ class CombinedDiscriminator(nn.Module):
 
 
 def _check_kind(kind: str) -> None:
-    if kind not in ADVERSARIAL_LOSSES:
-        raise ValueError(f"adversarial loss: expected one of {ADVERSARIAL_LOSSES}, got {kind!r}")
+    check_choice("adversarial loss", kind, AdversarialLoss)
 
 
 def discriminator_loss(real: DiscriminatorOutput, fake: DiscriminatorOutput, kind: str = "hinge") -> Tensor:

@@ -17,6 +17,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from vqlib.validation import check_choice
+
+NormKind = Literal["batch", "group", "none"]
+ReconLoss = Literal["l1", "l2"]
+DiscLoss = Literal["hinge", "vanilla"]
+
 LPIPS_VGG_FILE = "vgg16.safetensors"
 LPIPS_LIN_FILE = "lpips_vgg.safetensors"
 
@@ -32,14 +38,13 @@ class NLayerDiscriminator(nn.Module):
         in_channels: int = 3,
         ndf: int = 64,
         n_layers: int = 3,
-        norm: Literal["batch", "group", "none"] = "batch",
+        norm: NormKind = "batch",
         spectral_norm: bool = False,
     ):
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
-        if norm not in ("batch", "group", "none"):
-            raise ValueError(f"norm must be 'batch', 'group' or 'none', got {norm!r}")
+        check_choice("norm", norm, NormKind)
         self.n_layers = n_layers
         wrap = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda m: m)
 
@@ -185,7 +190,7 @@ class ImageTokenizerLoss(nn.Module):
     def __init__(
         self,
         *,
-        recon_loss: Literal["l1", "l2"] = "l1",
+        recon_loss: ReconLoss = "l1",
         recon_weight: float = 1.0,
         quantizer_weight: float = 1.0,
         perceptual_weight: float = 0.0,
@@ -194,18 +199,16 @@ class ImageTokenizerLoss(nn.Module):
         disc_factor: float = 1.0,
         disc_start: int = 0,
         adaptive_disc_weight: bool = True,
-        disc_loss: Literal["hinge", "vanilla"] = "hinge",
+        disc_loss: DiscLoss = "hinge",
         disc_ndf: int = 64,
         disc_layers: int = 3,
-        disc_norm: Literal["batch", "group", "none"] = "batch",
+        disc_norm: NormKind = "batch",
         disc_spectral_norm: bool = False,
         in_channels: int = 3,
     ):
         super().__init__()
-        if recon_loss not in ("l1", "l2"):
-            raise ValueError(f"recon_loss must be 'l1' or 'l2', got {recon_loss!r}")
-        if disc_loss not in ("hinge", "vanilla"):
-            raise ValueError(f"disc_loss must be 'hinge' or 'vanilla', got {disc_loss!r}")
+        check_choice("recon_loss", recon_loss, ReconLoss)
+        check_choice("disc_loss", disc_loss, DiscLoss)
         for name, value in (("recon_weight", recon_weight), ("quantizer_weight", quantizer_weight),
                             ("perceptual_weight", perceptual_weight), ("disc_weight", disc_weight),
                             ("disc_factor", disc_factor), ("disc_start", disc_start)):  # fmt: skip

@@ -16,12 +16,15 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vqlib.base import Quantizer
+from vqlib.validation import check_choice
 
 from .hub import HubMixin
 from .image_blocks import Decoder, Encoder
 
 # Images may overshoot [-1, 1] slightly after resampling / colour conversion.
 _RANGE_TOLERANCE = 1e-3
+
+LatentNorm = Literal["none", "batchnorm"]
 
 
 @dataclass
@@ -62,7 +65,7 @@ class ImageTokenizer(HubMixin, nn.Module):
         use_attention: bool = True,
         dropout: float = 0.0,
         norm_groups: int = 32,
-        latent_norm: Literal["none", "batchnorm"] = "none",
+        latent_norm: LatentNorm = "none",
     ):
         super().__init__()
         if not isinstance(quantizer, Quantizer):
@@ -73,8 +76,7 @@ class ImageTokenizer(HubMixin, nn.Module):
         for name, value in (("in_channels", in_channels), ("ch", ch), ("z_channels", z_channels), ("norm_groups", norm_groups)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if latent_norm not in ("none", "batchnorm"):
-            raise ValueError(f"latent_norm must be 'none' or 'batchnorm', got {latent_norm!r}")
+        check_choice("latent_norm", latent_norm, LatentNorm)
         if num_res_blocks < 0:
             raise ValueError(f"num_res_blocks must be >= 0, got {num_res_blocks}")
         self.init_args = dict(

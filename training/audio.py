@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from vqlib.models.audio_losses import (
-    ADVERSARIAL_LOSSES,
+    AdversarialLoss,
     CombinedDiscriminator,
     MultiPeriodDiscriminator,
     MultiScaleMelLoss,
@@ -42,6 +42,7 @@ from vqlib.models.audio_losses import (
     si_sdr,
 )
 from vqlib.models.audio_tokenizer import AudioTokenizer
+from vqlib.validation import check_choice
 
 from .audio_data import AudioFolderDataModule, SynthAudioDataModule, SynthAudioDataset
 from .metrics import CodebookUsageTracker
@@ -88,7 +89,7 @@ class AudioTokenizerModule(LightningModule):
         quantizer_weight: float = 1.0,
         adversarial_weight: float = 1.0,
         feature_weight: float = 2.0,
-        adversarial_loss: str = "hinge",
+        adversarial_loss: AdversarialLoss = "hinge",
         disc_start_step: int = 0,
         stft_discriminator_ffts: Sequence[int] = (1024, 2048, 512),
         stft_filters: int = 32,
@@ -104,8 +105,7 @@ class AudioTokenizerModule(LightningModule):
         super().__init__()
         if not isinstance(tokenizer, AudioTokenizer):
             raise TypeError(f"tokenizer: expected a vqlib.models.AudioTokenizer, got {type(tokenizer).__name__}")
-        if adversarial_loss not in ADVERSARIAL_LOSSES:
-            raise ValueError(f"adversarial_loss: expected one of {ADVERSARIAL_LOSSES}, got {adversarial_loss!r}")
+        check_choice("adversarial_loss", adversarial_loss, AdversarialLoss)
         self.save_hyperparameters(ignore=["tokenizer"])
         self.automatic_optimization = False
         self.tokenizer = tokenizer

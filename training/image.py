@@ -22,8 +22,12 @@ from torch import Tensor
 
 from vqlib.models.image_losses import ImageTokenizerLoss
 from vqlib.models.image_tokenizer import ImageTokenizer
+from vqlib.validation import check_choice
 
 from .metrics import CodebookUsageTracker, psnr, ssim
+
+
+LrDecay = Literal["none", "cosine"]
 
 
 def _images(batch: Any) -> Tensor:
@@ -78,7 +82,7 @@ class ImageTokenizerModule(LightningModule):
         quantizer_lr_mult: float = 1.0,
         quantizer_weight_decay: float | None = None,
         warmup_steps: int = 0,
-        lr_decay: Literal["none", "cosine"] = "none",
+        lr_decay: LrDecay = "none",
         min_lr_ratio: float = 0.1,
         gradient_clip: float | None = None,
         num_logged_images: int = 8,
@@ -94,8 +98,7 @@ class ImageTokenizerModule(LightningModule):
             raise ValueError(f"quantizer_lr_mult must be > 0, got {quantizer_lr_mult}")
         self.quantizer_lr_mult = quantizer_lr_mult
         self.quantizer_weight_decay = weight_decay if quantizer_weight_decay is None else quantizer_weight_decay
-        if lr_decay not in ("none", "cosine"):
-            raise ValueError(f"lr_decay must be 'none' or 'cosine', got {lr_decay!r}")
+        check_choice("lr_decay", lr_decay, LrDecay)
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         self.warmup_steps, self.gradient_clip = warmup_steps, gradient_clip

@@ -36,6 +36,11 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from vqlib.validation import check_choice
+
+AlphaRule = Literal["white", "drop"]  # transparent pixels: composited on white, or the alpha channel dropped
+FileCheck = Literal["full", "header", "none"]
+
 log = logging.getLogger(__name__)
 
 DEFAULT_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff", "webp")
@@ -44,7 +49,7 @@ DEFAULT_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff", "webp")
 # ---------------------------------------------------------------------------------------------------------------
 # Image decoding rules
 # ---------------------------------------------------------------------------------------------------------------
-def to_rgb(img: Image.Image, alpha: Literal["white", "drop"] = "white") -> Image.Image:
+def to_rgb(img: Image.Image, alpha: AlphaRule = "white") -> Image.Image:
     """Apply the documented colour rules: grayscale -> RGB, transparency -> white background or dropped."""
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
@@ -77,7 +82,7 @@ def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
     return img.resize(new, Image.Resampling.BICUBIC)
 
 
-def load_image(path: Path, alpha: Literal["white", "drop"] = "white") -> Image.Image:
+def load_image(path: Path, alpha: AlphaRule = "white") -> Image.Image:
     with Image.open(path) as img:
         img.load()
         return to_rgb(img, alpha)
@@ -130,7 +135,7 @@ class ImageFileDataset(Dataset):
         train: bool,
         resize: int | None = None,
         random_flip: bool = True,
-        alpha: Literal["white", "drop"] = "white",
+        alpha: AlphaRule = "white",
         strict: bool = False,
     ):
         if not files:
@@ -196,8 +201,8 @@ class ImageFolderDataModule(LightningDataModule):
         val_root: str | None = None,
         resize: int | None = None,
         random_flip: bool = True,
-        alpha: Literal["white", "drop"] = "white",
-        check_files: Literal["full", "header", "none"] = "full",
+        alpha: AlphaRule = "white",
+        check_files: FileCheck = "full",
         strict: bool = False,
         extensions: list[str] = list(DEFAULT_EXTENSIONS),
         seed: int = 0,
@@ -207,10 +212,8 @@ class ImageFolderDataModule(LightningDataModule):
             raise ValueError(f"crop_size must be >= 1, got {crop_size}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        if alpha not in ("white", "drop"):
-            raise ValueError(f"alpha must be 'white' or 'drop', got {alpha!r}")
-        if check_files not in ("full", "header", "none"):
-            raise ValueError(f"check_files must be 'full', 'header' or 'none', got {check_files!r}")
+        check_choice("alpha", alpha, AlphaRule)
+        check_choice("check_files", check_files, FileCheck)
         self.root, self.val_root = Path(root).expanduser(), (Path(val_root).expanduser() if val_root else None)
         self.crop_size, self.batch_size = crop_size, batch_size
         self.val_batch_size = val_batch_size or batch_size

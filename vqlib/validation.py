@@ -2,8 +2,29 @@
 
 from __future__ import annotations
 
+from typing import Any, get_args
+
 import torch
 from torch import Tensor
+
+
+def choices(literal_type: Any) -> tuple[Any, ...]:
+    """The allowed values of a ``Literal[...]`` type (the single source of an option's choices)."""
+    allowed = get_args(literal_type)
+    if not allowed:
+        raise TypeError(f"choices: expected a typing.Literal type, got {literal_type!r}")
+    return allowed
+
+
+def check_choice(name: str, value: Any, literal_type: Any) -> None:
+    """Raise ``ValueError("<name> must be 'a', 'b' or 'c', got 'x'")`` unless ``value`` is one of the
+    ``Literal`` type's values. Every string option of vqlib is checked here, so all say it the same way."""
+    allowed = choices(literal_type)
+    if value in allowed:
+        return
+    quoted = [repr(a) for a in allowed]
+    text = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+    raise ValueError(f"{name} must be {text}, got {value!r}")
 
 
 def check_features(x: Tensor, dim: int, *, channel_first: bool = False, name: str = "input") -> None:

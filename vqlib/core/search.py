@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..validation import check_choice
+
 SearchBackend = Literal["auto", "torch", "faiss"]
 
 DEFAULT_MAX_ELEMENTS = 1 << 24  # 64 MB of fp32 scores per block
@@ -42,8 +44,7 @@ def nearest_code(
         x, codes = F.normalize(x, dim=-1), F.normalize(codes, dim=-1)
     if backend == "faiss" or (backend == "auto" and _prefer_faiss(x, codes)):
         return _faiss_search(x, codes, cosine)
-    if backend not in ("auto", "torch", "faiss"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'faiss', got {backend!r}")
+    check_choice("backend", backend, SearchBackend)
     n, k = x.shape[0], codes.shape[0]
     # cosine: argmax x.c == argmin (-2 x.c); euclidean: argmin ||c||^2 - 2 x.c
     bias = torch.zeros(k, device=x.device) if cosine else codes.pow(2).sum(-1)
