@@ -5,13 +5,16 @@ from __future__ import annotations
 import fnmatch
 import math
 import time
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .calibrated import gptq_vq, output_error
+from .blockwise import Streams, advance, batch_masks, capture_block_inputs, compress_block, find_blocks, trace_blocks
 from .calibration import LayerStats, as_batch_list, collect_statistics, execution_order
 from .config import VQConfig
 from .data_free import quantize_data_free
@@ -123,15 +126,112 @@ def _relative_error(weight: Tensor, dequant: Tensor, stats: LayerStats | None) -
     return math.sqrt(max(err, 0.0) / max(base, 1e-30)), "output"
 
 
-class _Swapper:
-    """Replaces layers in place and can temporarily put the originals back (the reference pass)."""
+@dataclass
+class _Selection:
+    """Every nn.Linear by qualified name, the eligible ones, and one report record each."""
 
-    def __init__(self, model: nn.Module, keep_originals: bool):
-        self.model = model
+    all_linear: dict[str, nn.Linear] = field(default_factory=dict)
+    eligible: dict[str, nn.Linear] = field(default_factory=dict)
+    records: dict[str, LayerReport] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def _resolve_config(model: nn.Module, config: Any, calibration: Any) -> VQConfig:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compress: expected a torch.nn.Module, got {type(model).__name__}")
+    if config is None:
+        config = VQConfig()
+    elif isinstance(config, dict):
+        config = VQConfig.from_dict(config)
+    elif not isinstance(config, VQConfig):
+        raise TypeError(f"compress: expected a VQConfig, a dict or None as config, got {type(config).__name__}")
+    if config.algorithm == "calibrated" and calibration is None:
+        raise ValueError("compress: algorithm='calibrated' needs calibration batches (calibration=[batch, ...])")
+    return config
+
+
+def _eligibility(name: str, module: nn.Linear, model: nn.Module, cfg: VQConfig) -> tuple[str | None, str]:
+    """(skip reason or None, note) for one layer; raises for bad weights or a strict skip."""
+    parts = name.split(".") if name else []
+    ancestors = [model.get_submodule(".".join(parts[:i])) for i in range(len(parts) - 1, -1, -1)]
+    reason = _filter_reason(name, module, ancestors, cfg)
+    if reason is not None:
+        return reason, ""
+    w = module.weight
+    if w.device.type == "meta":
+        raise ValueError(f"compress: layer {name!r} has no data (meta device); load real weights first")
+    if not torch.isfinite(w).all():
+        bad = int((~torch.isfinite(w)).sum())
+        raise ValueError(f"compress: layer {name!r} has {bad} non-finite (NaN/Inf) weights; fix the model first")
+    reason, note = _format_reason(module, cfg)
+    if reason is not None and cfg.strict:
+        raise ValueError(f"compress: layer {name!r} cannot be compressed: {reason} (strict=True)")
+    return reason, note
+
+
+def _select_layers(model: nn.Module, cfg: VQConfig) -> _Selection:
+    sel = _Selection()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            sel.all_linear[name] = module
+    for name, module in sel.all_linear.items():
+        rec = LayerReport(name=name or "<model>", shape=tuple(module.weight.shape), status="skipped")
+        sel.records[name] = rec
+        reason, sel.notes[name] = _eligibility(name, module, model, cfg)
+        if reason is None:
+            sel.eligible[name] = module
+        else:
+            rec.reason = reason
+    if not sel.eligible:
+        detail = "; ".join(f"{r.name}: {r.reason}" for r in sel.records.values()) or "the model has no nn.Linear layers"
+        raise ValueError(f"compress: no eligible nn.Linear layers to compress ({detail})")
+    return sel
+
+
+class _Session:
+    """One ``compress`` call: compresses groups of layers, swaps them into the model, records them,
+    and keeps the originals of the layers compressed since the last ``release_originals`` (they
+    are swapped back in for the reference passes of the original-output target)."""
+
+    def __init__(self, model: nn.Module, cfg: VQConfig, sel: _Selection, notify, keep_originals: bool):
+        self.model, self.cfg, self.sel, self.notify = model, cfg, sel, notify
         self.keep_originals = keep_originals
+        self.order = {n: i for i, n in enumerate(sel.all_linear)}
         self.slots: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []  # parent, attr, original, new
+        self.cached: list[nn.Module] = []  # compressed layers holding a dequantized weight
+        self.result = model
+        self.called: set[str] = set()
+        self.num_compressed = 0
 
-    def replace(self, old: nn.Module, new: nn.Module) -> None:
+    def nothing_compressed(self) -> bool:
+        return self.num_compressed == 0
+
+    def compress_group(self, group: list[str], stats: dict[str, LayerStats]) -> None:
+        for name in group:
+            self._compress_layer(name, stats.get(name))
+
+    def _compress_layer(self, name: str, layer_stats: LayerStats | None) -> None:
+        t0 = time.perf_counter()
+        cfg, linear, rec = self.cfg, self.sel.eligible[name], self.sel.records[name]
+        new, weight, dequant = _quantize_layer(linear, cfg, layer_stats, cfg.seed + _LAYER_SEED_STRIDE * self.order[name])
+        rec.relative_error, rec.error_kind = _relative_error(weight, dequant, layer_stats)
+        rec.status, rec.reason, rec.method = "compressed", self.sel.notes.get(name, ""), cfg.algorithm
+        rec.bits_per_weight, rec.storage_bytes = new.bits_per_weight, new.storage_bytes()
+        rec.original_bytes = weight_bytes(linear.weight)
+        # Later calibration passes run through this layer: keep its dequantized weight (the
+        # memory the original weight had) until the layer's block is done or compress returns.
+        new.weight_cache = dequant.to(device=linear.weight.device, dtype=linear.weight.dtype)
+        self.cached.append(new)
+        if name == "":
+            self.result = new
+        else:
+            self._replace(linear, new)
+        self.num_compressed += 1
+        rec.seconds = time.perf_counter() - t0
+        if self.notify:
+            self.notify(rec)
+
+    def _replace(self, old: nn.Module, new: nn.Module) -> None:
         """Swap ``old`` for ``new`` under every parent that holds it (shared modules included)."""
         for parent in self.model.modules():
             # _modules, not named_children(): the latter hides a second slot holding the same module.
@@ -145,6 +245,112 @@ class _Swapper:
         for parent, attr, old, new in self.slots:
             setattr(parent, attr, old if original else new)
 
+    def release_originals(self) -> None:
+        """Forget the kept originals and drop the dequantized weights of the layers compressed so far."""
+        self.slots.clear()
+        self.drop_caches()
+
+    def drop_caches(self) -> None:
+        for layer in self.cached:
+            layer.cache_dequantized_weight(None)
+        self.cached.clear()
+
+    def model_statistics(self, group: list[str], batches: list[Any], calls: dict[str, int], reference: bool = True):
+        """Statistics of a group from whole-model passes (the generic path)."""
+        if group[0] not in self.called:
+            return {}
+        layers = {n: self.sel.eligible[n] for n in group}
+        use_reference = self.use_original if reference and self.keep_originals and self.slots else None
+        stats = collect_statistics(self.model, layers, batches, calls, use_reference)
+        if reference and self.keep_originals and self.nothing_compressed():
+            for st in stats.values():  # nothing compressed upstream yet: the inputs are the original ones
+                st.cross = st.reference = st.hessian
+        return stats
+
+
+def _plan_groups(session: _Session, batch: Any) -> tuple[list[list[str]], dict[str, int]]:
+    """Layer groups in execution order; uncalled layers are skipped (calibrated) or appended."""
+    sel, cfg = session.sel, session.cfg
+    groups, calls = execution_order(session.model, sel.eligible, batch)
+    session.called = {n for g in groups for n in g}
+    uncalled = [n for n in sel.eligible if n not in session.called]
+    if uncalled and (cfg.strict or not session.called):
+        raise ValueError(f"compress: layers {uncalled} are not called when the model runs the calibration batches")
+    for name in uncalled:
+        if cfg.algorithm == "calibrated":
+            sel.records[name].reason = "not called by the calibration forward"
+            if session.notify:
+                session.notify(sel.records[name])
+        else:  # data-free methods do not need the inputs; the error is then measured on weights
+            groups.append([name])
+            note = sel.notes.get(name, "")
+            sel.notes[name] = (note + "; " if note else "") + "not called by calibration"
+    return groups, calls
+
+
+def _split_by_block(groups: list[list[str]], place: dict[str, Any], num_blocks: int):
+    """(prefix groups, groups per block, suffix groups), or why the groups do not split that way."""
+    prefix, per_block, suffix = [], [[] for _ in range(num_blocks)], []
+    for group in groups:
+        where = {place.get(n, "suffix") for n in group}  # uncalled layers need no inputs
+        if len(where) != 1:
+            return f"layers {group} share an input across blocks"
+        (w,) = where
+        if w == "prefix":
+            prefix.append(group)
+        elif w == "suffix":
+            suffix.append(group)
+        elif isinstance(w, int):
+            per_block[w].append(group)
+        else:
+            return f"layers {group} run between blocks or in several blocks"
+    return prefix, per_block, suffix
+
+
+def _block_plan(session: _Session, groups, batches, blocks):
+    """(block modules, prefix/per-block/suffix groups) for the depth-linear path, or None."""
+    found = find_blocks(session.model, session.called, blocks)
+    if found is None:
+        return None
+    container, modules = found
+    place = trace_blocks(session.model, modules, {n: session.sel.eligible[n] for n in session.called}, batches[0])
+    split = place if isinstance(place, str) else _split_by_block(groups, place, len(modules))
+    if isinstance(split, str):
+        warnings.warn(
+            f"compress: cannot calibrate {container!r} block by block ({split}); falling back to whole-model "
+            "passes per layer group, whose cost grows with the square of the depth",
+            stacklevel=3,
+        )
+        return None
+    return modules, split
+
+
+def _run_generic(session: _Session, groups, batches, calls, reference: bool = True) -> None:
+    for group in groups:
+        session.compress_group(group, session.model_statistics(group, batches, calls, reference))
+
+
+def _run_blocks(session: _Session, modules: list[nn.Module], split, batches, calls) -> None:
+    prefix, per_block, suffix = split
+    _run_generic(session, prefix, batches, calls)
+    inputs, stream = capture_block_inputs(session.model, modules[0], batches)
+    original = stream
+    if session.keep_originals and session.slots:
+        session.use_original(True)
+        try:
+            original = capture_block_inputs(session.model, modules[0], batches)[1]
+        finally:
+            session.use_original(False)
+    session.release_originals()
+    streams, masks = Streams(stream, original), batch_masks(batches)
+    for b, block in enumerate(modules):
+        compress_block(block, per_block[b], session.sel.eligible, inputs, streams, masks, calls, session)
+        if b + 1 < len(modules):
+            streams = advance(block, inputs, streams, session)
+        session.release_originals()
+    # After the blocks only the partly compressed model is left: these layers fit their own output.
+    _run_generic(session, suffix, batches, calls, reference=False)
+
 
 def compress(
     model: nn.Module,
@@ -152,6 +358,7 @@ def compress(
     *,
     calibration: Any = None,
     progress: bool | Callable[[LayerReport], None] = False,
+    blocks: str | None = "auto",
 ) -> tuple[nn.Module, CompressionReport]:
     """Compress the ``nn.Linear`` layers of ``model`` in place; return ``(model, report)``.
 
@@ -160,129 +367,46 @@ def compress(
     (with it, errors are reported on the layer outputs instead of the weights). Layers are handled
     in execution order and each one's Hessian is collected with the earlier layers already
     compressed; only one group of layers sharing an input holds a Hessian at a time.
+    ``blocks``: the container of repeated blocks (e.g. "model.layers") to calibrate block by
+    block, at a cost linear in depth (``vqlib.compress.blockwise``); "auto" finds it, None always
+    runs whole-model passes.
     ``progress``: True prints a per-layer progress bar on stderr; a callable receives each
     ``LayerReport`` as it is done. If ``model`` itself is an nn.Linear, the returned model is the
     new layer.
     """
     start = time.perf_counter()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"compress: expected a torch.nn.Module, got {type(model).__name__}")
-    if config is None:
-        config = VQConfig()
-    elif isinstance(config, dict):
-        config = VQConfig.from_dict(config)
-    elif not isinstance(config, VQConfig):
-        raise TypeError(f"compress: expected a VQConfig, a dict or None as config, got {type(config).__name__}")
-    cfg = config
-    if cfg.algorithm == "calibrated" and calibration is None:
-        raise ValueError("compress: algorithm='calibrated' needs calibration batches (calibration=[batch, ...])")
+    cfg = _resolve_config(model, config, calibration)
     report = CompressionReport(config=cfg.to_dict(), model_bytes_before=model_bytes(model))
-
-    ancestors: dict[str, list[nn.Module]] = {}
-    all_linear: dict[str, nn.Linear] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            parts = name.split(".") if name else []
-            ancestors[name] = [model.get_submodule(".".join(parts[:i])) for i in range(len(parts) - 1, -1, -1)]
-            all_linear[name] = module
-    eligible: dict[str, nn.Linear] = {}
-    records: dict[str, LayerReport] = {}
-    notes: dict[str, str] = {}
-    for name, module in all_linear.items():
-        rec = LayerReport(name=name or "<model>", shape=tuple(module.weight.shape), status="skipped")
-        records[name] = rec
-        reason = _filter_reason(name, module, ancestors[name], cfg)
-        if reason is None:
-            w = module.weight
-            if w.device.type == "meta":
-                raise ValueError(f"compress: layer {name!r} has no data (meta device); load real weights first")
-            if not torch.isfinite(w).all():
-                bad = int((~torch.isfinite(w)).sum())
-                raise ValueError(f"compress: layer {name!r} has {bad} non-finite (NaN/Inf) weights; fix the model first")
-            reason, notes[name] = _format_reason(module, cfg)
-            if reason is not None and cfg.strict:
-                raise ValueError(f"compress: layer {name!r} cannot be compressed: {reason} (strict=True)")
-        if reason is None:
-            eligible[name] = module
-        else:
-            rec.reason = reason
-    if not eligible:
-        detail = "; ".join(f"{r.name}: {r.reason}" for r in records.values()) or "the model has no nn.Linear layers"
-        raise ValueError(f"compress: no eligible nn.Linear layers to compress ({detail})")
-
-    notify = ProgressBar(len(records)) if progress is True else (progress or None)
-    for name, rec in records.items():
-        if name not in eligible and notify:
+    sel = _select_layers(model, cfg)
+    notify = ProgressBar(len(sel.records)) if progress is True else (progress or None)
+    for name, rec in sel.records.items():
+        if name not in sel.eligible and notify:
             notify(rec)
-
     batches = as_batch_list(calibration)
+    session = _Session(model, cfg, sel, notify, keep_originals=cfg.original_output_target and bool(batches))
     was_training = model.training
     model.eval()
-    result = model
-    created: list[nn.Module] = []
-    swapper = _Swapper(model, keep_originals=cfg.original_output_target and bool(batches))
     try:
         with torch.no_grad():
-            if batches:
-                groups, calls = execution_order(model, eligible, batches[0])
-                called = {n for g in groups for n in g}
-                uncalled = [n for n in eligible if n not in called]
-                if uncalled and (cfg.strict or not called):
-                    raise ValueError(
-                        f"compress: layers {uncalled} are not called when the model runs the calibration batches"
-                    )
-                for name in uncalled:
-                    if cfg.algorithm == "calibrated":
-                        records[name].reason = "not called by the calibration forward"
-                        if notify:
-                            notify(records[name])
-                    else:  # data-free methods do not need the inputs; the error is then measured on weights
-                        groups.append([name])
-                        notes[name] = (notes.get(name, "") + "; " if notes.get(name) else "") + "not called by calibration"
-            else:
-                groups, calls, called = [[n] for n in eligible], {}, set()
-            order = {n: i for i, n in enumerate(all_linear)}
-            for group in groups:
-                layers = {n: eligible[n] for n in group}
-                stats = {}
-                if group[0] in called:
-                    use_reference = swapper.use_original if cfg.original_output_target and swapper.slots else None
-                    stats = collect_statistics(model, layers, batches, calls, use_reference)
-                    if cfg.original_output_target and use_reference is None:
-                        # Nothing compressed upstream yet: the inputs are the original ones.
-                        for st in stats.values():
-                            st.cross = st.reference = st.hessian
-                for name in group:
-                    t0 = time.perf_counter()
-                    linear = eligible[name]
-                    layer_stats = stats.get(name)
-                    new, weight, dequant = _quantize_layer(linear, cfg, layer_stats, cfg.seed + _LAYER_SEED_STRIDE * order[name])
-                    rec = records[name]
-                    rec.relative_error, rec.error_kind = _relative_error(weight, dequant, layer_stats)
-                    rec.status, rec.reason = "compressed", notes.get(name, "")
-                    rec.method = cfg.algorithm
-                    rec.bits_per_weight = new.bits_per_weight
-                    rec.storage_bytes = new.storage_bytes()
-                    rec.original_bytes = weight_bytes(linear.weight)
-                    # Later calibration passes run through this layer: keep its dequantized weight
-                    # (the memory the original weight had) until compress returns.
-                    new.weight_cache = dequant.to(device=linear.weight.device, dtype=linear.weight.dtype)
-                    created.append(new)
-                    if name == "":
-                        result = new
-                    else:
-                        swapper.replace(linear, new)
-                    rec.seconds = time.perf_counter() - t0
-                    if notify:
-                        notify(rec)
-                del stats
+            _compress_all(session, batches, blocks)
     finally:
-        for layer in created:
-            layer.cache_dequantized_weight(None)
+        session.drop_caches()
         model.train(was_training)
-        if result is not model:
-            result.train(was_training)
-    report.layers = list(records.values())
-    report.model_bytes_after = model_bytes(result)
+        session.result.train(was_training)
+    report.layers = list(sel.records.values())
+    report.model_bytes_after = model_bytes(session.result)
     report.seconds = time.perf_counter() - start
-    return result, report
+    return session.result, report
+
+
+def _compress_all(session: _Session, batches: list[Any], blocks: str | None) -> None:
+    if not batches:
+        for name in session.sel.eligible:
+            session.compress_group([name], {})
+        return
+    groups, calls = _plan_groups(session, batches[0])
+    plan = _block_plan(session, groups, batches, blocks)
+    if plan is None:
+        _run_generic(session, groups, batches, calls)
+    else:
+        _run_blocks(session, *plan, batches, calls)

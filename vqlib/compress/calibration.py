@@ -125,11 +125,130 @@ class LayerStats:
     reference: Tensor | None = None
 
 
+@dataclass
+class BatchPass:
+    """How to run one calibration batch: ``run()`` through the partly compressed model (or block),
+    and ``run_reference()`` through the original one (None without the original-output target).
+    ``mask`` (bool, leading dims of the layer inputs) marks the tokens that count."""
+
+    run: Callable[[], Any]
+    run_reference: Callable[[], Any] | None = None
+    mask: Tensor | None = None
+
+
 def _flat_tokens(x: Tensor, mask: Tensor | None) -> Tensor:
     feats = x.detach()
     if mask is not None and tuple(feats.shape[:-1]) == tuple(mask.shape):
         feats = feats[mask.to(feats.device)]
     return feats.reshape(-1, feats.shape[-1]).float()
+
+
+def _accumulate(acc: dict[str, Tensor], key: str, a: Tensor, b: Tensor) -> None:
+    if key not in acc:
+        acc[key] = torch.zeros(a.shape[1], b.shape[1], device=b.device)
+    acc[key].addmm_(a.T.to(b.device), b)
+
+
+class _StatsHooks:
+    """Forward pre-hooks on a group of layers that add every call's inputs into H (and C, R).
+
+    Layers fed the same tensor object within a pass share one sum (``owner``). In a reference
+    pass the inputs are only kept, to be paired call by call with the next compressed pass.
+    """
+
+    def __init__(self, layers: dict[str, nn.Module], calls_per_batch: dict[str, int], with_reference: bool):
+        self.layers = layers
+        self.with_reference = with_reference
+        self.early_stop = all(calls_per_batch.get(n, 0) == 1 for n in layers)
+        self.sums: dict[int, dict[str, Tensor]] = {}
+        self.counts: dict[int, int] = {}
+        self.owner: dict[str, int] = {}
+        self.seen: dict[int, tuple[Tensor, int]] = {}  # this batch's inputs (kept alive so ids stay unique)
+        self.ref_inputs: dict[str, list[Tensor]] = {}
+        self.mask: Tensor | None = None
+        self.reference_pass = False
+        self.calls: dict[str, int] = {}
+
+    def hook(self, name: str) -> Callable:
+        def pre_hook(module, args, kwargs):
+            x = layer_input(args, kwargs)
+            call = self.calls[name] = self.calls.get(name, 0) + 1
+            if self.reference_pass:
+                self.ref_inputs.setdefault(name, []).append(x)
+            else:
+                self._add(name, x, call)
+            if self.early_stop and len(self.calls) == len(self.layers):
+                raise _StopForward
+
+        return pre_hook
+
+    def _add(self, name: str, x: Tensor, call: int) -> None:
+        entry = self.seen.get(id(x))
+        if entry is None or entry[0] is not x:
+            key = self.owner.get(name, len(self.sums))
+            feats = _flat_tokens(x, self.mask)
+            acc = self.sums.setdefault(key, {})
+            self.counts[key] = self.counts.get(key, 0) + feats.shape[0]
+            _accumulate(acc, "hessian", feats, feats)
+            if self.with_reference:
+                if len(self.ref_inputs.get(name, [])) < call:
+                    raise ValueError(
+                        f"calibration: layer {name!r} is called more often with compressed layers than "
+                        "in the original model; the original-output target needs the same call pattern"
+                    )
+                ref = _flat_tokens(self.ref_inputs[name][call - 1], self.mask)
+                _accumulate(acc, "cross", ref, feats)
+                _accumulate(acc, "reference", ref, ref)
+            self.seen[id(x)] = (x, key)
+        self.owner.setdefault(name, self.seen[id(x)][1])
+
+    def run(self, batch_pass: BatchPass) -> None:
+        """One batch: the reference pass (if any), then the compressed pass."""
+        self.mask = batch_pass.mask
+        try:
+            if self.with_reference:
+                self._run(batch_pass.run_reference, reference=True)
+            self._run(batch_pass.run, reference=False)
+        finally:
+            self.seen.clear()
+            self.ref_inputs.clear()
+
+    def _run(self, run: Callable[[], Any], reference: bool) -> None:
+        self.calls, self.reference_pass = {}, reference
+        try:
+            run()
+        except _StopForward:
+            pass
+
+    def result(self) -> dict[str, LayerStats]:
+        missing = [n for n in self.layers if n not in self.owner]
+        if missing:
+            raise ValueError(f"calibration: layers {missing} were not called by the calibration batches")
+        out: dict[str, LayerStats] = {}
+        for name, key in self.owner.items():
+            if self.counts[key] == 0:
+                raise ValueError(f"calibration: layer {name!r} saw no tokens (every token masked out?)")
+            acc = {k: v / self.counts[key] for k, v in self.sums[key].items()}
+            out[name] = LayerStats(acc["hessian"], acc.get("cross"), acc.get("reference"))
+        return out
+
+
+def accumulate_statistics(
+    layers: dict[str, nn.Module], passes: Iterable[BatchPass], calls_per_batch: dict[str, int], with_reference: bool
+) -> dict[str, LayerStats]:
+    """Input statistics of ``layers`` over the batch passes (one batch of inputs held at a time).
+
+    If every layer is called once per batch, each pass stops as soon as all of them have run.
+    """
+    hooks = _StatsHooks(layers, calls_per_batch, with_reference)
+    handles = [layer.register_forward_pre_hook(hooks.hook(n), with_kwargs=True) for n, layer in layers.items()]
+    try:
+        for batch_pass in passes:
+            hooks.run(batch_pass)
+    finally:
+        for h in handles:
+            h.remove()
+    return hooks.result()
 
 
 def collect_statistics(
@@ -139,90 +258,25 @@ def collect_statistics(
     calls_per_batch: dict[str, int],
     use_reference: Callable[[bool], None] | None = None,
 ) -> dict[str, LayerStats]:
-    """Accumulate input statistics for every layer in ``layers`` over all batches.
+    """Statistics of ``layers`` over whole-model forwards of ``batches``.
 
-    Layers fed the same tensor object in a call share one computation. If every layer is called
-    once per batch, each forward stops as soon as all of them have run. ``use_reference(True)``
-    must put the original layers back into the model and ``use_reference(False)`` the compressed
-    ones; when given, every batch is run both ways (one batch of inputs is held at a time).
+    ``use_reference(True)`` must put the original layers back into the model and
+    ``use_reference(False)`` the compressed ones; when given, every batch is run both ways.
     """
-    sums: dict[int, dict[str, Tensor]] = {}
-    counts: dict[int, int] = {}
-    owner: dict[str, int] = {}
-    seen: dict[int, tuple[Tensor, int]] = {}  # this batch's input tensors (kept alive so ids stay unique)
-    ref_inputs: dict[str, list[Tensor]] = {}
-    state: dict[str, Any] = {"mask": None, "done": set(), "calls": {}, "reference_pass": False}
-    early_stop = all(calls_per_batch.get(n, 0) == 1 for n in layers)
 
-    def make_hook(name):
-        def hook(module, args, kwargs):
-            x = layer_input(args, kwargs)
-            call = state["calls"][name] = state["calls"].get(name, 0) + 1
-            state["done"].add(name)
-            if state["reference_pass"]:
-                ref_inputs.setdefault(name, []).append(x)
-            else:
-                entry = seen.get(id(x))
-                if entry is None or entry[0] is not x:
-                    key = owner.get(name, len(sums))
-                    feats = _flat_tokens(x, state["mask"])
-                    acc = sums.setdefault(key, {})
-                    counts[key] = counts.get(key, 0) + feats.shape[0]
-                    _accumulate(acc, "hessian", feats, feats)
-                    if use_reference is not None:
-                        if len(ref_inputs.get(name, [])) < call:
-                            raise ValueError(
-                                f"calibration: layer {name!r} is called more often with compressed layers than "
-                                "in the original model; the original-output target needs the same call pattern"
-                            )
-                        ref = _flat_tokens(ref_inputs[name][call - 1], state["mask"])
-                        _accumulate(acc, "cross", ref, feats)
-                        _accumulate(acc, "reference", ref, ref)
-                    seen[id(x)] = (x, key)
-                owner.setdefault(name, seen[id(x)][1])
-            if early_stop and len(state["done"]) == len(layers):
-                raise _StopForward
-
-        return hook
-
-    def run(batch, index, reference_pass):
-        state.update(done=set(), calls={}, reference_pass=reference_pass)
+    def reference(batch, index):
+        use_reference(True)
         try:
             checked_run(model, batch, index)
-        except _StopForward:
-            pass
+        finally:
+            use_reference(False)
 
-    handles = [layer.register_forward_pre_hook(make_hook(n), with_kwargs=True) for n, layer in layers.items()]
-    try:
-        for i, batch in enumerate(batches):
-            seen.clear()
-            ref_inputs.clear()
-            state["mask"] = batch_token_mask(batch)
-            if use_reference is not None:
-                use_reference(True)
-                try:
-                    run(batch, i, True)
-                finally:
-                    use_reference(False)
-            run(batch, i, False)
-    finally:
-        for h in handles:
-            h.remove()
-        seen.clear()
-        ref_inputs.clear()
-    missing = [n for n in layers if n not in owner]
-    if missing:
-        raise ValueError(f"calibration: layers {missing} were not called by the calibration batches")
-    out: dict[str, LayerStats] = {}
-    for name, key in owner.items():
-        if counts[key] == 0:
-            raise ValueError(f"calibration: layer {name!r} saw no tokens (every token masked out?)")
-        acc = {k: v / counts[key] for k, v in sums[key].items()}
-        out[name] = LayerStats(acc["hessian"], acc.get("cross"), acc.get("reference"))
-    return out
-
-
-def _accumulate(acc: dict[str, Tensor], key: str, a: Tensor, b: Tensor) -> None:
-    if key not in acc:
-        acc[key] = torch.zeros(a.shape[1], b.shape[1], device=b.device)
-    acc[key].addmm_(a.T.to(b.device), b)
+    passes = (
+        BatchPass(
+            run=lambda b=batch, i=i: checked_run(model, b, i),
+            run_reference=None if use_reference is None else (lambda b=batch, i=i: reference(b, i)),
+            mask=batch_token_mask(batch),
+        )
+        for i, batch in enumerate(batches)
+    )
+    return accumulate_statistics(layers, passes, calls_per_batch, use_reference is not None)
