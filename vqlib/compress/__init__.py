@@ -13,6 +13,7 @@ import types
 
 from .api import compress
 from .config import VQConfig
+from . import hf_integration
 from .format import FORMAT_VERSION, VQLinear
 from .io import load_compressed, save_compressed
 from .report import CompressionReport, LayerReport
@@ -29,6 +30,9 @@ __all__ = [
     "load_compressed",
     "save_compressed",
 ]
+
+
+hf_integration.install()  # transformers' from_pretrained loads vqlib folders; never imports transformers here
 
 
 class _CallableModule(types.ModuleType):

@@ -73,6 +73,24 @@ def _state_for_safetensors(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
+def _output_layer_compressed(model: nn.Module) -> bool:
+    """Whether a transformers model's output embedding (``lm_head``) is a compressed layer."""
+    getter = getattr(model, "get_output_embeddings", None)
+    try:
+        out = getter() if callable(getter) else None
+    except (AttributeError, NotImplementedError):
+        return False
+    return isinstance(out, (VQLinear, ScalarLinear))
+
+
+def _uncompressed_dtype(model: nn.Module, modules: dict[str, nn.Module]) -> str | None:
+    """Dtype name of the first floating parameter outside the compressed layers (e.g. the embedding)."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and name.rpartition(".")[0] not in modules:
+            return str(p.dtype).removeprefix("torch.")
+    return None
+
+
 def save_compressed(
     model: nn.Module, path: str | os.PathLike, *, config: VQConfig | None = None, overwrite: bool = False
 ) -> Path:
@@ -108,6 +126,14 @@ def save_compressed(
         data: dict[str, Any] = {}
         if model_config is not None and callable(getattr(model_config, "to_dict", None)):
             data.update(json.loads(json.dumps(model_config.to_dict(), default=str)))
+        if data.get("tie_word_embeddings") and _output_layer_compressed(model):
+            # compress replaced the output layer and left the input embedding as it was: the tie is
+            # broken, and transformers must not re-tie them when it loads this folder.
+            data["tie_word_embeddings"] = False
+        if model_config is not None and data.get("dtype") is None and data.get("torch_dtype") is None:
+            # Without it transformers' dtype="auto" takes the first float tensor in the file, which can be
+            # an fp16 codebook, and would load the rest of an fp32 model in fp16.
+            data["dtype"] = _uncompressed_dtype(model, modules)
         data["quantization_config"] = quant
         with open(tmp / CONFIG_NAME, "w") as f:
             json.dump(data, f, indent=2, sort_keys=True)
@@ -184,6 +210,50 @@ def _check_layer_tensors(name: str, module: nn.Module, state: dict[str, Tensor])
             raise ValueError(f"load_compressed: {prefix}zeros has values >= 2**{module.bits} (corrupt)")
 
 
+def replace_with_compressed_layers(
+    model: nn.Module, modules: dict[str, Any], caller: str = "load_compressed"
+) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """Swap the nn.Linear layers named in ``modules`` (the saved per-module specs) for empty
+    compressed layers on the meta device; return (model, {name: new layer}). Shared by
+    ``load_compressed`` and the transformers quantizer (``vqlib.compress.hf_quantizer``)."""
+    built: dict[str, nn.Module] = {}
+    for name, spec in modules.items():
+        if not isinstance(spec, dict) or spec.get("layer_type") not in _LAYER_TYPES:
+            raise ValueError(f"{caller}: module {name!r} has an unknown layer_type in the saved config")
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{caller}: the skeleton has no module {name!r} (mismatched skeleton)") from None
+        if isinstance(old, (VQLinear, ScalarLinear)) and old.format_spec() == spec:
+            built[name] = old
+            continue
+        if not isinstance(old, nn.Linear):
+            raise ValueError(
+                f"{caller}: skeleton module {name!r} is a {type(old).__name__}, expected nn.Linear (mismatched skeleton)"
+            )
+        if (old.out_features, old.in_features, old.bias is not None) != (
+            spec.get("out_features"),
+            spec.get("in_features"),
+            spec.get("bias"),
+        ):
+            raise ValueError(
+                f"{caller}: skeleton module {name!r} is Linear({old.in_features}, {old.out_features}, "
+                f"bias={old.bias is not None}) but the saved layer is ({spec.get('in_features')}, "
+                f"{spec.get('out_features')}, bias={spec.get('bias')}) (mismatched skeleton)"
+            )
+        try:
+            new = _LAYER_TYPES[spec["layer_type"]].from_spec(spec, device="meta")
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{caller}: invalid saved spec for module {name!r}: {exc}") from exc
+        built[name] = new
+        if name == "":
+            model = new
+        else:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, new)
+    return model, built
+
+
 def load_compressed(
     path: str | os.PathLike,
     skeleton_or_factory: nn.Module | Callable[[], nn.Module],
@@ -219,41 +289,7 @@ def load_compressed(
     for name, p in model.named_parameters(remove_duplicate=False):
         tied.setdefault(id(p), []).append(name)
 
-    built: dict[str, nn.Module] = {}
-    for name, spec in quant["modules"].items():
-        if not isinstance(spec, dict) or spec.get("layer_type") not in _LAYER_TYPES:
-            raise ValueError(f"load_compressed: module {name!r} has an unknown layer_type in the saved config")
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"load_compressed: the skeleton has no module {name!r} (mismatched skeleton)") from None
-        if isinstance(old, (VQLinear, ScalarLinear)) and old.format_spec() == spec:
-            built[name] = old
-            continue
-        if not isinstance(old, nn.Linear):
-            raise ValueError(
-                f"load_compressed: skeleton module {name!r} is a {type(old).__name__}, expected nn.Linear (mismatched skeleton)"
-            )
-        if (old.out_features, old.in_features, old.bias is not None) != (
-            spec.get("out_features"),
-            spec.get("in_features"),
-            spec.get("bias"),
-        ):
-            raise ValueError(
-                f"load_compressed: skeleton module {name!r} is Linear({old.in_features}, {old.out_features}, "
-                f"bias={old.bias is not None}) but the saved layer is ({spec.get('in_features')}, "
-                f"{spec.get('out_features')}, bias={spec.get('bias')}) (mismatched skeleton)"
-            )
-        try:
-            new = _LAYER_TYPES[spec["layer_type"]].from_spec(spec, device="meta")
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"load_compressed: invalid saved spec for module {name!r}: {exc}") from exc
-        built[name] = new
-        if name == "":
-            model = new
-        else:
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, new)
+    model, built = replace_with_compressed_layers(model, quant["modules"])
 
     try:
         state = load_file(str(weights), device=str(torch.device(device)))
