@@ -1,0 +1,258 @@
+"""Launchers and PyTorch custom ops for the Triton VQLinear kernels (imports triton).
+
+Custom ops (``torch.library.custom_op``, with fake implementations, so ``torch.compile(fullgraph=True)``
+and CUDA graphs capture them; no host synchronisation, tile choices depend on shapes only):
+
+- ``vqlib::vq_linear(x, codes, codebooks, codebook_scales, scales, bias, rowset, in_features,
+  vector_dim, group_size, scale_group_size, path) -> (..., out)`` with ``path`` one of
+  ``"gemv"`` (CUDA cores, batch <= 4), ``"gemm"`` (tensor cores) or ``"dequant_matmul"``
+  (decode kernel into a dense weight + ``torch.matmul``). ``group_size`` / ``scale_group_size``
+  0 mean "no codebook groups" / "row scales"; ``rowset`` (out,) int32 or None names each row's
+  codebook set (fused projections).
+- ``vqlib::vq_dequantize(...) -> (out, in_features)`` dense weight in the requested dtype.
+
+On CUDA tensors the kernels are compiled; on CPU tensors they run in the Triton interpreter
+(float32 only; slow; used by the CPU tests). A kernel that Triton cannot build raises
+``vqlib.kernels.KernelBuildError``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import triton
+from torch import Tensor
+
+from vqlib.kernels import KernelBuildError
+
+from . import triton_vq_jit as _native_jit
+
+# ---- tile plans (one place; the GPU benchmark measures them) ------------------------------------
+MAX_SPLIT_K = 16
+PROGRAMS_PER_SM = 2  # split K until about this many programs per SM
+MIN_ITERS_PER_SPLIT = 4  # ... but keep at least this many K iterations in each split
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    block_b: int
+    block_n: int
+    block_v: int
+    split_k: int = 1
+    vec_per_split: int = 0  # 0: all vectors in one split
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _with_split(plan: TilePlan, row_blocks: int, nv: int, device: torch.device) -> TilePlan:
+    """Split the vector (K) loop so that tall or wide layers still launch enough programs."""
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 1
+    want = math.ceil(PROGRAMS_PER_SM * sms / max(1, row_blocks))
+    most = max(1, nv // (plan.block_v * MIN_ITERS_PER_SPLIT))
+    split = max(1, min(want, most, MAX_SPLIT_K))
+    return split_plan(plan, split, nv)
+
+
+def split_plan(plan: TilePlan, split: int, nv: int) -> TilePlan:
+    """``plan`` with the vectors cut into ``split`` ranges of whole BLOCK_V tiles (none empty)."""
+    per = math.ceil(math.ceil(nv / max(1, split)) / plan.block_v) * plan.block_v
+    return replace(plan, split_k=math.ceil(nv / per), vec_per_split=per)
+
+
+def plan_tiles(path: str, batch: int, n: int, nv: int, dp: int, device: torch.device) -> TilePlan:
+    """Default tiles for ``path`` (shape-based only, so a captured graph replays the same launch)."""
+    if path == "gemv":
+        block_b = _pow2(batch)
+        cols = 128 if block_b <= 2 else 64  # bound the (B, N, K) product held in registers
+        plan = TilePlan(block_b, 32, max(1, cols // dp))
+    elif path == "gemm" and batch <= 16:
+        plan = TilePlan(16, 64, max(1, 64 // dp), num_stages=3)
+    elif path == "gemm":
+        block_b = 32 if batch <= 32 else 64 if batch <= 64 else 128
+        plan = TilePlan(block_b, 128, max(1, 32 // dp), num_warps=8 if block_b == 128 else 4, num_stages=3)
+    elif path == "dequant":
+        return TilePlan(1, 32, max(1, 64 // dp))
+    else:
+        raise ValueError(f"plan_tiles: expected path 'gemv', 'gemm' or 'dequant', got {path!r}")
+    row_blocks = math.ceil(n / plan.block_n) * math.ceil(batch / plan.block_b)
+    return _with_split(plan, row_blocks, nv, device)
+
+
+# ---- compiled vs interpreted kernels ----------------------------------------------------------
+@functools.cache
+def _interpreted_jit():
+    """A second copy of ``triton_vq_jit`` whose functions run in the Triton interpreter (CPU tensors)."""
+    path = Path(_native_jit.__file__)
+    name = "vqlib.kernels._triton_vq_jit_interpreted"
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"  # read by @triton.jit at decoration time
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+    return module
+
+
+def _jit_for(device: torch.device):
+    if device.type == "cuda":
+        return _native_jit
+    if device.type == "cpu":
+        return _interpreted_jit()
+    raise ValueError(f"vqlib triton kernels: expected CUDA (compiled) or CPU (interpreter) tensors, got {device}")
+
+
+def _is_build_error(exc: BaseException) -> bool:
+    module = type(exc).__module__ or ""
+    return module.startswith("triton.compiler") or isinstance(exc, subprocess.CalledProcessError) or (
+        type(exc).__name__ in ("OutOfResources", "CompilationError", "CompileTimeAssertionFailure")
+    )
+
+
+def _launch(kernel, grid, *args, **meta):
+    try:
+        kernel[grid](*args, **meta)
+    except Exception as exc:  # noqa: BLE001 - only Triton build failures are re-raised as KernelBuildError
+        if _is_build_error(exc):
+            raise KernelBuildError(f"{getattr(kernel, '__name__', kernel)}: {type(exc).__name__}: {exc}") from exc
+        raise
+
+
+# ---- format constants --------------------------------------------------------------------------
+def _format_meta(codes: Tensor, codebooks: Tensor, codebook_scales, scales, rowset, vector_dim, group_size, sgs):
+    """Constexpr/runtime arguments shared by all kernels (see triton_vq_jit._decode_tile)."""
+    n, nv, m = codes.shape
+    g_total, m_cb, kcb, d = codebooks.shape
+    if m_cb != m or d != vector_dim:
+        raise ValueError(
+            f"vq kernels: codebooks {tuple(codebooks.shape)} do not match codes {tuple(codes.shape)} / vector_dim {vector_dim}"
+        )
+    groups = 1 if group_size == 0 else math.ceil(nv * d / group_size)
+    scale_mode = 0 if scales is None else (1 if sgs == 0 else 2)
+    runtime = dict(N=n, NV=nv, S=1 if scales is None else scales.shape[1], G=groups)
+    const = dict(
+        D=d, DP=_pow2(d), M=m, KCB=kcb, CODE16=codes.dtype == torch.int16,
+        GROUP_VECS=group_size // d, HAS_CBS=codebook_scales is not None, SCALE_MODE=scale_mode,
+        SCALE_GROUP_VECS=max(1, sgs // d), HAS_ROWSET=rowset is not None,
+    )
+    ptrs = [codes, codebooks, _or(codebook_scales, codebooks), _or(scales, codebooks), _or(rowset, codes)]
+    return ptrs, runtime, const
+
+
+def _or(t: Tensor | None, dummy: Tensor) -> Tensor:
+    return dummy if t is None else t
+
+
+# ---- launchers ---------------------------------------------------------------------------------
+def dequantize(codes, codebooks, codebook_scales, scales, rowset, in_features, vector_dim, group_size,
+               scale_group_size, dtype, plan: TilePlan | None = None) -> Tensor:
+    """Dense (out, in_features) weight in ``dtype`` (float32 here is bit-exact with the reference)."""
+    ptrs, runtime, const = _format_meta(codes, codebooks, codebook_scales, scales, rowset, vector_dim, group_size, scale_group_size)
+    plan = plan or plan_tiles("dequant", 1, runtime["N"], runtime["NV"], const["DP"], codes.device)
+    out = torch.empty((runtime["N"], in_features), dtype=dtype, device=codes.device)
+    grid = (triton.cdiv(runtime["N"], plan.block_n), triton.cdiv(runtime["NV"], plan.block_v))
+    jit = _jit_for(codes.device)
+    _launch(jit.vq_dequant_kernel, grid, out, *ptrs, *runtime.values(), in_features, **const,
+            BLOCK_N=plan.block_n, BLOCK_V=plan.block_v, num_warps=plan.num_warps)
+    return out
+
+
+def fused_linear(x, codes, codebooks, codebook_scales, scales, bias, rowset, in_features, vector_dim, group_size,
+                 scale_group_size, path: str, plan: TilePlan | None = None) -> Tensor:
+    """x (..., in_features) -> (..., out) through the "gemv" or "gemm" kernel (split-K when planned)."""
+    x2 = x.reshape(-1, in_features)  # (batch, in)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    batch = x2.shape[0]
+    ptrs, runtime, const = _format_meta(codes, codebooks, codebook_scales, scales, rowset, vector_dim, group_size, scale_group_size)
+    n, nv = runtime["N"], runtime["NV"]
+    plan = plan or plan_tiles(path, batch, n, nv, const["DP"], x.device)
+    vps = plan.vec_per_split or math.ceil(nv / plan.block_v) * plan.block_v
+    out = torch.empty((batch, n), dtype=x.dtype, device=x.device)
+    part = torch.empty((plan.split_k, batch, n), dtype=torch.float32, device=x.device) if plan.split_k > 1 else out
+    jit = _jit_for(x.device)
+    kernel, grid, extra = _kernel_and_grid(jit, path, plan, batch, n, x.dtype)
+    _launch(kernel, grid, x2, out, part, _or(bias, codes), *ptrs, batch, *runtime.values(), in_features, x2.stride(0), vps,
+            **const, HAS_BIAS=bias is not None, BLOCK_B=plan.block_b, BLOCK_N=plan.block_n, BLOCK_V=plan.block_v,
+            SPLIT_K=plan.split_k, ITERS=vps // plan.block_v, num_warps=plan.num_warps, num_stages=plan.num_stages, **extra)
+    if plan.split_k > 1:
+        block = 1024
+        _launch(jit.splitk_reduce_kernel, (triton.cdiv(batch * n, block),), part, out, _or(bias, codes), batch, n,
+                HAS_BIAS=bias is not None, SPLIT_K=plan.split_k, BLOCK=block)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def _kernel_and_grid(jit, path, plan, batch, n, dtype):
+    k_blocks = plan.split_k
+    if path == "gemv":
+        if plan.block_b < batch:
+            raise ValueError(f"gemv: expected batch <= BLOCK_B={plan.block_b}, got {batch}")
+        return jit.vq_gemv_kernel, (triton.cdiv(n, plan.block_n), k_blocks), {}
+    if path == "gemm":
+        grid = (triton.cdiv(batch, plan.block_b), triton.cdiv(n, plan.block_n), k_blocks)
+        return jit.vq_gemm_kernel, grid, {"IEEE": dtype == torch.float32}
+    raise ValueError(f"vq_linear: expected path 'gemv', 'gemm' or 'dequant_matmul', got {path!r}")
+
+
+def dequant_matmul(x, codes, codebooks, codebook_scales, scales, bias, rowset, in_features, vector_dim, group_size,
+                   scale_group_size) -> Tensor:
+    """Decode the dense weight in x's dtype (one kernel), then cuBLAS (large batches)."""
+    weight = dequantize(codes, codebooks, codebook_scales, scales, rowset, in_features, vector_dim, group_size,
+                        scale_group_size, x.dtype)  # (out, in)
+    return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+# ---- custom ops --------------------------------------------------------------------------------
+@torch.library.custom_op("vqlib::vq_linear", mutates_args=())
+def vq_linear(
+    x: Tensor, codes: Tensor, codebooks: Tensor, codebook_scales: Tensor | None, scales: Tensor | None,
+    bias: Tensor | None, rowset: Tensor | None, in_features: int, vector_dim: int, group_size: int,
+    scale_group_size: int, path: str,
+) -> Tensor:
+    args = (x, codes, codebooks, codebook_scales, scales, bias, rowset, in_features, vector_dim, group_size, scale_group_size)
+    if path == "dequant_matmul":
+        return dequant_matmul(*args)
+    return fused_linear(*args, path)
+
+
+@vq_linear.register_fake
+def _(x, codes, codebooks, codebook_scales, scales, bias, rowset, in_features, vector_dim, group_size,
+      scale_group_size, path):
+    return x.new_empty((*x.shape[:-1], codes.shape[0]))
+
+
+@torch.library.custom_op("vqlib::vq_dequantize", mutates_args=())
+def vq_dequantize(
+    codes: Tensor, codebooks: Tensor, codebook_scales: Tensor | None, scales: Tensor | None, rowset: Tensor | None,
+    in_features: int, vector_dim: int, group_size: int, scale_group_size: int, dtype: torch.dtype,
+) -> Tensor:
+    return dequantize(codes, codebooks, codebook_scales, scales, rowset, in_features, vector_dim, group_size,
+                      scale_group_size, dtype)
+
+
+@vq_dequantize.register_fake
+def _(codes, codebooks, codebook_scales, scales, rowset, in_features, vector_dim, group_size, scale_group_size, dtype):
+    return codes.new_empty((codes.shape[0], in_features), dtype=dtype)
+
