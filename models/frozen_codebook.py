@@ -19,10 +19,9 @@ features (``vqlib.core.kmeans.kmeans``) — or several, one of which is selected
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
-
 from safetensors import safe_open
 
+from vqlib.core.settings import Distance, GradientEstimator
 from vqlib.vector_quantize import VectorQuantize
 
 
@@ -54,8 +53,8 @@ def frozen_codebook_quantizer(
     *,
     key: str | None = None,
     codebook_dim: int | None = None,
-    distance: Literal["euclidean", "cosine"] = "euclidean",
-    gradient_estimator: Literal["ste", "rotation"] = "ste",
+    distance: Distance = "euclidean",
+    gradient_estimator: GradientEstimator = "ste",
     commitment_weight: float = 0.25,
     codebook_weight: float = 1.0,
     seed: int = 0,

@@ -135,7 +135,7 @@ class HubMixin:
             "model_type": cfg["model_type"],
             "repo_id": repo_id or "path/to/folder",
             "quantizer_class": cfg["init_args"].get("quantizer", {}).get("class_path", "none"),
-            "codebook_size": str(getattr(quantizer, "codebook_size", "n/a")),
+            "codebook_size": str(quantizer.codebook_size) if isinstance(quantizer, Quantizer) else "n/a",
             "config_json": json.dumps(cfg, indent=2),
             "vqlib_version": cfg["vqlib_version"],
             "num_parameters": f"{sum(p.numel() for p in self.parameters()):,}",  # type: ignore[attr-defined]

@@ -114,8 +114,8 @@ class ImageTokenizer(HubMixin, nn.Module):
 
     @property
     def codes_per_token(self) -> int:
-        """Indices stored per latent position: heads (multi-head VQ) x levels (residual VQ)."""
-        return int(getattr(self.quantizer, "heads", 1)) * int(getattr(self.quantizer, "num_quantizers", 1))
+        """Indices stored per latent position: heads (multi-head VQ) or levels (residual VQ)."""
+        return self.quantizer.num_codes_per_token
 
     def latent_size(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
         h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -159,7 +159,7 @@ class ImageTokenizer(HubMixin, nn.Module):
 
     # -- quantizer plumbing (quantizers may be channel-last or channel-first) ----------------------------------
     def _quantize(self, z: Tensor):
-        if getattr(self.quantizer, "channel_first", False):
+        if self.quantizer.channel_first:
             return self.quantizer(z)
         out = self.quantizer(rearrange(z, "b c h w -> b h w c"))
         out.quantized = rearrange(out.quantized, "b h w c -> b c h w")
@@ -167,7 +167,7 @@ class ImageTokenizer(HubMixin, nn.Module):
 
     def _codes_to_latent(self, indices: Tensor) -> Tensor:
         q = self.quantizer.decode(indices)
-        channel_first = getattr(self.quantizer, "channel_first", False)
+        channel_first = self.quantizer.channel_first
         if q.ndim != 4 or q.shape[0] != indices.shape[0] or tuple(q.shape[2:] if channel_first else q.shape[1:3]) != tuple(indices.shape[1:3]):
             raise ValueError(
                 f"indices: expected shape (batch, h, w) plus the quantizer's trailing axes "
@@ -199,7 +199,7 @@ class ImageTokenizer(HubMixin, nn.Module):
         """Indices from :meth:`encode` -> images (b, C, H, W) (not clamped; clamp to [-1, 1] for display)."""
         if not isinstance(indices, Tensor):
             raise TypeError(f"indices: expected a torch.Tensor, got {type(indices).__name__}")
-        expected_ndim = 3 if self.codes_per_token == 1 else 4
+        expected_ndim = 4 if self.quantizer.code_axis else 3
         if indices.ndim != expected_ndim:
             trailing = "" if expected_ndim == 3 else f", levels/heads (up to {self.codes_per_token})"
             raise ValueError(

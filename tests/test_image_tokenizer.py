@@ -63,6 +63,17 @@ def test_encode_never_updates_codebook_and_keeps_mode():
         assert torch.equal(v, before[k]), k
 
 
+def test_layout_comes_from_the_quantizer_interface():
+    # a one-level residual VQ still has a trailing level axis: the tokenizer reads code_axis, not a count
+    tok = tiny_tokenizer(ResidualVQ(8, 16, 1)).eval()
+    x = random_images(2, seed=4)
+    idx = tok.encode(x)
+    assert tok.codes_per_token == 1 and idx.shape == (2, 4, 4, 1)
+    with torch.no_grad():
+        assert torch.equal(tok.decode(idx), tok(x).reconstruction)
+    assert tiny_tokenizer(VectorQuantize(8, 16, heads=2)).codes_per_token == 2
+
+
 def test_gradients_reach_encoder_and_codebook_map():
     tok = tiny_tokenizer(VectorQuantize(8, 64, codebook_update="gradient", reparam="simvq"))
     x = random_images(2)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vqlib import ResidualVQ
+from vqlib import ResidualVQ, VectorQuantize
 
 DIM = 16
 
@@ -80,3 +80,80 @@ def test_bad_input():
         ResidualVQ(DIM, 16, 3, quantizer_dropout=2.0)
     with pytest.raises(ValueError, match="expected 16 features"):
         rvq(data(4, 8))
+
+
+# ---- every VectorQuantize codebook option, incl. residual SimVQ and the rotation trick ---------------------------
+def test_accepts_every_codebook_option_of_vector_quantize():
+    import inspect
+
+    from vqlib.core.settings import CodebookSettings
+
+    vq_params = set(inspect.signature(VectorQuantize.__init__).parameters) - {"self"}
+    rvq_params = set(inspect.signature(ResidualVQ.__init__).parameters) | set(CodebookSettings.names())
+    # heads are VectorQuantize's layout, not a codebook option: each residual level codes one vector
+    assert vq_params - {"heads", "separate_codebook_per_head"} <= rvq_params
+    options = dict(distance="cosine", codebook_update="gradient", decay=0.9, eps=1e-4, reparam="simvq",
+                   kmeans_iters=3, usage_window=7, gradient_estimator="rotation", commitment_weight=0.5,
+                   codebook_weight=2.0, search_max_elements=256, search_backend="torch")  # fmt: skip
+    rvq = ResidualVQ(DIM, 32, 3, **options)
+    for level in rvq.levels:
+        assert level.settings == rvq.settings == CodebookSettings(**options)
+        cb = level.codebooks[0]
+        assert (cb.reparam, cb.search_backend, cb.search_max_elements, cb.cosine) == ("simvq", "torch", 256, True)
+    assert ResidualVQ(DIM, 32, 3, settings=CodebookSettings(**options)).settings == rvq.settings
+    with pytest.raises(TypeError, match="unknown codebook option.*'heads'"):
+        ResidualVQ(DIM, 32, 3, heads=2)
+    with pytest.raises(ValueError, match="codebook_update='gradient'"):
+        ResidualVQ(DIM, 32, 3, reparam="simvq")
+
+
+def test_config_round_trip_keeps_every_option():
+    from vqlib import quantizer_from_config, quantizer_to_config
+
+    rvq = ResidualVQ(DIM, 32, 3, reparam="simvq", codebook_update="gradient", gradient_estimator="rotation")
+    again = quantizer_from_config(quantizer_to_config(rvq))
+    assert again.settings == rvq.settings
+    again.load_state_dict(rvq.state_dict())
+    x = data(20, DIM)
+    assert torch.equal(again.eval()(x).quantized, rvq.eval()(x).quantized)
+
+
+@pytest.mark.parametrize("estimator", ["ste", "rotation"])
+def test_residual_simvq_trains_and_round_trips_exactly(estimator):
+    torch.manual_seed(0)
+    rvq = ResidualVQ(DIM, 64, 3, reparam="simvq", codebook_update="gradient", gradient_estimator=estimator)
+    bases = [level.codebooks[0].basis.clone() for level in rvq.levels]
+    opt = torch.optim.Adam(rvq.parameters(), lr=3e-2)
+    x = data(256, DIM)
+    losses = []
+    for step in range(10):
+        out = rvq(x)
+        opt.zero_grad()
+        out.loss.backward()
+        if step == 0:
+            for level in rvq.levels:  # every level's map learns (SimVQ: the map moves the whole codebook)
+                assert level.codebooks[0].proj.weight.grad.abs().sum() > 0
+        opt.step()
+        losses.append(float(out.loss.detach()))
+    assert losses[-1] < 0.8 * losses[0], losses
+    for level, basis in zip(rvq.levels, bases):
+        assert torch.equal(level.codebooks[0].basis, basis)  # frozen basis
+    rvq.eval()
+    with torch.no_grad():
+        for n in (1, 3):
+            ev = rvq(x, num_quantizers=n)
+            assert torch.equal(rvq.decode(ev.indices), ev.quantized)
+            assert torch.equal(rvq.decode(rvq.encode(x, num_quantizers=n)), ev.quantized)
+
+
+def test_rotation_trick_changes_the_encoder_gradient_not_the_value():
+    x = data(40, DIM)
+    grads, values = {}, {}
+    for est in ("ste", "rotation"):
+        rvq = ResidualVQ(DIM, 32, 2, gradient_estimator=est, commitment_weight=0.0).eval()
+        xi = x.clone().requires_grad_(True)
+        out = rvq(xi)
+        (out.quantized * torch.arange(DIM).float()).sum().backward()
+        grads[est], values[est] = xi.grad, out.quantized.detach()
+    assert torch.equal(values["ste"], values["rotation"])
+    assert torch.isfinite(grads["rotation"]).all() and not torch.allclose(grads["ste"], grads["rotation"])

@@ -198,7 +198,7 @@ class ImageTokenizerModule(LightningModule):
             metrics[f"{prefix}/ssim"] = ssim(real01, rec01).mean()
         for key, value in metrics.items():
             self.log(key, value, on_epoch=True, on_step=False, sync_dist=True, batch_size=b, prog_bar=key.endswith("psnr"))
-        self.usage.update(out.indices, has_level_axis=self.tokenizer.codes_per_token > 1)
+        self.usage.update(out.indices, has_level_axis=self.tokenizer.quantizer.code_axis)
         # A few images from every batch, so that the grid spans the whole validation set.
         taken = sum(r.shape[0] for r, _ in self._logged)
         if taken < self.num_logged_images:

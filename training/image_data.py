@@ -36,6 +36,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from vqlib.core.seeds import derive_seed
 from vqlib.validation import check_choice
 
 AlphaRule = Literal["white", "drop"]  # transparent pixels: composited on white, or the alpha channel dropped
@@ -116,7 +117,7 @@ class EpochShuffleSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "epoch_shuffle", self.epoch))
         return iter(torch.randperm(self.num_samples, generator=g).tolist())
 
     def __len__(self) -> int:

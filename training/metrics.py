@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vqlib.base import perplexity as code_perplexity
 from vqlib.core.distributed import all_gather_rows
 
 
@@ -99,9 +98,5 @@ class CodebookUsageTracker:
             c = merged.counts[0]
             assert c is not None
             usage.append(c.numel() / self.codebook_size)
-            if c.numel():
-                p = c.double() / c.sum()
-                perplexity.append(math.exp(float(-(p * p.log()).sum())))
-            else:
-                perplexity.append(0.0)
+            perplexity.append(float(code_perplexity(c, torch.float64)) if c.numel() else 0.0)
         return {"usage": torch.tensor(usage), "perplexity": torch.tensor(perplexity)}

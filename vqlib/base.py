@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 from typing import Any
@@ -13,32 +14,41 @@ from .output import QuantizerOutput
 
 
 class Quantizer(nn.Module):
-    """A module mapping features to discrete codes and back.
+    """A module mapping features to discrete codes and back (the interface tokenizers rely on).
 
-    Subclasses implement ``forward(x, mask=None) -> QuantizerOutput`` and
-    ``decode(indices) -> Tensor``, expose ``codebook_size`` and ``dim``, and call
-    ``self.save_config(locals())`` first thing in ``__init__`` so that
-    :func:`quantizer_from_config` can rebuild them (used by tokenizers' from_pretrained).
+    Subclasses implement ``forward(x, mask=None) -> QuantizerOutput`` and ``decode(indices) -> Tensor``,
+    set ``dim`` and ``codebook_size`` (codes per codebook), and call ``self.save_config(locals())`` first
+    thing in ``__init__`` so that :func:`quantizer_from_config` can rebuild them (tokenizers' from_pretrained).
+
+    Layout facts, read by tokenizers instead of probing for attributes:
+        channel_first: inputs are (b, dim, *spatial) and decode returns that layout; else (..., dim).
+        num_codes_per_token: indices per token (heads of a multi-head VQ, levels of a residual VQ).
+        code_axis: indices end with an axis of ``num_codes_per_token`` entries (else shape = token shape).
     """
 
     dim: int
     codebook_size: int
     config: dict[str, Any]
+    channel_first: bool = False
+    num_codes_per_token: int = 1
+    code_axis: bool = False
 
     def save_config(self, init_locals: dict[str, Any]) -> None:
-        params = inspect.signature(type(self).__init__).parameters
-        cfg = {}
-        for name in params:
+        """Record the constructor's arguments as JSON-able ``init_args``: tensors as ``<name>_shape`` (their values
+        travel in the state dict), tuples as lists, a dataclass argument and ``**kwargs`` as flat entries."""
+        cfg: dict[str, Any] = {}
+        for name, param in inspect.signature(type(self).__init__).parameters.items():
             if name == "self" or name not in init_locals:
                 continue
             value = init_locals[name]
-            if isinstance(value, Tensor):
-                # Tensors (e.g. a frozen codebook) travel in the state dict; the config records their shape.
+            if param.kind is inspect.Parameter.VAR_KEYWORD:
+                cfg.update(value)
+            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+                cfg.update(dataclasses.asdict(value))
+            elif isinstance(value, Tensor):
                 cfg[f"{name}_shape"] = list(value.shape)
-                continue
-            if isinstance(value, tuple):
-                value = list(value)
-            cfg[name] = value
+            else:
+                cfg[name] = list(value) if isinstance(value, tuple) else value
         self.config = cfg
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> QuantizerOutput:  # pragma: no cover - abstract
@@ -46,6 +56,19 @@ class Quantizer(nn.Module):
 
     def decode(self, indices: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @torch.no_grad()
+    def encode(self, x: Tensor, mask: Tensor | None = None, **forward_kwargs: Any) -> Tensor:
+        """Integer indices of ``x``; never updates state (no EMA, k-means init, dead-code restart, usage counters
+        or step counts): the forward runs in eval mode, and every submodule's mode is restored afterwards.
+        ``decode(encode(x))`` equals ``forward(x).quantized`` in eval mode."""
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            return self(x, mask, **forward_kwargs).indices
+        finally:
+            for module, mode in modes:
+                module.training = mode
 
 
 def quantizer_to_config(q: Quantizer) -> dict[str, Any]:
@@ -72,6 +95,13 @@ def quantizer_from_config(cfg: dict[str, Any]) -> Quantizer:
     return cls(**args)
 
 
+def perplexity(counts: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """exp(entropy) of the code distribution with these per-code ``counts`` (codes never seen may be left
+    out: they add nothing), computed in ``dtype``. Shared by the per-batch metrics and the validation tracker."""
+    p = counts.to(dtype) / counts.sum()
+    return (-(p * p.log()).sum()).exp()
+
+
 @torch.no_grad()
 def usage_metrics(indices: Tensor, codebook_size: int) -> dict[str, Tensor]:
     """Perplexity and fraction of codes used in this batch, never allocating per-code memory
@@ -82,9 +112,7 @@ def usage_metrics(indices: Tensor, codebook_size: int) -> dict[str, Tensor]:
         zero = torch.zeros((), device=indices.device)
         return {"perplexity": zero, "batch_usage": zero}
     _, counts = torch.unique(flat, return_counts=True)
-    p = counts.float() / counts.sum()
-    entropy = -(p * p.log()).sum()
     return {
-        "perplexity": entropy.exp(),
+        "perplexity": perplexity(counts),
         "batch_usage": torch.tensor(counts.numel() / codebook_size, device=indices.device),
     }

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from .base import Quantizer
-from .core.codebook import CodebookUpdate, Distance
-from .core.estimators import straight_through
+from .core.layout import from_tokens, prepare_input
+from .core.seeds import derive_seed
+from .core.settings import CodebookSettings
 from .output import QuantizerOutput
 from .validation import check_indices
-from .core.layout import from_tokens, prepare_input
-from .vector_quantize import VectorQuantize, masked_mse
+from .vector_quantize import ESTIMATORS, VectorQuantize, masked_mse
 
 
 class ResidualVQ(Quantizer):
@@ -22,6 +24,13 @@ class ResidualVQ(Quantizer):
     n ~ U{1..num_quantizers} (SoundStream's bitrate scalability); the draw is seeded by the step count,
     so all DDP ranks agree. ``shared_codebook`` uses one codebook for every level.
     Metrics are 1-D tensors with one entry per level (NaN for levels not run).
+
+    Every level is a :class:`VectorQuantize` of width ``codebook_dim`` (``dim`` when None; projections in and
+    out otherwise). Its codebook options are those of VectorQuantize, given flat (``distance=``,
+    ``codebook_update=``, ``reparam="simvq"``, ``gradient_estimator="rotation"``, ``search_backend=``, ...)
+    and/or as ``settings=CodebookSettings(...)`` (flat options override it); ``init_codebook`` initialises
+    every level (or is the frozen features of reparam="projector"). The gradient estimator maps the encoder
+    output onto the sum of all levels' codes.
     """
 
     def __init__(
@@ -33,47 +42,34 @@ class ResidualVQ(Quantizer):
         shared_codebook: bool = False,
         quantizer_dropout: float = 0.0,
         codebook_dim: int | None = None,
-        distance: Distance = "euclidean",
-        codebook_update: CodebookUpdate = "ema",
-        decay: float = 0.99,
-        kmeans_init: bool = False,
-        kmeans_iters: int = 10,
-        dead_code_window: int = 0,
-        usage_window: int = 100,
-        commitment_weight: float = 0.25,
-        codebook_weight: float = 1.0,
+        init_codebook: Tensor | None = None,
         channel_first: bool = False,
         check_finite: bool = True,
         seed: int = 0,
+        settings: CodebookSettings | None = None,
+        **codebook_options: Any,
     ):
         super().__init__()
+        settings = CodebookSettings.build(settings, "ResidualVQ", **codebook_options)
         self.save_config(locals())
         if num_quantizers < 1:
             raise ValueError(f"num_quantizers must be >= 1, got {num_quantizers}")
         if not 0.0 <= quantizer_dropout <= 1.0:
             raise ValueError(f"quantizer_dropout must be a probability in [0, 1], got {quantizer_dropout}")
+        self.settings = settings
         self.dim, self.codebook_size, self.num_quantizers = dim, codebook_size, num_quantizers
+        self.num_codes_per_token, self.code_axis = num_quantizers, True  # indices (*tokens, num_quantizers)
         self.shared_codebook, self.quantizer_dropout = shared_codebook, quantizer_dropout
         self.channel_first, self.check_finite, self.seed = channel_first, check_finite, seed
+        self.estimator = ESTIMATORS[settings.gradient_estimator]
         inner = codebook_dim or dim
         self.project_in = nn.Linear(dim, inner) if inner != dim else nn.Identity()
         self.project_out = nn.Linear(inner, dim) if inner != dim else nn.Identity()
         self.levels = nn.ModuleList(
-            VectorQuantize(
-                inner,
-                codebook_size,
-                distance=distance,
-                codebook_update=codebook_update,
-                decay=decay,
-                kmeans_init=kmeans_init,
-                kmeans_iters=kmeans_iters,
-                dead_code_window=dead_code_window,
-                usage_window=usage_window,
-                commitment_weight=commitment_weight,
-                codebook_weight=codebook_weight,
-                check_finite=False,
-                seed=seed + 7919 * i,
-            )
+            VectorQuantize.from_settings(
+                inner, codebook_size, settings, init_codebook=init_codebook, check_finite=False,
+                seed=derive_seed(seed, "level", i),
+            )  # fmt: skip
             for i in range(1 if shared_codebook else num_quantizers)
         )
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
@@ -90,7 +86,7 @@ class ResidualVQ(Quantizer):
             return num_quantizers
         if not self.training or self.quantizer_dropout == 0:
             return self.num_quantizers
-        gen = torch.Generator().manual_seed(self.seed * 100003 + int(self.step))
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "quantizer_dropout", int(self.step)))
         if torch.rand((), generator=gen) < self.quantizer_dropout:
             return int(torch.randint(1, self.num_quantizers + 1, (), generator=gen))
         return self.num_quantizers
@@ -118,12 +114,16 @@ class ResidualVQ(Quantizer):
                 loss = loss + level_loss + self._commitment(z, total, i, flat_mask)
                 for key, value in metrics.items():
                     per_level.setdefault(key, []).append(value)
-            quantized = straight_through(z.float(), total)
+            quantized = self.estimator(z.float(), total)
         nan = torch.full((self.num_quantizers - n_active,), float("nan"), device=z.device)
         metrics = {k: torch.cat([torch.stack(v), nan]) for k, v in per_level.items()}
         metrics["num_quantizers"] = torch.tensor(float(n_active))
         out = from_tokens(self.project_out(quantized).to(x.dtype), token_shape, self.channel_first)
         return QuantizerOutput(out, indices.reshape(*token_shape, self.num_quantizers), loss, metrics)
+
+    def encode(self, x: Tensor, mask: Tensor | None = None, num_quantizers: int | None = None) -> Tensor:
+        """Indices (*tokens, num_quantizers) of the first ``num_quantizers`` levels (-1 after), never updating state."""
+        return super().encode(x, mask, num_quantizers=num_quantizers)
 
     def _commitment(self, z: Tensor, total: Tensor, i: int, mask: Tensor | None) -> Tensor:
         # Level losses above were computed on detached residuals (they train the codebooks);

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -10,14 +10,16 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .base import Quantizer, usage_metrics
-from .core.codebook import Codebook, CodebookUpdate, Distance, Reparam
+from .core.codebook import Codebook
 from .core.estimators import rotation_trick, straight_through
-from .core.search import DEFAULT_MAX_ELEMENTS, SearchBackend
-from .output import QuantizerOutput
 from .core.layout import from_tokens, prepare_input
+from .core.search import DEFAULT_MAX_ELEMENTS, SearchBackend
+from .core.seeds import derive_seed
+from .core.settings import CodebookSettings, CodebookUpdate, Distance, GradientEstimator, Reparam
+from .output import QuantizerOutput
 from .validation import check_indices
 
-GradientEstimator = Literal["ste", "rotation"]
+ESTIMATORS = {"ste": straight_through, "rotation": rotation_trick}
 
 
 def masked_mse(a: Tensor, b: Tensor, weight: Tensor | None) -> Tensor:
@@ -50,6 +52,11 @@ class VectorQuantize(Quantizer):
         channel_first: inputs are (b, dim, *spatial).
         check_finite: reject NaN/Inf inputs with an error (default) instead of letting them reach the codebook.
         search_max_elements: memory bound of the nearest-code search, in float32 scores per block.
+        search_backend: "auto", "torch" or "faiss".
+
+    The codebook options (distance ... search_backend) are gathered into one
+    :class:`~vqlib.core.settings.CodebookSettings` (``self.settings``), which the codebooks take;
+    :meth:`from_settings` builds a VectorQuantize from one.
     """
 
     def __init__(
@@ -81,48 +88,40 @@ class VectorQuantize(Quantizer):
     ):
         super().__init__()
         self.save_config(locals())
+        settings = CodebookSettings.from_locals(locals())
         if heads < 1:
             raise ValueError(f"heads must be >= 1, got {heads}")
-        if gradient_estimator not in ("ste", "rotation"):
-            raise ValueError(f"gradient_estimator must be 'ste' or 'rotation', got {gradient_estimator!r}")
         if codebook_dim is None:
             if dim % heads:
                 raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}) when codebook_dim is not given")
             codebook_dim = dim // heads
         if separate_codebook_per_head and heads == 1:
             raise ValueError("separate_codebook_per_head=True needs heads > 1")
-        if commitment_weight < 0 or codebook_weight < 0:
-            raise ValueError(f"loss weights must be >= 0, got {commitment_weight} and {codebook_weight}")
+        self.settings = settings
         self.dim, self.codebook_size, self.codebook_dim, self.heads = dim, codebook_size, codebook_dim, heads
+        # Layout facts of the Quantizer interface: one code per head; a trailing heads axis when heads > 1.
+        self.num_codes_per_token, self.code_axis = heads, heads > 1
         self.channel_first, self.check_finite = channel_first, check_finite
-        self.commitment_weight, self.codebook_weight = commitment_weight, codebook_weight
-        self.estimator = rotation_trick if gradient_estimator == "rotation" else straight_through
-        self.learned_by_gradient = codebook_update == "gradient"
+        self.commitment_weight, self.codebook_weight = settings.commitment_weight, settings.codebook_weight
+        self.estimator = ESTIMATORS[settings.gradient_estimator]
+        self.learned_by_gradient = settings.codebook_update == "gradient"
 
         inner = heads * codebook_dim
         self.project_in = nn.Linear(dim, inner) if inner != dim else nn.Identity()
         self.project_out = nn.Linear(inner, dim) if inner != dim else nn.Identity()
         n_books = heads if separate_codebook_per_head else 1
         self.codebooks = nn.ModuleList(
-            Codebook(
-                codebook_size,
-                codebook_dim,
-                distance=distance,
-                update=codebook_update,
-                decay=decay,
-                eps=eps,
-                reparam=reparam,
-                init_codebook=init_codebook,
-                kmeans_init=kmeans_init,
-                kmeans_iters=kmeans_iters,
-                dead_code_window=dead_code_window,
-                usage_window=usage_window,
-                search_max_elements=search_max_elements,
-                search_backend=search_backend,
-                seed=seed + i,
-            )
+            Codebook(codebook_size, codebook_dim, settings, init_codebook=init_codebook, seed=derive_seed(seed, "head", i))
             for i in range(n_books)
         )
+
+    @classmethod
+    def from_settings(
+        cls, dim: int, codebook_size: int, settings: CodebookSettings, **layout: Any
+    ) -> VectorQuantize:
+        """Build from a :class:`CodebookSettings`; ``layout`` takes the other keyword arguments (codebook_dim,
+        heads, init_codebook, channel_first, check_finite, seed, ...). The config records the flat options."""
+        return cls(dim, codebook_size, **settings.as_kwargs(), **layout)
 
     @property
     def codebook(self) -> Tensor:

@@ -11,7 +11,6 @@ float32 whatever autocast says.
 from __future__ import annotations
 
 import logging
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,105 +18,86 @@ from torch import Tensor, nn
 
 from . import distributed as dist
 from .kmeans import kmeans
-from .search import DEFAULT_MAX_ELEMENTS, SearchBackend, nearest_code
+from .search import nearest_code
+from .seeds import derive_seed
+from .settings import CodebookSettings, CodebookUpdate, Distance, Reparam
 
 log = logging.getLogger(__name__)
 
-CodebookUpdate = Literal["ema", "gradient", "frozen"]
-Reparam = Literal["none", "simvq", "projector"]
-Distance = Literal["euclidean", "cosine"]
-
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+__all__ = ["Codebook", "CodebookSettings", "CodebookUpdate", "Distance", "Reparam"]
 
 
 class Codebook(nn.Module):
+    """``codebook_size`` codes of ``dim`` features, configured by one :class:`CodebookSettings`.
+
+    ``init_codebook``: initial codes (codebook_size, dim), or the frozen features (codebook_size, feature_dim)
+    of reparam="projector". ``seed`` seeds the initial codes, k-means and dead-code draws.
+    """
+
     def __init__(
         self,
         codebook_size: int,
         dim: int,
+        settings: CodebookSettings = CodebookSettings(),
         *,
-        distance: Distance = "euclidean",
-        update: CodebookUpdate = "ema",
-        decay: float = 0.99,
-        eps: float = 1e-5,
-        reparam: Reparam = "none",
         init_codebook: Tensor | None = None,
-        kmeans_init: bool = False,
-        kmeans_iters: int = 10,
-        dead_code_window: int = 0,
-        usage_window: int = 100,
-        search_max_elements: int = DEFAULT_MAX_ELEMENTS,
-        search_backend: SearchBackend = "auto",
         seed: int = 0,
     ):
         super().__init__()
-        _choice("distance", distance, ("euclidean", "cosine"))
-        _choice("codebook_update", update, ("ema", "gradient", "frozen"))
-        _choice("reparam", reparam, ("none", "simvq", "projector"))
         if codebook_size < 1 or dim < 1:
             raise ValueError(f"codebook_size and dim must be >= 1, got {codebook_size} and {dim}")
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay}")
-        if reparam != "none" and update != "gradient":
-            raise ValueError(
-                f"reparam={reparam!r} learns its linear map by gradient: use codebook_update='gradient', got {update!r}"
-            )
-        if reparam != "none" and kmeans_init:
-            raise ValueError(f"kmeans_init=True is incompatible with reparam={reparam!r} (its codebook is a frozen basis)")
-        if dead_code_window > 0 and (reparam != "none" or update == "frozen"):
-            raise ValueError(
-                "dead_code_window > 0 needs codes that can be re-seeded (codebook_update 'ema' or 'gradient' with "
-                f"reparam='none'), got codebook_update={update!r}, reparam={reparam!r}"
-            )
-        if reparam == "projector" and init_codebook is None:
+        if settings.reparam == "projector" and init_codebook is None:
             raise ValueError("reparam='projector' needs init_codebook: a (codebook_size, feature_dim) tensor of features")
-        if usage_window < 1:
-            raise ValueError(f"usage_window must be >= 1, got {usage_window}")
+        self.settings = settings
+        self.codebook_size, self.dim, self.seed = codebook_size, dim, seed
+        self.cosine = settings.distance == "cosine"
+        self.update, self.reparam, self.decay, self.eps = settings.codebook_update, settings.reparam, settings.decay, settings.eps
+        self.kmeans_init, self.kmeans_iters = settings.kmeans_init, settings.kmeans_iters
+        self.dead_code_window, self.usage_window = settings.dead_code_window, settings.usage_window
+        self.search_max_elements, self.search_backend = settings.search_max_elements, settings.search_backend
 
-        self.codebook_size, self.dim = codebook_size, dim
-        self.cosine = distance == "cosine"
-        self.update, self.reparam, self.decay, self.eps = update, reparam, decay, eps
-        self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
-        self.dead_code_window, self.usage_window = dead_code_window, usage_window
-        self.search_max_elements, self.search_backend, self.seed = search_max_elements, search_backend, seed
+        if settings.reparam != "none":
+            self._init_reparam(init_codebook)
+        else:
+            self._init_embed(init_codebook)
+        needs_init = self.kmeans_init or (init_codebook is None and self.reparam == "none")
+        self.register_buffer("initted", torch.tensor(not needs_init))
+        self.register_buffer("steps_since_used", torch.full((codebook_size,), self.usage_window, dtype=torch.long))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
-        # Offset so that a user's torch.manual_seed(seed) data never coincides with the initial codes.
-        gen = torch.Generator().manual_seed(seed + 0x5EED)
-        if reparam == "projector":
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(derive_seed(self.seed, "codebook_init"))
+
+    def _init_reparam(self, init_codebook: Tensor | None) -> None:
+        k, dim = self.codebook_size, self.dim
+        if self.reparam == "projector":
             feats = init_codebook.detach().float()
-            if feats.ndim != 2 or feats.shape[0] != codebook_size:
-                raise ValueError(
-                    f"init_codebook for reparam='projector' must be ({codebook_size}, feature_dim), got {tuple(feats.shape)}"
-                )
+            if feats.ndim != 2 or feats.shape[0] != k:
+                raise ValueError(f"init_codebook for reparam='projector' must be ({k}, feature_dim), got {tuple(feats.shape)}")
             self.register_buffer("basis", feats.clone())
             self.proj = nn.Linear(feats.shape[1], dim, bias=False)
-        elif reparam == "simvq":
-            # SimVQ: frozen Gaussian basis C; the learnable map W moves every code each step (codes = C W).
-            self.register_buffer("basis", torch.randn(codebook_size, dim, generator=gen) * dim**-0.5)
-            self.proj = nn.Linear(dim, dim, bias=True)
         else:
-            if init_codebook is not None:
-                if tuple(init_codebook.shape) != (codebook_size, dim):
-                    raise ValueError(f"init_codebook must be ({codebook_size}, {dim}), got {tuple(init_codebook.shape)}")
-                embed = init_codebook.detach().float().clone()
-            else:
-                embed = torch.randn(codebook_size, dim, generator=gen)
-                if self.cosine:
-                    embed = F.normalize(embed, dim=-1)
-            if update == "gradient":
-                self.embed = nn.Parameter(embed)
-            else:
-                self.register_buffer("embed", embed)
-            if update == "ema":
-                self.register_buffer("embed_avg", embed.clone())
-                self.register_buffer("cluster_size", torch.ones(codebook_size))
-        needs_init = kmeans_init or (init_codebook is None and reparam == "none")
-        self.register_buffer("initted", torch.tensor(not needs_init))
-        self.register_buffer("steps_since_used", torch.full((codebook_size,), usage_window, dtype=torch.long))
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+            # SimVQ: frozen Gaussian basis C; the learnable map W moves every code each step (codes = C W).
+            self.register_buffer("basis", torch.randn(k, dim, generator=self._generator()) * dim**-0.5)
+            self.proj = nn.Linear(dim, dim, bias=True)
+
+    def _init_embed(self, init_codebook: Tensor | None) -> None:
+        k, dim = self.codebook_size, self.dim
+        if init_codebook is not None:
+            if tuple(init_codebook.shape) != (k, dim):
+                raise ValueError(f"init_codebook must be ({k}, {dim}), got {tuple(init_codebook.shape)}")
+            embed = init_codebook.detach().float().clone()
+        else:
+            embed = torch.randn(k, dim, generator=self._generator())
+            if self.cosine:
+                embed = F.normalize(embed, dim=-1)
+        if self.update == "gradient":
+            self.embed = nn.Parameter(embed)
+        else:
+            self.register_buffer("embed", embed)
+        if self.update == "ema":
+            self.register_buffer("embed_avg", embed.clone())
+            self.register_buffer("cluster_size", torch.ones(k))
 
     # ---- code vectors -------------------------------------------------------------------------
     def codes(self) -> Tensor:
@@ -236,7 +216,7 @@ class Codebook(nn.Module):
             pool = x if weight is None else x[weight > 0]
             if pool.shape[0] == 0:
                 pool = x
-            gen = torch.Generator(device="cpu").manual_seed(self.seed + int(self.step))
+            gen = torch.Generator(device="cpu").manual_seed(derive_seed(self.seed, "dead_code_restart", int(self.step)))
             pick = torch.randint(pool.shape[0], (dead.numel(),), generator=gen).to(x.device)
             new = pool[pick].contiguous()
         else:
