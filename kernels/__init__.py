@@ -118,7 +118,8 @@ def explain(layer: nn.Module, x: Tensor) -> Decision:
             continue
         why_not = kernel.supports(layer, x)
         if why_not is None:
-            return Decision(kernel.name, "format and input supported", kernel)
+            # Say why the faster (higher-priority) kernels declined, so the choice is explained.
+            return Decision(kernel.name, "; ".join([*reasons, f"{kernel.name}: format and input supported"]), kernel)
         reasons.append(f"{kernel.name}: {why_not}")
     return Decision(REFERENCE, "; ".join(reasons))
 
@@ -129,7 +130,8 @@ def _format_key(layer: nn.Module) -> tuple:
 
 
 def _log_once(layer: nn.Module, x: Tensor, decision: Decision) -> None:
-    key = (type(layer).__name__, str(x.device), x.dtype, _format_key(layer), decision.path, decision.reason)
+    # One line per layer format and path (not per reason: reasons may name the batch size).
+    key = (type(layer).__name__, str(x.device), x.dtype, _format_key(layer), decision.path)
     if key in _LOGGED:
         return
     _LOGGED.add(key)
@@ -143,7 +145,8 @@ def linear(layer: nn.Module, x: Tensor) -> Tensor:
     """Run ``layer``'s forward on ``x`` through the chosen kernel or the layer's reference path."""
     while True:
         decision = explain(layer, x)
-        _log_once(layer, x, decision)
+        if not torch.compiler.is_compiling():  # dynamo cannot trace logging; the eager call logged it already
+            _log_once(layer, x, decision)
         if decision.kernel is None:
             return layer._reference_linear(x)
         try:
@@ -171,12 +174,16 @@ def _register_builtin_kernels() -> None:
 
 _register_builtin_kernels()
 
+from .triton_fused import FusedVQLinear, fuse_projections  # noqa: E402  (pure torch; needs the registry above)
+
 __all__ = [
     "ENV_SWITCH",
     "Decision",
+    "FusedVQLinear",
     "Kernel",
     "KernelBuildError",
     "explain",
+    "fuse_projections",
     "linear",
     "register_kernel",
     "registered_kernels",
