@@ -1,0 +1,261 @@
+"""``cpu_lut``: the CPU kernel for ``VQLinear`` (lookup tables at small batch, dequant + BLAS above).
+
+Small batches (decoding). For each token and each code position ``q = j * M + m`` (vector ``j``,
+codebook ``m``) a table holds the dot products of the activation slice ``x[j*d:(j+1)*d]`` with all
+256 entries of that position's codebook. Row ``o``'s output is then a sum of table lookups indexed
+by its codes, times its scale: ``y[o] = sum_blocks scale[o, s] * sum_q T[q, codes[o, q]]``. Tables
+are built 16 positions at a time (16 x 256 fp32 = 16 KiB: it stays in L1) and every row of the
+thread's range reads its 16 codes for that block before the next block is built; a thread owns a
+contiguous range of output rows. One lookup costs two loads (code byte, table entry) and one add;
+AVX2 gathers measured slower than scalar loads on Zen3 (about 13 cycles per 8-lane gather), so
+the inner loop is scalar with four independent add chains. Accumulation is fp32; bf16/fp16 inputs
+are converted to fp32 on entry and the output is cast back to the input dtype.
+
+Larger batches: up to ``DQ_MAX_BATCH`` tokens a row is dequantized into an L1 buffer and dotted
+with every token (the table cost grows with the batch, a dequantized row does not); above that
+(prefill) bounded blocks of rows are dequantized by compiled code and multiplied with torch's BLAS.
+The batch thresholds were measured on the 2-core Zen3 machine (see ``benchmarks/bench_kernels_cpu.py``
+and the notes in the module constants).
+
+Per-layer data is prepared once and kept as a plain, non-persistent attribute of the layer
+(``layer._cpu_lut_cache``; never in ``state_dict``, never saved): fp32 codebooks with the int8
+codebook scales folded in (two layouts), fp32 scales, the codebook index of every code position,
+and a zero-copy numpy view of ``codes``. It is rebuilt whenever one of the layer's buffers changes
+identity, storage, device or version (in-place writes bump ``Tensor._version``).
+
+Compiled with numba (``cache=True``: machine code is stored and reused across processes); if numba
+is missing or compilation fails, ``run`` raises ``KernelBuildError`` and the registry falls back to
+the reference path with one loud warning.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import Kernel, KernelBuildError, register_kernel
+
+NAME = "cpu_lut"
+QB = 16  # code positions per table block (keep equal to cpu_vq_numba.QB)
+# Batch thresholds (tokens per call), measured with benchmarks/bench_kernels_cpu.py --crossover:
+LUT_MAX_BATCH = 2  # table lookups up to here
+DQ_MAX_BATCH = 8  # fused dequantize-row-and-dot up to here; BLAS on dequantized row blocks above
+BLAS_BLOCK_BYTES = 4 << 20  # fp32 bytes of one dequantized row block (256-1024 rows of typical widths)
+SERIAL_MAX_CODES = 1 << 17  # below this many codes x tokens one thread beats a parallel launch
+INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_numba_mod = None
+_compile_seconds: float | None = None
+
+
+def load_numba():
+    """Import (and on first use compile or load from cache) the numba loops, or raise KernelBuildError."""
+    global _numba_mod, _compile_seconds
+    if _numba_mod is not None:
+        return _numba_mod
+    start = time.perf_counter()
+    try:
+        from . import cpu_vq_numba as mod
+
+        _warm_up(mod)
+    except ImportError as exc:
+        raise KernelBuildError(f"numba is not importable ({exc}); install vqlib's dependencies") from exc
+    except Exception as exc:  # numba typing/lowering errors have many classes
+        raise KernelBuildError(f"numba could not compile the cpu_lut loops: {type(exc).__name__}: {exc}") from exc
+    _compile_seconds = time.perf_counter() - start
+    _numba_mod = mod
+    return mod
+
+
+def compile_seconds() -> float | None:
+    """Seconds the first ``load_numba`` took (compile, or load from numba's cache); None before."""
+    return _compile_seconds
+
+
+def _warm_up(mod) -> None:
+    """Compile every entry point once on a tiny problem, so a failure surfaces here, not mid-model."""
+    x = np.zeros((1, 4), np.float32)
+    codes = np.zeros((3, 2), np.uint8)
+    blocked = np.zeros((1, 3, QB), np.uint8)
+    cbt = np.zeros((1, 2, 256), np.float32).reshape(-1)
+    cbf = np.zeros((1, 256, 2), np.float32).reshape(-1)
+    qcb = np.zeros(2, np.int32)
+    scales = np.ones((3, 1), np.float32)
+    out = np.zeros((1, 3), np.float32)
+    table = np.empty(QB * 256, np.float32)
+    w = np.empty((3, 4), np.float32)
+    mod.lut_rows(x, blocked, 2, cbt, qcb, 1, 2, scales, 2, 0, 3, out, table)
+    mod.dq_rows(x, codes, cbf, qcb, 1, 2, scales, 2, 2, 0, 3, out, w[0])
+    mod.dequant_rows(codes, cbf, qcb, 1, 2, scales, 2, 2, 0, 3, w)
+
+
+@dataclass
+class Prepared:
+    """Per-layer arrays in the layouts the loops read (see cpu_vq_numba for shapes)."""
+
+    key: tuple
+    codes: np.ndarray  # (out, nq) uint8, a view of layer.codes
+    blocked: np.ndarray  # (ceil(nq / 16), out, 16) uint8 copy of the codes, block-major, zero-padded
+    cbt: np.ndarray  # (G*M*d*256,) float32
+    cbf: np.ndarray  # (G*M*256*d,) float32
+    qcb: np.ndarray  # (nq,) int32
+    scales: np.ndarray  # (out, S) float32
+    sgq: int  # code positions per scale group
+    n_vec: int
+    d: int
+    m_books: int
+
+
+def _buffer_key(layer) -> tuple:
+    tensors = (layer.codes, layer.codebooks, layer.codebook_scales, layer.scales)
+    return tuple(None if t is None else (id(t), t.data_ptr(), t.device, t._version, tuple(t.shape)) for t in tensors)
+
+
+def prepare(layer) -> Prepared:
+    """The layer's cached ``Prepared`` arrays, rebuilt when its buffers changed."""
+    key = _buffer_key(layer)
+    cached = getattr(layer, "_cpu_lut_cache", None)
+    if cached is not None and cached.key == key:
+        return cached
+    d, m, n_vec = layer.vector_dim, layer.num_codebooks, layer.num_vectors
+    nq = n_vec * m
+    values = layer.codebook_values().float()  # (G, M, 256, d), codebook scales folded in
+    g = values.shape[0]
+    group_of_vec = torch.arange(n_vec) * d // layer.group_size if layer.group_size else torch.zeros(n_vec, dtype=torch.long)
+    qcb = (group_of_vec[:, None] * m + torch.arange(m)[None, :]).reshape(nq).to(torch.int32)
+    if layer.scales is None:
+        scales, sgq = torch.ones(layer.out_features, 1), nq
+    else:
+        scales = layer.scales.float()
+        sgq = nq if layer.scale_granularity == "row" else layer.scale_group_size // d * m
+    codes = layer.codes.detach().reshape(layer.out_features, nq)
+    n_blk = -(-nq // QB)
+    blocked = torch.nn.functional.pad(codes, (0, n_blk * QB - nq)).reshape(layer.out_features, n_blk, QB)
+    prepared = Prepared(
+        key=key,
+        codes=codes.numpy(),
+        blocked=blocked.transpose(0, 1).contiguous().numpy(),
+        cbt=values.permute(0, 1, 3, 2).contiguous().reshape(-1).numpy(),
+        cbf=values.contiguous().reshape(-1).numpy(),
+        qcb=qcb.numpy(),
+        scales=scales.contiguous().numpy(),
+        sgq=max(sgq, 1),
+        n_vec=n_vec,
+        d=d,
+        m_books=m,
+    )
+    assert g * m * 256 * d == prepared.cbf.size
+    object.__setattr__(layer, "_cpu_lut_cache", prepared)  # plain attribute: not a buffer, never saved
+    return prepared
+
+
+def supports(layer, x: Tensor) -> str | None:
+    if x.dtype not in INPUT_DTYPES:
+        return f"input dtype {x.dtype} not covered (float32, bfloat16, float16)"
+    if x.shape[-1] != layer.in_features:
+        return f"input has {x.shape[-1]} features, the layer expects {layer.in_features}"
+    if layer.codebook_bits != 8:
+        return f"codebook_bits={layer.codebook_bits} not covered (B=8 only)"
+    if not 1 <= layer.vector_dim <= 16 or not 1 <= layer.num_codebooks <= 4:
+        return f"vector_dim={layer.vector_dim}, num_codebooks={layer.num_codebooks} not covered (d<=16, M<=4)"
+    if layer.scale_granularity == "group" and (layer.scale_group_size // layer.vector_dim * layer.num_codebooks) % QB:
+        return f"scale groups of {layer.scale_group_size} columns hold a number of codes that is not a multiple of {QB}"
+    if layer.weight_cache is not None:
+        return "the layer holds a dequantized weight cache (F.linear on it is the fastest path)"
+    if torch.is_grad_enabled() and x.requires_grad:
+        return "input requires grad (the kernel has no backward; the reference path is differentiable)"
+    return None
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _threads(work: int) -> int:
+    """Threads for a call: torch's intra-op count, or 1 when the work is too small to split."""
+    n = max(1, torch.get_num_threads())
+    return 1 if work < SERIAL_MAX_CODES else n
+
+
+def run_chunks(fn, n_rows: int, n_threads: int, *args) -> None:
+    """fn(*args, r0, r1, *scratch) over ``n_threads`` contiguous row ranges.
+
+    The numba loops release the GIL, so a small pool of Python threads runs the ranges in
+    parallel; the calling thread takes the first range. (numba's own parallel layers either spin
+    against torch's OpenMP threads or abort on concurrent launches, so they are not used.)
+    """
+    global _POOL
+    bounds = [(i * n_rows // n_threads, (i + 1) * n_rows // n_threads) for i in range(n_threads)]
+    if n_threads == 1:
+        fn(*args, *bounds[0])
+        return
+    if _POOL is None or _POOL._max_workers < n_threads - 1:
+        _POOL = ThreadPoolExecutor(max_workers=n_threads - 1, thread_name_prefix="vqlib-cpu")
+    futures = [_POOL.submit(fn, *args, r0, r1) for r0, r1 in bounds[1:]]
+    fn(*args, *bounds[0])
+    for f in futures:
+        f.result()
+
+
+def _padded_input(layer, x: Tensor, in_pad: int) -> np.ndarray:
+    """(b, in_pad) float32 C-contiguous copy of the input, zero-padded (padded columns drop out)."""
+    x2 = x.reshape(-1, layer.in_features).to(torch.float32)
+    if in_pad != layer.in_features:
+        x2 = torch.nn.functional.pad(x2, (0, in_pad - layer.in_features))
+    return x2.contiguous().numpy()
+
+
+def _lut_chunk(mod, p: Prepared, xp, out, r0, r1):
+    table = np.empty(QB * 256, np.float32)
+    mod.lut_rows(xp, p.blocked, p.codes.shape[1], p.cbt, p.qcb, p.m_books, p.d, p.scales, p.sgq, r0, r1, out, table)
+
+
+def _dq_chunk(mod, p: Prepared, xp, out, r0, r1):
+    w = np.empty(p.n_vec * p.d, np.float32)
+    mod.dq_rows(xp, p.codes, p.cbf, p.qcb, p.m_books, p.d, p.scales, p.sgq, p.n_vec, r0, r1, out, w)
+
+
+def _dequant_chunk(mod, p: Prepared, buf, base, r0, r1):
+    mod.dequant_rows(p.codes, p.cbf, p.qcb, p.m_books, p.d, p.scales, p.sgq, p.n_vec, base + r0, base + r1, buf[r0:])
+
+
+def _blas(mod, p: Prepared, xp: np.ndarray, out: Tensor, n_out: int) -> None:
+    """out = x @ W^T with W dequantized in bounded row blocks (prefill)."""
+    in_pad = p.n_vec * p.d
+    rows = max(64, min(1024, BLAS_BLOCK_BYTES // (4 * in_pad)))
+    buf = np.empty((min(rows, n_out), in_pad), np.float32)
+    x_t = torch.from_numpy(xp)
+    n = max(1, torch.get_num_threads())
+    for base in range(0, n_out, rows):
+        count = min(n_out, base + rows) - base
+        run_chunks(lambda r0, r1: _dequant_chunk(mod, p, buf, base, r0, r1), count, n)
+        out[:, base : base + count] = x_t @ torch.from_numpy(buf[:count]).T
+
+
+def run(layer, x: Tensor) -> Tensor:
+    mod = load_numba()
+    p = prepare(layer)
+    xp = _padded_input(layer, x, p.n_vec * p.d)
+    b, n_out = xp.shape[0], layer.out_features
+    out_np = np.zeros((b, n_out), np.float32)
+    n = _threads(p.codes.size * b)
+    if b > DQ_MAX_BATCH:
+        _blas(mod, p, xp, torch.from_numpy(out_np), n_out)
+    elif b > LUT_MAX_BATCH:
+        run_chunks(lambda r0, r1: _dq_chunk(mod, p, xp, out_np, r0, r1), n_out, n)
+    else:
+        run_chunks(lambda r0, r1: _lut_chunk(mod, p, xp, out_np, r0, r1), n_out, n)
+    out = torch.from_numpy(out_np)
+    if layer.bias is not None:
+        out += layer.bias.detach().float()
+    return out.reshape(*x.shape[:-1], n_out).to(x.dtype)
+
+
+KERNEL = Kernel(name=NAME, layer_type="VQLinear", device_type="cpu", run=run, supports=supports, priority=10)
+register_kernel(KERNEL)
+
+__all__ = ["KERNEL", "NAME", "compile_seconds", "load_numba", "prepare", "run", "run_chunks", "supports"]

@@ -1,0 +1,146 @@
+"""Numba-compiled loops behind the ``cpu_lut`` VQLinear kernel (see ``cpu_lut`` for the design).
+
+Every function takes contiguous arrays of fixed dtypes so that each compiles once (one signature),
+and ``cache=True`` stores the machine code next to this file or, when that folder is read-only,
+in ``NUMBA_CACHE_DIR`` / the user's cache folder (numba's own fallback).
+
+Shapes (all flat or 2-D C-contiguous numpy arrays):
+- ``x``      (b, in_pad) float32, zero-padded to ``in_pad = n_vec * d``
+- ``codes``  (out, nq) uint8 with ``nq = n_vec * M``: code ``q = j * M + m`` of row ``o``
+- ``blocked`` (ceil(nq / 16), out, 16) uint8: the same codes block-major, zero-padded
+- ``cbt``    (G * M, d, 256) float32, codebook scales folded in, transposed for the table build
+- ``cbf``    (G * M, 256, d) float32, the same entries laid out for dequantization
+- ``qcb``    (nq,) int32: codebook (``g(j) * M + m``) of code position ``q``
+- ``scales`` (out, S) float32 (ones when the layer has none); ``sgq``: code positions per scale
+  group (``nq`` or more for row scales, so the scale index is always 0)
+- ``out``    (b, out) float32; each call handles the row range [o0, o1) (the caller runs ranges on
+  its threads: every function here is serial and releases the GIL)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+# No 'reassoc': the explicit add tree in _row16 keeps four independent chains (the default fastmath
+# folds them back into one serial chain of 16 dependent adds).
+FASTMATH = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}
+QB = 16  # code positions per table block: 16 x 256 fp32 = 16 KiB, half of Zen3's 32 KiB L1d
+ENTRIES = 256  # 2**B for B = 8
+DQ_COLS = 512  # columns per block in dq_rows: 8 tokens x 2 KiB of x stay in L1
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def fill_table(x_row, cbt, qcb, q0, nq_blk, m_books, d, table):
+    """table[qq, k] = <x slice of vector j(q0+qq), codebook qcb[q0+qq] entry k>  # (nq_blk, 256)
+
+    One expression per entry for the common d (2, 4, 8) so LLVM vectorizes over the 256 entries
+    with a single store; other d accumulate in place.
+    """
+    for qq in range(nq_blk):
+        q = q0 + qq
+        j = q // m_books
+        xs = x_row[j * d : (j + 1) * d]
+        cb = cbt[qcb[q] * d * ENTRIES : (qcb[q] + 1) * d * ENTRIES]
+        row = table[qq * ENTRIES : (qq + 1) * ENTRIES]
+        if d == 4:
+            x0, x1, x2, x3 = xs[0], xs[1], xs[2], xs[3]
+            for k in range(ENTRIES):
+                row[k] = x0 * cb[k] + x1 * cb[256 + k] + x2 * cb[512 + k] + x3 * cb[768 + k]
+        elif d == 2:
+            x0, x1 = xs[0], xs[1]
+            for k in range(ENTRIES):
+                row[k] = x0 * cb[k] + x1 * cb[256 + k]
+        elif d == 8:
+            x0, x1, x2, x3, x4, x5, x6, x7 = xs[0], xs[1], xs[2], xs[3], xs[4], xs[5], xs[6], xs[7]
+            for k in range(ENTRIES):
+                row[k] = (x0 * cb[k] + x1 * cb[256 + k] + x2 * cb[512 + k] + x3 * cb[768 + k]) + (
+                    x4 * cb[1024 + k] + x5 * cb[1280 + k] + x6 * cb[1536 + k] + x7 * cb[1792 + k]
+                )
+        else:
+            row[:] = 0.0
+            for i in range(d):
+                for k in range(ENTRIES):
+                    row[k] += xs[i] * cb[i * ENTRIES + k]
+
+
+@njit(nogil=True, fastmath=FASTMATH, inline="always")
+def _row16(codes, p, table):
+    """Sum of 16 table lookups for the codes at codes[p:p+16] (four independent add chains)."""
+    u = np.uint64
+    a0 = table[u(0) + codes[p + u(0)]] + table[u(256) + codes[p + u(1)]]
+    a1 = table[u(512) + codes[p + u(2)]] + table[u(768) + codes[p + u(3)]]
+    a2 = table[u(1024) + codes[p + u(4)]] + table[u(1280) + codes[p + u(5)]]
+    a3 = table[u(1536) + codes[p + u(6)]] + table[u(1792) + codes[p + u(7)]]
+    a0 += table[u(2048) + codes[p + u(8)]] + table[u(2304) + codes[p + u(9)]]
+    a1 += table[u(2560) + codes[p + u(10)]] + table[u(2816) + codes[p + u(11)]]
+    a2 += table[u(3072) + codes[p + u(12)]] + table[u(3328) + codes[p + u(13)]]
+    a3 += table[u(3584) + codes[p + u(14)]] + table[u(3840) + codes[p + u(15)]]
+    return (a0 + a1) + (a2 + a3)
+
+
+@njit(nogil=True, fastmath=FASTMATH, cache=True)
+def lut_rows(x, blocked, nq, cbt, qcb, m_books, d, scales, sgq, o0, o1, out, table):
+    """out[t, o0:o1] += scaled sums of table lookups, one 16-position table block at a time.
+
+    ``blocked`` (n_blk, out, 16) uint8 holds the codes block-major (zero-padded past ``nq``), so the
+    rows of one block are one sequential stream that uses every byte of each cache line it loads
+    and leaves the 16 KiB table in L1. Unsigned indices skip numba's negative-index wraparound.
+    """
+    n_tok = x.shape[0]
+    n_blk, n_out, _ = blocked.shape
+    flat = blocked.reshape(-1)
+    for blk in range(n_blk):
+        s = blk * QB // sgq
+        n_pos = min(QB, nq - blk * QB)
+        for t in range(n_tok):
+            fill_table(x[t], cbt, qcb, blk * QB, n_pos, m_books, d, table)
+            if n_pos < QB:
+                table[n_pos * ENTRIES :] = 0.0  # padded positions (code 0) add nothing
+            p = np.uint64((blk * n_out + o0) * QB)
+            for o in range(o0, o1):
+                out[t, o] += _row16(flat, p, table) * scales[o, s]
+                p += np.uint64(QB)
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def dequant_seg(codes, o, j0, j1, cbf, qcb, m_books, d, scales, sgq, w):
+    """w[: (j1 - j0) * d] = vectors j0..j1-1 of row o of the padded weight (scale included)."""
+    for j in range(j0, j1):
+        sc = scales[o, (j * m_books) // sgq]
+        off = (j - j0) * d
+        base = (qcb[j * m_books] * ENTRIES + codes[o, j * m_books]) * d
+        for i in range(d):
+            w[off + i] = cbf[base + i]
+        for m in range(1, m_books):
+            q = j * m_books + m
+            base = (qcb[q] * ENTRIES + codes[o, q]) * d
+            for i in range(d):
+                w[off + i] += cbf[base + i]
+        for i in range(d):
+            w[off + i] *= sc
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def dequant_rows(codes, cbf, qcb, m_books, d, scales, sgq, n_vec, r0, r1, w):
+    """w[r - r0, :] = dequantized padded row r for r in [r0, r1)  # w: (>= r1 - r0, n_vec * d)"""
+    for r in range(r0, r1):
+        dequant_seg(codes, r, 0, n_vec, cbf, qcb, m_books, d, scales, sgq, w[r - r0])
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def dq_rows(x, codes, cbf, qcb, m_books, d, scales, sgq, n_vec, o0, o1, out, w):
+    """out[:, o] += x @ row o for o in [o0, o1), a column block at a time: each row segment is
+    dequantized into ``w`` (L1) and dotted with every token's slice (the x block stays in L1)."""
+    n_tok = x.shape[0]
+    seg = max(1, DQ_COLS // d)  # vectors per column block
+    for j0 in range(0, n_vec, seg):
+        j1 = min(n_vec, j0 + seg)
+        k0, n_k = j0 * d, (j1 - j0) * d
+        for o in range(o0, o1):
+            dequant_seg(codes, o, j0, j1, cbf, qcb, m_books, d, scales, sgq, w)
+            for t in range(n_tok):
+                acc = np.float32(0.0)
+                for k in range(n_k):  # vectorized dot (fastmath allows the reassociation)
+                    acc += w[k] * x[t, k0 + k]
+                out[t, o] += acc
