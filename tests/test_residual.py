@@ -101,6 +101,8 @@ def test_accepts_every_codebook_option_of_vector_quantize():
         cb = level.codebooks[0]
         assert (cb.reparam, cb.search_backend, cb.search_max_elements, cb.cosine) == ("simvq", "torch", 256, True)
     assert ResidualVQ(DIM, 32, 3, settings=CodebookSettings(**options)).settings == rvq.settings
+    with pytest.raises(TypeError, match="not both"):
+        ResidualVQ(DIM, 32, 3, settings=CodebookSettings(**options), decay=0.5)
     with pytest.raises(TypeError, match="unknown codebook option.*'heads'"):
         ResidualVQ(DIM, 32, 3, heads=2)
     with pytest.raises(ValueError, match="codebook_update='gradient'"):

@@ -46,11 +46,10 @@ def test_bad_settings_are_named(kwargs, match):
         CodebookSettings(**kwargs)
 
 
-def test_build_names_unknown_options():
-    base = CodebookSettings(decay=0.5)
-    assert CodebookSettings.build(base, kmeans_init=True) == CodebookSettings(decay=0.5, kmeans_init=True)
+def test_unknown_option_names_are_named():
+    CodebookSettings.check_names("Thing", {"decay": 0.5})
     with pytest.raises(TypeError, match=r"Thing: unknown codebook option\(s\) \['dacay'\]"):
-        CodebookSettings.build(None, "Thing", dacay=0.5)
+        CodebookSettings.check_names("Thing", {"dacay": 0.5})
 
 
 def test_codebook_core_takes_the_settings():

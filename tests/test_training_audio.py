@@ -294,6 +294,19 @@ def test_module_argument_errors():
         AudioTokenizerModule(torch.nn.Linear(2, 2))
 
 
+def test_hyperparameters_and_weight_decay_on_matrices_only():
+    module = tiny_module(lr=1e-3, weight_decay=0.05)
+    assert (module.hparams.lr, module.hparams.weight_decay) == (1e-3, 0.05) and "tokenizer" not in module.hparams
+    opt_g, opt_d = module.configure_optimizers()
+    for opt, model in ((opt_g, module.tokenizer), (opt_d, module.discriminator)):
+        decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+        assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
+        for name, p in model.named_parameters():
+            assert (id(p) in decayed) == (p.ndim >= 2), name  # biases and weight-norm gains (1-D) never decay
+    plain = tiny_module().configure_optimizers()[0]
+    assert len(plain.param_groups) == 1 and plain.param_groups[0]["weight_decay"] == 0.0  # default: no decay
+
+
 @pytest.mark.parametrize("name", ["audio_tiny.yaml", "audio_24khz.yaml"])
 def test_configs_instantiate(name, monkeypatch):
     from vqlib.training.cli import run_cli

@@ -262,16 +262,43 @@ def test_quantizer_parameters_get_their_own_learning_rate_and_weight_decay(tmp_p
         quantizer_weight_decay=1.0, warmup_steps=10,
     )  # fmt: skip
     opt = module.configure_optimizers()
-    rest, quant = opt.param_groups
-    assert {id(p) for p in quant["params"]} == {id(p) for p in vq.parameters()}
+    # weight decay applies to parameters of 2+ dims only: the map's matrix decays, its bias does not (issue 12)
+    rest, quant, quant_1d = opt.param_groups
+    assert {id(p) for p in quant["params"] + quant_1d["params"]} == {id(p) for p in vq.parameters()}
     assert not {id(p) for p in rest["params"]} & {id(p) for p in vq.parameters()}
     assert (rest["lr"], rest["weight_decay"]) == (1e-3, 0.0)
     assert quant["lr"] == pytest.approx(3e-2) and quant["weight_decay"] == 1.0
+    assert quant_1d["lr"] == pytest.approx(3e-2) and quant_1d["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in quant["params"]) and all(p.ndim == 1 for p in quant_1d["params"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer(tmp_path, max_epochs=1, enable_checkpointing=False).fit(module, datamodule=tiny_data())
-    rest, quant = module.optimizers().optimizer.param_groups
+    rest, quant, quant_1d = module.optimizers().optimizer.param_groups
     assert rest["lr"] == pytest.approx(module.generator_lr(2))  # warm-up applies to both groups
-    assert quant["lr"] == pytest.approx(30 * module.generator_lr(2))
+    assert quant["lr"] == quant_1d["lr"] == pytest.approx(30 * module.generator_lr(2))
     with pytest.raises(ValueError, match="quantizer_lr_mult"):
         ImageTokenizerModule(tiny_tokenizer(), quantizer_lr_mult=0.0)
+
+
+def test_weight_decay_skips_biases_and_norm_gains():
+    module = ImageTokenizerModule(tiny_tokenizer(), tiny_module().loss, weight_decay=0.1)
+    opt_g, opt_d = module.configure_optimizers()
+    for opt, model in ((opt_g, module.tokenizer), (opt_d, module.loss.discriminator)):
+        decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+        assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
+        for name, p in model.named_parameters():
+            assert (id(p) in decayed) == (p.ndim >= 2), name  # conv kernels decay; biases, GroupNorm gains do not
+
+
+def test_hyperparameters_are_saved_in_checkpoints(tmp_path):
+    module = ImageTokenizerModule(tiny_tokenizer(), learning_rate=3e-3, lr_decay="cosine", weight_decay=0.01)
+    hp = module.hparams
+    assert (hp.learning_rate, hp.lr_decay, hp.weight_decay, hp.betas) == (3e-3, "cosine", 0.01, (0.5, 0.9))
+    assert "tokenizer" not in hp and "loss" not in hp  # modules travel in the state dict, not as hyperparameters
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = trainer(tmp_path, max_epochs=1, enable_checkpointing=False, limit_train_batches=1)
+        t.fit(module, datamodule=tiny_data())
+    t.save_checkpoint(tmp_path / "m.ckpt")
+    saved = torch.load(tmp_path / "m.ckpt", weights_only=True)["hyper_parameters"]
+    assert saved["learning_rate"] == 3e-3 and saved["lr_decay"] == "cosine" and saved["weight_decay"] == 0.01

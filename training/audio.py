@@ -45,6 +45,7 @@ from vqlib.models.audio_tokenizer import AudioTokenizer
 from vqlib.validation import check_choice
 
 from .audio_data import AudioFolderDataModule, SynthAudioDataModule, SynthAudioDataset
+from .common import log_folder, step_without_counting, weight_decay_groups
 from .metrics import CodebookUsageTracker
 
 
@@ -65,6 +66,7 @@ class AudioTokenizerModule(LightningModule):
     Args:
         tokenizer: the model; exported by ``vqlib-train export`` through ``module.tokenizer.save_pretrained``.
         lr, disc_lr, betas: Adam settings of generator and discriminator.
+        weight_decay: AdamW decoupled weight decay of both, on parameters of 2+ dimensions only (0 = Adam).
         mel_weight, waveform_weight, quantizer_weight, adversarial_weight, feature_weight: loss weights (DAC's
             15 / 0 / 1 / 1 / 2 by default).
         adversarial_loss: "hinge" (EnCodec) or "least_squares" (HiFi-GAN / DAC).
@@ -84,6 +86,7 @@ class AudioTokenizerModule(LightningModule):
         lr: float = 3e-4,
         disc_lr: float = 3e-4,
         betas: tuple[float, float] = (0.8, 0.99),
+        weight_decay: float = 0.0,
         mel_weight: float = 15.0,
         waveform_weight: float = 0.0,
         quantizer_weight: float = 1.0,
@@ -136,33 +139,21 @@ class AudioTokenizerModule(LightningModule):
                 )
 
     def configure_optimizers(self):
-        opt_g = torch.optim.Adam(self.tokenizer.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+        hp = self.hparams
+
+        def adam(params, lr):
+            return torch.optim.AdamW(weight_decay_groups(params, hp.weight_decay), lr=lr, betas=tuple(hp.betas))
+
+        opt_g = adam(self.tokenizer.parameters(), hp.lr)
         if self.discriminator is None:
             return opt_g
-        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=self.hparams.disc_lr, betas=tuple(self.hparams.betas))
-        return [opt_g, opt_d]
+        return [opt_g, adam(self.discriminator.parameters(), hp.disc_lr)]
 
     # -- training -----------------------------------------------------------------------------------------------------
     def _check_batch(self, wave: Tensor) -> Tensor:
         if wave.ndim != 3 or wave.shape[1] != self.tokenizer.channels:
             raise ValueError(f"batch: expected (batch, {self.tokenizer.channels}, time), got {tuple(wave.shape)}")
         return wave
-
-    def _step_uncounted(self, optimizer) -> None:
-        # Lightning counts every optimizer.step() in global_step under manual optimisation; the discriminator's
-        # step is left out so that global_step / max_steps / disc_start_step count batches (generator steps).
-        hooks = ("_on_before_step", "_on_after_step")
-        if not all(hasattr(optimizer, h) for h in hooks):
-            optimizer.step()
-            return
-        saved = [getattr(optimizer, h) for h in hooks]
-        for h in hooks:
-            setattr(optimizer, h, lambda: None)
-        try:
-            optimizer.step()
-        finally:
-            for h, fn in zip(hooks, saved):
-                setattr(optimizer, h, fn)
 
     def _clip(self, optimizer, value: float) -> None:
         if value > 0:
@@ -206,7 +197,7 @@ class AudioTokenizerModule(LightningModule):
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(loss_d)
             self._clip(opt_d, hp.disc_grad_clip)
-            self._step_uncounted(opt_d)
+            step_without_counting(opt_d)
             self.untoggle_optimizer(opt_d)
             logs["train/loss_d"] = loss_d.detach()
         logs["train/loss_g"] = loss_g.detach()
@@ -257,9 +248,7 @@ class AudioTokenizerModule(LightningModule):
 
     def audio_dir(self) -> Path:
         """Where reconstructions go: ``<logger.log_dir>/audio`` (the metrics' folder), else the trainer's root."""
-        logger = self.logger
-        base = getattr(logger, "log_dir", None) if logger is not None else None
-        return Path(base or self.trainer.default_root_dir) / "audio"
+        return log_folder(self) / "audio"
 
     def _write_examples(self) -> None:
         if not self._examples:

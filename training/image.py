@@ -13,7 +13,6 @@ means training batches whether or not the discriminator is active.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -24,6 +23,7 @@ from vqlib.models.image_losses import ImageTokenizerLoss
 from vqlib.models.image_tokenizer import ImageTokenizer
 from vqlib.validation import check_choice
 
+from .common import log_folder, step_without_counting, weight_decay_groups
 from .metrics import CodebookUsageTracker, psnr, ssim
 
 
@@ -39,16 +39,6 @@ def _images(batch: Any) -> Tensor:
     return batch[0]
 
 
-def step_without_counting(optimizer: Any) -> None:
-    """``optimizer.step()`` through Lightning (precision / strategy hooks) without advancing ``global_step``."""
-    before, after = optimizer._on_before_step, optimizer._on_after_step
-    optimizer._on_before_step = optimizer._on_after_step = lambda: None
-    try:
-        optimizer.step()
-    finally:
-        optimizer._on_before_step, optimizer._on_after_step = before, after
-
-
 class ImageTokenizerModule(LightningModule):
     """Trains ``tokenizer`` with ``loss`` (reconstruction + quantizer loss + optional LPIPS / PatchGAN).
 
@@ -57,7 +47,8 @@ class ImageTokenizerModule(LightningModule):
         loss: ImageTokenizerLoss; default: L1 + quantizer loss, no discriminator.
         learning_rate / disc_learning_rate: Adam learning rates (discriminator defaults to the generator's).
         betas: Adam betas ((0.5, 0.9) as in taming / VQGAN).
-        weight_decay: AdamW decoupled weight decay (0 = Adam).
+        weight_decay: AdamW decoupled weight decay (0 = Adam), on parameters of 2+ dimensions only (never on
+            biases or norm gains); also the discriminator's.
         quantizer_lr_mult / quantizer_weight_decay: learning-rate factor and weight decay of the quantizer's
             own parameters (e.g. SimVQ's linear map), in their own optimiser group; decay None = weight_decay.
             At 65,536 codes, SimVQ's usage needs decay on its map (benchmarks/bench_utilization.py: 99.6%
@@ -88,6 +79,7 @@ class ImageTokenizerModule(LightningModule):
         num_logged_images: int = 8,
     ):
         super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer", "loss"])
         self.automatic_optimization = False
         self.tokenizer = tokenizer
         self.loss = loss if loss is not None else ImageTokenizerLoss(disc_weight=0.0)
@@ -112,22 +104,20 @@ class ImageTokenizerModule(LightningModule):
     # -- optimisation -----------------------------------------------------------------------------------------
     def configure_optimizers(self):
         def adam(groups, lr):
-            return torch.optim.AdamW(groups, lr=lr, betas=self.betas, weight_decay=self.weight_decay)
+            return torch.optim.AdamW(groups, lr=lr, betas=self.betas)
 
         quantizer_ids = {id(p) for p in self.tokenizer.quantizer.parameters()}
         trainable = [p for p in self.tokenizer.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in trainable if id(p) not in quantizer_ids], "lr_mult": 1.0}]
+        rest = [p for p in trainable if id(p) not in quantizer_ids]
         quantizer_params = [p for p in trainable if id(p) in quantizer_ids]
-        if quantizer_params:
-            groups.append(
-                {"params": quantizer_params, "lr_mult": self.quantizer_lr_mult, "weight_decay": self.quantizer_weight_decay}
-            )
+        groups = weight_decay_groups(rest, self.weight_decay, lr_mult=1.0)
+        groups += weight_decay_groups(quantizer_params, self.quantizer_weight_decay, lr_mult=self.quantizer_lr_mult)
         for group in groups:
             group["lr"] = self.learning_rate * group["lr_mult"]
         opt_g = adam(groups, self.learning_rate)
         if self.loss.discriminator is None:
             return opt_g
-        return [opt_g, adam(self.loss.discriminator.parameters(), self.disc_learning_rate)]
+        return [opt_g, adam(weight_decay_groups(self.loss.discriminator.parameters(), self.weight_decay), self.disc_learning_rate)]
 
     def generator_lr(self, step: int) -> float:
         """Learning rate of the generator at ``step``: linear warm-up, then constant or cosine decay."""
@@ -264,15 +254,13 @@ class ImageTokenizerModule(LightningModule):
         # Originals and reconstructions interleaved in row pairs.
         pairs = [torch.cat([real[i : i + rows], rec[i : i + rows]]) for i in range(0, real.shape[0], rows)]
         grid = (torch.cat(pairs) + 1) / 2
-        folder = Path(self.log_folder()) / "reconstructions"
+        folder = log_folder(self) / "reconstructions"
         folder.mkdir(parents=True, exist_ok=True)
         save_image(grid, folder / f"{prefix}_step_{self.global_step:07d}.png", nrow=rows)
 
     def log_folder(self) -> str:
         """The logger's log_dir (where metrics go), else the trainer's default_root_dir."""
-        logger = self.logger
-        log_dir = getattr(logger, "log_dir", None) if logger is not None else None
-        return log_dir or self.trainer.default_root_dir
+        return str(log_folder(self))
 
 
 __all__ = ["ImageTokenizerModule", "step_without_counting"]

@@ -28,7 +28,7 @@ class ResidualVQ(Quantizer):
     Every level is a :class:`VectorQuantize` of width ``codebook_dim`` (``dim`` when None; projections in and
     out otherwise). Its codebook options are those of VectorQuantize, given flat (``distance=``,
     ``codebook_update=``, ``reparam="simvq"``, ``gradient_estimator="rotation"``, ``search_backend=``, ...)
-    and/or as ``settings=CodebookSettings(...)`` (flat options override it); ``init_codebook`` initialises
+    or as ``settings=CodebookSettings(...)`` (not both; configs give them flat); ``init_codebook`` initialises
     every level (or is the frozen features of reparam="projector"). The gradient estimator maps the encoder
     output onto the sum of all levels' codes.
     """
@@ -50,7 +50,17 @@ class ResidualVQ(Quantizer):
         **codebook_options: Any,
     ):
         super().__init__()
-        settings = CodebookSettings.build(settings, "ResidualVQ", **codebook_options)
+        CodebookSettings.check_names("ResidualVQ", codebook_options)
+        # Written as a direct call so that jsonargparse (LightningCLI configs) reads the option types through it.
+        options = CodebookSettings(**codebook_options)
+        if settings is not None and codebook_options:
+            # One source only: a config parser fills every flat option with its default, which would silently
+            # override the settings object.
+            raise TypeError(
+                "ResidualVQ: give the codebook options either flat (decay=..., reparam=...) or as "
+                f"settings=CodebookSettings(...), not both; got settings and {sorted(codebook_options)}"
+            )
+        settings = options if settings is None else settings
         self.save_config(locals())
         if num_quantizers < 1:
             raise ValueError(f"num_quantizers must be >= 1, got {num_quantizers}")

@@ -93,14 +93,11 @@ class CodebookSettings:
         return cls(**{name: init_locals[name] for name in cls.names()})
 
     @classmethod
-    def build(cls, base: CodebookSettings | None = None, owner: str = "codebook", **options: Any) -> CodebookSettings:
-        """``base`` (defaults when None) with ``options`` replaced; unknown option names are a TypeError."""
+    def check_names(cls, owner: str, options: dict[str, Any]) -> None:
+        """TypeError naming any key of ``options`` that is not a codebook option."""
         unknown = sorted(set(options) - set(cls.names()))
         if unknown:
             raise TypeError(f"{owner}: unknown codebook option(s) {unknown}; expected names from {list(cls.names())}")
-        if base is not None and not isinstance(base, CodebookSettings):
-            raise TypeError(f"{owner}: settings must be a CodebookSettings, got {type(base).__name__}")
-        return cls(**{**(asdict(base) if base is not None else {}), **options})
 
     def as_kwargs(self) -> dict[str, Any]:
         """The flat keyword arguments (``VectorQuantize(dim, size, **settings.as_kwargs())``)."""
