@@ -33,7 +33,6 @@ from typing import Sequence
 
 import torch
 import torchaudio
-from einops import rearrange
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -220,22 +219,15 @@ class AudioTokenizer(HubMixin, nn.Module):
         return F.pad(wave, (0, extra)) if extra else wave
 
     # -- model ------------------------------------------------------------------------------------------------------
-    def _quantize(self, z: Tensor, num_quantizers: int | None):
-        if self.quantizer.channel_first:
-            return self.quantizer(z, num_quantizers=num_quantizers)
-        out = self.quantizer(rearrange(z, "b d t -> b t d"), num_quantizers=num_quantizers)
-        out.quantized = rearrange(out.quantized, "b t d -> b d t")
-        return out
-
     def forward(self, wave: Tensor, num_quantizers: int | None = None) -> AudioTokenizerOutput:
         """Encode, quantize (all levels, or the first ``num_quantizers``; in training the quantizer's dropout
         draws the count when None) and decode; the reconstruction has the input's length."""
         self._check_wave(wave)
         num_quantizers = None if num_quantizers is None else self._check_num_quantizers(num_quantizers)
         length = wave.shape[-1]
-        out = self._quantize(self.encoder(self._pad(wave)), num_quantizers)
+        out = self.quantizer.forward_channel_first(self.encoder(self._pad(wave)), num_quantizers=num_quantizers)
         reconstruction = self.decoder(out.quantized)[..., :length]
-        used = int(out.metrics["num_quantizers"]) if "num_quantizers" in out.metrics else self.num_quantizers
+        used = int(out.metrics["num_quantizers"])  # levels run in this pass (ResidualVQ always reports it)
         return AudioTokenizerOutput(reconstruction, out.indices, out.loss, used, dict(out.metrics))
 
     @torch.no_grad()
@@ -247,7 +239,7 @@ class AudioTokenizer(HubMixin, nn.Module):
         was_training = self.training
         self.eval()
         try:
-            out = self._quantize(self.encoder(self._pad(wave)), n)
+            out = self.quantizer.forward_channel_first(self.encoder(self._pad(wave)), num_quantizers=n)
         finally:
             self.train(was_training)
         return out.indices[..., :n]
@@ -283,10 +275,7 @@ class AudioTokenizer(HubMixin, nn.Module):
                 f"length: expected an int in ({full - self.hop_length}, {full}] for {codes.shape[1]} frames "
                 f"of {self.hop_length} samples, got {length!r}"
             )
-        latent = self.quantizer.decode(codes)
-        if not self.quantizer.channel_first:
-            latent = rearrange(latent, "b t d -> b d t")
-        wave = self.decoder(latent)
+        wave = self.decoder(self.quantizer.decode_channel_first(codes))
         return wave if length is None else wave[..., :length]
 
 

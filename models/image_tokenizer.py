@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
 from vqlib.base import Quantizer
@@ -157,30 +156,22 @@ class ImageTokenizer(HubMixin, nn.Module):
                 "(scale [0, 1] images with x * 2 - 1)"
             )
 
-    # -- quantizer plumbing (quantizers may be channel-last or channel-first) ----------------------------------
-    def _quantize(self, z: Tensor):
-        if self.quantizer.channel_first:
-            return self.quantizer(z)
-        out = self.quantizer(rearrange(z, "b c h w -> b h w c"))
-        out.quantized = rearrange(out.quantized, "b h w c -> b c h w")
-        return out
-
+    # -- quantizer plumbing ---------------------------------------------------------------------------------------
     def _codes_to_latent(self, indices: Tensor) -> Tensor:
-        q = self.quantizer.decode(indices)
-        channel_first = self.quantizer.channel_first
-        if q.ndim != 4 or q.shape[0] != indices.shape[0] or tuple(q.shape[2:] if channel_first else q.shape[1:3]) != tuple(indices.shape[1:3]):
+        q = self.quantizer.decode_channel_first(indices)  # (b, dim, h, w)
+        if q.ndim != 4 or q.shape[0] != indices.shape[0] or tuple(q.shape[2:]) != tuple(indices.shape[1:3]):
             raise ValueError(
                 f"indices: expected shape (batch, h, w) plus the quantizer's trailing axes "
                 f"({self.codes_per_token} codes per position for {type(self.quantizer).__name__}), "
                 f"got {tuple(indices.shape)}"
             )
-        return q if channel_first else rearrange(q, "b h w c -> b c h w")
+        return q
 
     # -- public API ---------------------------------------------------------------------------------------------
     def forward(self, images: Tensor) -> ImageTokenizerOutput:
         self._check_images(images)
         z = self.quant_conv(self.encoder(images))
-        out = self._quantize(z)
+        out = self.quantizer.forward_channel_first(z)
         reconstruction = self.decoder(self.post_quant_conv(out.quantized))
         return ImageTokenizerOutput(reconstruction, out.indices, out.loss, dict(out.metrics))
 
@@ -191,7 +182,7 @@ class ImageTokenizer(HubMixin, nn.Module):
         was_training = self.training
         self.eval()  # never update codebook state while tokenizing
         try:
-            return self._quantize(self.quant_conv(self.encoder(images))).indices
+            return self.quantizer.forward_channel_first(self.quant_conv(self.encoder(images))).indices
         finally:
             self.train(was_training)
 

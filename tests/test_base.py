@@ -68,3 +68,12 @@ def test_perplexity_is_exp_entropy():
     assert float(perplexity(counts)) == pytest.approx(expected, rel=1e-6)
     assert perplexity(counts, torch.float64).dtype == torch.float64
     assert float(perplexity(torch.tensor([5, 5, 5, 5]))) == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("channel_first", [False, True])
+def test_channel_first_helpers_give_the_tokenizer_layout(channel_first):
+    q = VectorQuantize(8, 16, heads=2, channel_first=channel_first).eval()
+    z = torch.randn(2, 8, 3, 5)  # (b, dim, h, w)
+    out = q.forward_channel_first(z)
+    assert out.quantized.shape == z.shape and out.indices.shape == (2, 3, 5, 2)
+    assert torch.equal(q.decode_channel_first(out.indices), out.quantized)

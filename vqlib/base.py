@@ -8,6 +8,7 @@ import inspect
 from typing import Any
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from .output import QuantizerOutput
@@ -69,6 +70,20 @@ class Quantizer(nn.Module):
         finally:
             for module, mode in modes:
                 module.training = mode
+
+    # Latents of convolutional tokenizers are (b, dim, *spatial) whatever layout the quantizer itself takes.
+    def forward_channel_first(self, z: Tensor, mask: Tensor | None = None, **forward_kwargs: Any) -> QuantizerOutput:
+        """``forward`` on (b, dim, *spatial) latents; ``quantized`` comes back (b, dim, *spatial)."""
+        if self.channel_first:
+            return self(z, mask, **forward_kwargs)
+        out = self(rearrange(z, "b d ... -> b ... d"), mask, **forward_kwargs)
+        out.quantized = rearrange(out.quantized, "b ... d -> b d ...")
+        return out
+
+    def decode_channel_first(self, indices: Tensor) -> Tensor:
+        """``decode`` to (b, dim, *spatial), the layout :meth:`forward_channel_first` returns."""
+        q = self.decode(indices)
+        return q if self.channel_first else rearrange(q, "b ... d -> b d ...")
 
 
 def quantizer_to_config(q: Quantizer) -> dict[str, Any]:

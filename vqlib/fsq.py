@@ -13,23 +13,16 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import Quantizer, usage_metrics
+from .base import usage_metrics
+from .core.implicit import ImplicitCodebookQuantizer, project
+from .core.layout import from_tokens, prepare_input
 from .output import QuantizerOutput
-from .core.layout import check_decode_layout, from_tokens, prepare_input
 from .validation import check_indices
 
 _INT64_MAX = 2**63 - 1
 
 
-def project(layer: nn.Module, x: Tensor) -> Tensor:
-    """Apply an optional Linear projection (Identity passes through), casting x to the layer's dtype
-    so that e.g. float64 inputs work with float32 weights (autocast still picks the compute dtype)."""
-    if isinstance(layer, nn.Linear):
-        return layer(x.to(layer.weight.dtype))
-    return x
-
-
-class FSQ(Quantizer):
+class FSQ(ImplicitCodebookQuantizer):
     """Finite scalar quantizer.
 
     Args:
@@ -131,13 +124,6 @@ class FSQ(Quantizer):
         """Normalised codes ``(..., len(levels))`` in ``[-1, 1]`` (before ``project_out``)."""
         check_indices(indices, self.codebook_size)
         return self._digits_to_codes(self._indices_to_digits(indices.long()))
-
-    def decode(self, indices: Tensor) -> Tensor:
-        """Quantized features for ``indices``; equal (torch.equal) to ``forward(x).quantized`` in eval mode
-        for float32 inputs. Shape ``(*indices.shape, dim)``, or ``(b, dim, *spatial)`` when channel_first."""
-        codes = self.indices_to_codes(indices)
-        check_decode_layout(indices, self.channel_first, "FSQ")
-        return from_tokens(project(self.project_out, codes.reshape(-1, self.codebook_dim)), tuple(indices.shape), self.channel_first)
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}, dim={self.dim}, codebook_size={self.codebook_size}"

@@ -20,16 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Quantizer, usage_metrics
-from .fsq import project
+from .base import usage_metrics
+from .core.implicit import ImplicitCodebookQuantizer, project
+from .core.layout import from_tokens, prepare_input
 from .output import QuantizerOutput
-from .core.layout import check_decode_layout, from_tokens, prepare_input
 from .validation import check_indices
 
 _MAX_BITS = 62  # indices are int64
 
 
-class LFQ(Quantizer):
+class LFQ(ImplicitCodebookQuantizer):
     """Lookup-free quantizer (``spherical=True``: binary spherical quantizer, BSQ).
 
     Args:
@@ -173,13 +173,6 @@ class LFQ(Quantizer):
             codes = codes + (z - z.detach())
         quantized = from_tokens(project(self.project_out, codes).to(x.dtype), token_shape, self.channel_first)
         return QuantizerOutput(quantized=quantized, indices=indices.reshape(token_shape), loss=loss, metrics=metrics)
-
-    def decode(self, indices: Tensor) -> Tensor:
-        """Quantized features for ``indices``; equal (torch.equal) to ``forward(x).quantized`` in eval mode
-        for float32 inputs. Shape ``(*indices.shape, dim)``, or ``(b, dim, *spatial)`` when channel_first."""
-        codes = self.indices_to_codes(indices)
-        check_decode_layout(indices, self.channel_first, "LFQ")
-        return from_tokens(project(self.project_out, codes.reshape(-1, self.codebook_dim)), tuple(indices.shape), self.channel_first)
 
     def extra_repr(self) -> str:
         return (
