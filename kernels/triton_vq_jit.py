@@ -10,9 +10,10 @@ Only builtins of ``triton.language`` are used (``tl.full`` not ``tl.zeros``, ``t
 objects once triton is imported and the interpreted copy could not call them (the interpreter
 recognises ``_sum_combine`` as a combine function and sums with numpy).
 
-The K loop runs a constexpr number of iterations (``ITERS`` = vectors per split / BLOCK_V): the
-interpreter of triton 3.5 cannot use a runtime loop bound with numpy >= 2.4 (it converts a
-1-element array with ``int()``). On CUDA this compiles one kernel per distinct (in_features, split).
+The K loop runs ``ITERS`` (= vectors per split / BLOCK_V) iterations, a runtime argument, so one
+compiled kernel serves every in_features. The interpreter of triton 3.5 cannot use a runtime loop
+bound with numpy >= 2.4 (it converts a 1-element array with ``int()``), so the interpreted copy
+treats ``ITERS`` as a constexpr (``triton_vq_ops._interpreted_jit``).
 
 Index conventions (see the format docstring): a weight tile is (BLOCK_N rows, BLOCK_V vectors,
 DP lanes) where DP = next power of two >= d and lanes >= d are masked. Its input columns are
@@ -131,7 +132,7 @@ def vq_gemv_kernel(
     GROUP_VECS: tl.constexpr, HAS_CBS: tl.constexpr, SCALE_MODE: tl.constexpr,
     SCALE_GROUP_VECS: tl.constexpr, HAS_ROWSET: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, SPLIT_K: tl.constexpr,
-    ITERS: tl.constexpr,
+    ITERS,
 ):
     """Small batch on CUDA cores: all BATCH rows (<= BLOCK_B) of x against BLOCK_N weight rows,
     over this program's split of the vectors; the weight is decoded in registers only."""
@@ -168,7 +169,7 @@ def vq_gemm_kernel(
     GROUP_VECS: tl.constexpr, HAS_CBS: tl.constexpr, SCALE_MODE: tl.constexpr,
     SCALE_GROUP_VECS: tl.constexpr, HAS_ROWSET: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, SPLIT_K: tl.constexpr,
-    ITERS: tl.constexpr,
+    ITERS,
     IEEE: tl.constexpr,
 ):
     """Tensor cores: a (BLOCK_B, BLOCK_V*DP) activation tile times the decoded (BLOCK_N, BLOCK_V*DP)
@@ -187,7 +188,8 @@ def vq_gemm_kernel(
             codes_ptr, cb_ptr, cbs_ptr, sc_ptr, rowset_ptr, n_idx, v_idx, N, NV, v_hi, S, G,
             D, DP, M, KCB, CODE16, GROUP_VECS, HAS_CBS, SCALE_MODE, SCALE_GROUP_VECS, HAS_ROWSET, BLOCK_N, BLOCK_V,
         )
-        w2 = tl.reshape(w.to(x_ptr.dtype.element_ty), (BLOCK_N, BLOCK_V * DP))
+        # (BN, BV, DP) -> (BV*DP, BN): K-major operand for the dot
+        wt = tl.reshape(tl.permute(w.to(x_ptr.dtype.element_ty), (1, 2, 0)), (BLOCK_V * DP, BLOCK_N))
         cols, col_ok = _tile_columns(v_idx, v_hi, K_IN, D, DP, BLOCK_V)
         x = tl.load(
             x_ptr + b_idx[:, None] * stride_x + cols[None, :],
@@ -195,9 +197,9 @@ def vq_gemm_kernel(
             other=0,
         )  # (BB, BV * DP) in the activation dtype
         if IEEE:  # float32 activations: no TF32 rounding, so fp32 results match the reference
-            acc = tl.dot(x, tl.trans(w2), acc, input_precision="ieee")
+            acc = tl.dot(x, wt, acc, input_precision="ieee")
         else:
-            acc = tl.dot(x, tl.trans(w2), acc)
+            acc = tl.dot(x, wt, acc)
     _store_or_partial(acc, out_ptr, part_ptr, bias_ptr, b_idx, n_idx, BATCH, N, pid_k, HAS_BIAS, SPLIT_K)
 
 

@@ -61,9 +61,11 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _with_split(plan: TilePlan, row_blocks: int, nv: int, device: torch.device) -> TilePlan:
+def _with_split(plan: TilePlan, row_blocks: int, nv: int, device: torch.device, sms: int | None) -> TilePlan:
     """Split the vector (K) loop so that tall or wide layers still launch enough programs."""
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 1
+    if sms is None:
+        index = device.index if device.index is not None else torch.cuda.current_device() if device.type == "cuda" else 0
+        sms = _sm_count(index) if device.type == "cuda" else 1
     want = math.ceil(PROGRAMS_PER_SM * sms / max(1, row_blocks))
     most = max(1, nv // (plan.block_v * MIN_ITERS_PER_SPLIT))
     split = max(1, min(want, most, MAX_SPLIT_K))
@@ -76,8 +78,9 @@ def split_plan(plan: TilePlan, split: int, nv: int) -> TilePlan:
     return replace(plan, split_k=math.ceil(nv / per), vec_per_split=per)
 
 
-def plan_tiles(path: str, batch: int, n: int, nv: int, dp: int, device: torch.device) -> TilePlan:
-    """Default tiles for ``path`` (shape-based only, so a captured graph replays the same launch)."""
+def plan_tiles(path: str, batch: int, n: int, nv: int, dp: int, device: torch.device, sms: int | None = None) -> TilePlan:
+    """Default tiles for ``path`` (shape-based only, so a captured graph replays the same launch).
+    ``sms`` (streaming multiprocessors) defaults to the device's; 1 on CPU (interpreter)."""
     if path == "gemv":
         block_b = _pow2(batch)
         cols = 128 if block_b <= 2 else 64  # bound the (B, N, K) product held in registers
@@ -92,7 +95,7 @@ def plan_tiles(path: str, batch: int, n: int, nv: int, dp: int, device: torch.de
     else:
         raise ValueError(f"plan_tiles: expected path 'gemv', 'gemm' or 'dequant', got {path!r}")
     row_blocks = math.ceil(n / plan.block_n) * math.ceil(batch / plan.block_b)
-    return _with_split(plan, row_blocks, nv, device)
+    return _with_split(plan, row_blocks, nv, device, sms)
 
 
 # ---- compiled vs interpreted kernels ----------------------------------------------------------
@@ -113,6 +116,12 @@ def _interpreted_jit():
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = previous
+    import triton.language as tl
+
+    for name in ("vq_gemv_kernel", "vq_gemm_kernel"):
+        # the interpreter reads constexpr-ness from the (rewritten) function's annotations: a constexpr
+        # ITERS is a plain int there, which its range() accepts (see triton_vq_jit's docstring)
+        getattr(module, name).rewrite().__annotations__["ITERS"] = tl.constexpr
     return module
 
 
@@ -166,53 +175,89 @@ def _or(t: Tensor | None, dummy: Tensor) -> Tensor:
 
 
 # ---- launchers ---------------------------------------------------------------------------------
-def dequantize(codes, codebooks, codebook_scales, scales, rowset, in_features, vector_dim, group_size,
-               scale_group_size, dtype, plan: TilePlan | None = None) -> Tensor:
-    """Dense (out, in_features) weight in ``dtype`` (float32 here is bit-exact with the reference)."""
+@dataclass
+class Launch:
+    """One kernel launch: the kernel's name in triton_vq_jit, grid, positional args, meta (constexprs
+    and num_warps/num_stages). Built without touching the device (meta tensors work), so the same
+    launches can be compiled ahead of time (``triton_compile_check``)."""
+
+    kernel: str
+    grid: tuple
+    args: tuple
+    meta: dict
+
+
+def run_launches(launches: list[Launch], device: torch.device) -> None:
+    jit = _jit_for(device)
+    for item in launches:
+        _launch(getattr(jit, item.kernel), item.grid, *item.args, **item.meta)
+
+
+def dequantize_launches(codes, codebooks, codebook_scales, scales, rowset, in_features, vector_dim, group_size,
+                        scale_group_size, dtype, plan: TilePlan | None = None) -> tuple[Tensor, list[Launch]]:
     ptrs, runtime, const = _format_meta(codes, codebooks, codebook_scales, scales, rowset, vector_dim, group_size, scale_group_size)
     plan = plan or plan_tiles("dequant", 1, runtime["N"], runtime["NV"], const["DP"], codes.device)
-    out = torch.empty((runtime["N"], in_features), dtype=dtype, device=codes.device)
+    out = torch.empty((runtime["N"], in_features), dtype=dtype, device=codes.device)  # (out, in)
     grid = (triton.cdiv(runtime["N"], plan.block_n), triton.cdiv(runtime["NV"], plan.block_v))
-    jit = _jit_for(codes.device)
-    _launch(jit.vq_dequant_kernel, grid, out, *ptrs, *runtime.values(), in_features, **const,
-            BLOCK_N=plan.block_n, BLOCK_V=plan.block_v, num_warps=plan.num_warps)
+    meta = dict(**const, BLOCK_N=plan.block_n, BLOCK_V=plan.block_v, num_warps=plan.num_warps)
+    return out, [Launch("vq_dequant_kernel", grid, (out, *ptrs, *runtime.values(), in_features), meta)]
+
+
+def dequantize(*args, plan: TilePlan | None = None) -> Tensor:
+    """Dense (out, in_features) weight in ``dtype`` (float32 here is bit-exact with the reference).
+    Arguments: codes, codebooks, codebook_scales, scales, rowset, in_features, vector_dim, group_size,
+    scale_group_size, dtype."""
+    out, launches = dequantize_launches(*args, plan=plan)
+    run_launches(launches, out.device)
     return out
 
 
-def fused_linear(x, codes, codebooks, codebook_scales, scales, bias, rowset, in_features, vector_dim, group_size,
-                 scale_group_size, path: str, plan: TilePlan | None = None) -> Tensor:
-    """x (..., in_features) -> (..., out) through the "gemv" or "gemm" kernel (split-K when planned)."""
-    x2 = x.reshape(-1, in_features)  # (batch, in)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+def linear_launches(x2, codes, codebooks, codebook_scales, scales, bias, rowset, in_features, vector_dim, group_size,
+                    scale_group_size, path: str, plan: TilePlan | None = None) -> tuple[Tensor, list[Launch]]:
+    """x2 (batch, in) with unit last stride -> output (batch, out) and the launches that fill it."""
     batch = x2.shape[0]
     ptrs, runtime, const = _format_meta(codes, codebooks, codebook_scales, scales, rowset, vector_dim, group_size, scale_group_size)
     n, nv = runtime["N"], runtime["NV"]
-    plan = plan or plan_tiles(path, batch, n, nv, const["DP"], x.device)
+    plan = plan or plan_tiles(path, batch, n, nv, const["DP"], x2.device)
     vps = plan.vec_per_split or math.ceil(nv / plan.block_v) * plan.block_v
-    out = torch.empty((batch, n), dtype=x.dtype, device=x.device)
-    part = torch.empty((plan.split_k, batch, n), dtype=torch.float32, device=x.device) if plan.split_k > 1 else out
-    jit = _jit_for(x.device)
-    kernel, grid, extra = _kernel_and_grid(jit, path, plan, batch, n, x.dtype)
-    _launch(kernel, grid, x2, out, part, _or(bias, codes), *ptrs, batch, *runtime.values(), in_features, x2.stride(0), vps,
-            **const, HAS_BIAS=bias is not None, BLOCK_B=plan.block_b, BLOCK_N=plan.block_n, BLOCK_V=plan.block_v,
-            SPLIT_K=plan.split_k, ITERS=vps // plan.block_v, num_warps=plan.num_warps, num_stages=plan.num_stages, **extra)
+    out = torch.empty((batch, n), dtype=x2.dtype, device=x2.device)
+    part = torch.empty((plan.split_k, batch, n), dtype=torch.float32, device=x2.device) if plan.split_k > 1 else out
+    kernel, grid, extra = _kernel_and_grid(path, plan, batch, n, x2.dtype)
+    bias_ptr = _or(bias, codes)
+    args = (x2, out, part, bias_ptr, *ptrs, batch, *runtime.values(), in_features, x2.stride(0), vps)
+    meta = dict(**const, HAS_BIAS=bias is not None, BLOCK_B=plan.block_b, BLOCK_N=plan.block_n, BLOCK_V=plan.block_v,
+                SPLIT_K=plan.split_k, ITERS=vps // plan.block_v, num_warps=plan.num_warps, num_stages=plan.num_stages,
+                **extra)
+    launches = [Launch(kernel, grid, args, meta)]
     if plan.split_k > 1:
         block = 1024
-        _launch(jit.splitk_reduce_kernel, (triton.cdiv(batch * n, block),), part, out, _or(bias, codes), batch, n,
-                HAS_BIAS=bias is not None, SPLIT_K=plan.split_k, BLOCK=block)
-    return out.reshape(*x.shape[:-1], n)
+        launches.append(Launch("splitk_reduce_kernel", (triton.cdiv(batch * n, block),), (part, out, bias_ptr, batch, n),
+                               dict(HAS_BIAS=bias is not None, SPLIT_K=plan.split_k, BLOCK=block)))
+    return out, launches
 
 
-def _kernel_and_grid(jit, path, plan, batch, n, dtype):
+def fused_linear(x, *args, plan: TilePlan | None = None) -> Tensor:
+    """x (..., in_features) -> (..., out) through the "gemv" or "gemm" kernel (split-K when planned).
+    Arguments after x: codes, codebooks, codebook_scales, scales, bias, rowset, in_features, vector_dim,
+    group_size, scale_group_size, path."""
+    in_features = args[6]
+    x2 = x.reshape(-1, in_features)  # (batch, in)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out, launches = linear_launches(x2, *args, plan=plan)
+    run_launches(launches, x.device)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _kernel_and_grid(path, plan, batch, n, dtype):
     k_blocks = plan.split_k
     if path == "gemv":
         if plan.block_b < batch:
             raise ValueError(f"gemv: expected batch <= BLOCK_B={plan.block_b}, got {batch}")
-        return jit.vq_gemv_kernel, (triton.cdiv(n, plan.block_n), k_blocks), {}
+        return "vq_gemv_kernel", (triton.cdiv(n, plan.block_n), k_blocks), {}
     if path == "gemm":
         grid = (triton.cdiv(batch, plan.block_b), triton.cdiv(n, plan.block_n), k_blocks)
-        return jit.vq_gemm_kernel, grid, {"IEEE": dtype == torch.float32}
+        return "vq_gemm_kernel", grid, {"IEEE": dtype == torch.float32}
     raise ValueError(f"vq_linear: expected path 'gemv', 'gemm' or 'dequant_matmul', got {path!r}")
 
 

@@ -335,3 +335,20 @@ def test_gpu_fused_projections(dtype):
         x = torch.randn(batch, q.in_features, device="cuda").to(dtype)
         for y, layer in zip(fused(x), (q, k, v)):
             assert_matches(y, layer._reference_linear(x), dtype)
+
+
+# ---- ahead-of-time compile for Hopper (no GPU needed) ---------------------------------------------
+def test_kernels_compile_for_sm90_without_spills():
+    """The launches the dispatch makes on an H100/H200 build to a cubin (Triton + ptxas), without
+    register spills, and the codebook gathers are 128-bit loads (d=8 fp16 entries)."""
+    cc = pytest.importorskip("vqlib.kernels.triton_compile_check")
+    d8, d4 = cc.FORMATS[0], cc.FORMATS[1]
+    checked = []
+    for fmt, batch in ((d8, 1), (d4, 64)):  # GEMV; wgmma-sized GEMM with d=4 (once broke Triton's dot pass)
+        x = torch.empty(batch, 4096, dtype=torch.bfloat16, device="meta")
+        path = "gemv" if batch <= tv.GEMV_MAX_BATCH else "gemm"
+        plan = ops.plan_tiles(path, batch, 4096, 4096 // fmt[1], fmt[1], x.device, sms=132)
+        launch = ops.linear_launches(x, *cc._meta_args(4096, 4096, fmt), path, plan=plan)[1][0]
+        checked.append(cc.compile_launch(launch, 90))
+    assert all(r["spill_store_bytes"] == 0 for r in checked), checked
+    assert checked[0]["v4_loads"] > 0, checked[0]

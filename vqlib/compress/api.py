@@ -16,10 +16,11 @@ from torch import Tensor, nn
 from .calibrated import gptq_vq, output_error
 from .blockwise import Streams, advance, batch_masks, capture_block_inputs, compress_block, find_blocks, trace_blocks
 from .calibration import LayerStats, as_batch_list, collect_statistics, execution_order
+from .allocation import allocate_formats
 from .config import VQConfig
 from .data_free import quantize_data_free
 from .format import VQLinear, num_groups
-from .report import CompressionReport, LayerReport, ProgressBar, model_bytes, weight_bytes
+from .report import CompressionReport, LayerReport, ProgressBar, layer_format, model_bytes, weight_bytes
 from .scalar import ScalarLinear
 
 _LAYER_SEED_STRIDE = 104729  # a prime: layers get well-separated, reproducible k-means seeds
@@ -202,6 +203,7 @@ class _Session:
         self.result = model
         self.called: set[str] = set()
         self.num_compressed = 0
+        self.layer_cfgs: dict[str, VQConfig] = {}  # per-layer formats from a bit budget
 
     def nothing_compressed(self) -> bool:
         return self.num_compressed == 0
@@ -212,11 +214,12 @@ class _Session:
 
     def _compress_layer(self, name: str, layer_stats: LayerStats | None) -> None:
         t0 = time.perf_counter()
-        cfg, linear, rec = self.cfg, self.sel.eligible[name], self.sel.records[name]
+        cfg, linear, rec = self.layer_cfgs.get(name, self.cfg), self.sel.eligible[name], self.sel.records[name]
         new, weight, dequant = _quantize_layer(linear, cfg, layer_stats, cfg.seed + _LAYER_SEED_STRIDE * self.order[name])
         rec.relative_error, rec.error_kind = _relative_error(weight, dequant, layer_stats)
         rec.status, rec.reason, rec.method = "compressed", self.sel.notes.get(name, ""), cfg.algorithm
         rec.bits_per_weight, rec.storage_bytes = new.bits_per_weight, new.storage_bytes()
+        rec.format = layer_format(new)
         rec.original_bytes = weight_bytes(linear.weight)
         # Later calibration passes run through this layer: keep its dequantized weight (the
         # memory the original weight had) until the layer's block is done or compress returns.
@@ -388,6 +391,8 @@ def compress(
     model.eval()
     try:
         with torch.no_grad():
+            if cfg.target_bits_per_weight is not None:  # a bit budget: one format per layer, by sensitivity
+                session.layer_cfgs = allocate_formats(model, sel.eligible, cfg, batches).configs
             _compress_all(session, batches, blocks)
     finally:
         session.drop_caches()

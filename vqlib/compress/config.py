@@ -47,6 +47,9 @@ class VQConfig:
     ``block_size`` (GPTQ columns per lazy-update block) is rounded down to a multiple of vector_dim.
     ``strict=True`` turns every non-filter skip (too few vectors for the codebook, unpadded
     layer, layer not reached by calibration) into an error.
+    ``target_bits_per_weight``: a bit budget for all compressed layers together; each layer then
+    gets its own (vector_dim, num_codebooks, codebook_bits) among candidate formats, chosen by
+    measured sensitivity so the total never exceeds the budget (``vqlib.compress.allocation``).
     """
 
     algorithm: Literal["data_free", "calibrated", "scalar_rtn"] = "calibrated"
@@ -75,6 +78,7 @@ class VQConfig:
     device: str | None = None
     seed: int = 0
     strict: bool = False
+    target_bits_per_weight: float | None = None
 
     def __post_init__(self) -> None:
         def need_int(name: str, lo: int, hi: int | None = None) -> None:
@@ -135,6 +139,13 @@ class VQConfig:
             self.include_modules = list(self.include_modules)
         if self.device is not None and not isinstance(self.device, str):
             raise TypeError(f"VQConfig.device: expected a device string like 'cuda:0' or None, got {self.device!r}")
+        if self.target_bits_per_weight is not None:
+            t = self.target_bits_per_weight
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < float(t) <= 32:
+                raise ValueError(f"VQConfig.target_bits_per_weight: expected a number in (0, 32] or None, got {t!r}")
+            if self.algorithm == "scalar_rtn":
+                raise ValueError("VQConfig.target_bits_per_weight: needs a VQ algorithm, got algorithm='scalar_rtn'")
+            self.target_bits_per_weight = float(t)
 
     @property
     def codebook_size(self) -> int:

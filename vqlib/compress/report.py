@@ -23,6 +23,7 @@ class LayerReport:
     seconds: float = 0.0
     storage_bytes: int = 0  # bytes encoding the weight after compression (bias excluded)
     original_bytes: int = 0  # bytes of the original weight
+    format: str = ""  # e.g. "d4 1x8 g128" (VQ: vector dim, codebooks x bits, group) or "int3 g128" (scalar)
 
     @property
     def num_weights(self) -> int:
@@ -62,11 +63,11 @@ class CompressionReport:
         }
 
     def table(self) -> str:
-        rows = [("layer", "shape", "status", "bits/w", "rel. error", "time s", "note")]
+        rows = [("layer", "shape", "status", "format", "bits/w", "rel. error", "time s", "note")]
         for r in self.layers:
             err = "" if r.relative_error is None else f"{r.relative_error:.4f} ({r.error_kind})"
             bpw = "" if r.bits_per_weight is None else f"{r.bits_per_weight:.3f}"
-            rows.append((r.name, f"{r.shape[0]}x{r.shape[1]}", r.status, bpw, err, f"{r.seconds:.2f}", r.reason))
+            rows.append((r.name, f"{r.shape[0]}x{r.shape[1]}", r.status, r.format, bpw, err, f"{r.seconds:.2f}", r.reason))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -75,7 +76,9 @@ class CompressionReport:
         new = sum(r.storage_bytes for r in self.compressed)
         lines.append("")
         lines.append(
-            f"compressed {n_comp} layer(s), skipped {n_skip}; compressed layers: {self.bits_per_weight:.3f} bits/weight, "
+            f"compressed {n_comp} layer(s), skipped {n_skip}; compressed layers: {self.bits_per_weight:.3f} bits/weight"
+            + (f" (budget {target})" if (target := self.config.get("target_bits_per_weight")) is not None else "")
+            + ", "
             f"{orig / 2**20:.2f} MiB -> {new / 2**20:.2f} MiB"
         )
         lines.append(
@@ -117,6 +120,13 @@ class ProgressBar:
         else:
             info = f"skipped: {layer.reason}"
         print(f"[{bar}] {self.done}/{self.total} {layer.name} ({info})", file=self.stream, flush=True)
+
+
+def layer_format(layer: nn.Module) -> str:
+    """Short name of a compressed layer's format: "d4 1x8 g128" (VQLinear) or "int3 g128" (ScalarLinear)."""
+    if hasattr(layer, "num_codebooks"):
+        return f"d{layer.vector_dim} {layer.num_codebooks}x{layer.codebook_bits} g{layer.group_size}"
+    return f"int{layer.bits} g{layer.group_size}"
 
 
 def weight_bytes(weight: torch.Tensor) -> int:
