@@ -103,7 +103,7 @@ def compile_launch(launch, arch: int) -> dict:
         "shared_bytes": compiled.metadata.shared, **_ptxas_stats(ptx, arch),
         "v4_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)),
         "v2_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v2", ptx)),
-        "constexprs": {k: v for k, v in constexprs.items() if k.startswith("BLOCK") or k in ("SPLIT_K", "IEEE")},
+        "constexprs": {k: v for k, v in constexprs.items() if k.startswith("BLOCK") or k in ("SPLIT", "SPLIT_K", "IEEE")},
         **options,
     }
 

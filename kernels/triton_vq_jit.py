@@ -112,10 +112,10 @@ def vq_dequant_kernel(
 
 @triton.jit
 def _store_or_partial(acc, out_ptr, part_ptr, bias_ptr, b_idx, n_idx, BATCH, N, pid_k,
-                      HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
     """acc (BB, BN) float32: the output (+ bias, cast) when not split, else this split's partial sums."""
     mask = (b_idx[:, None] < BATCH) & (n_idx[None, :] < N)
-    if SPLIT_K == 1:
+    if not SPLIT:
         if HAS_BIAS:
             bias = tl.load(bias_ptr + n_idx, mask=n_idx < N, other=0)
             acc = acc + bias.to(out_ptr.dtype.element_ty).to(tl.float32)[None, :]
@@ -131,7 +131,7 @@ def vq_gemv_kernel(
     D: tl.constexpr, DP: tl.constexpr, M: tl.constexpr, KCB: tl.constexpr, CODE16: tl.constexpr,
     GROUP_VECS: tl.constexpr, HAS_CBS: tl.constexpr, SCALE_MODE: tl.constexpr,
     SCALE_GROUP_VECS: tl.constexpr, HAS_ROWSET: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, SPLIT: tl.constexpr,
     ITERS,
 ):
     """Small batch on CUDA cores: all BATCH rows (<= BLOCK_B) of x against BLOCK_N weight rows,
@@ -158,7 +158,7 @@ def vq_gemv_kernel(
             other=0,
         ).to(tl.float32)  # (BB, BV * DP)
         acc += tl.reduce(x[:, None, :] * w2[None, :, :], 2, tl.standard._sum_combine)
-    _store_or_partial(acc, out_ptr, part_ptr, bias_ptr, b_idx, n_idx, BATCH, N, pid_k, HAS_BIAS, SPLIT_K)
+    _store_or_partial(acc, out_ptr, part_ptr, bias_ptr, b_idx, n_idx, BATCH, N, pid_k, HAS_BIAS, SPLIT)
 
 
 @triton.jit
@@ -168,7 +168,7 @@ def vq_gemm_kernel(
     D: tl.constexpr, DP: tl.constexpr, M: tl.constexpr, KCB: tl.constexpr, CODE16: tl.constexpr,
     GROUP_VECS: tl.constexpr, HAS_CBS: tl.constexpr, SCALE_MODE: tl.constexpr,
     SCALE_GROUP_VECS: tl.constexpr, HAS_ROWSET: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, SPLIT: tl.constexpr,
     ITERS,
     IEEE: tl.constexpr,
 ):
@@ -200,7 +200,7 @@ def vq_gemm_kernel(
             acc = tl.dot(x, wt, acc, input_precision="ieee")
         else:
             acc = tl.dot(x, wt, acc)
-    _store_or_partial(acc, out_ptr, part_ptr, bias_ptr, b_idx, n_idx, BATCH, N, pid_k, HAS_BIAS, SPLIT_K)
+    _store_or_partial(acc, out_ptr, part_ptr, bias_ptr, b_idx, n_idx, BATCH, N, pid_k, HAS_BIAS, SPLIT)
 
 
 @triton.jit

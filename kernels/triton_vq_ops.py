@@ -226,7 +226,7 @@ def linear_launches(x2, codes, codebooks, codebook_scales, scales, bias, rowset,
     bias_ptr = _or(bias, codes)
     args = (x2, out, part, bias_ptr, *ptrs, batch, *runtime.values(), in_features, x2.stride(0), vps)
     meta = dict(**const, HAS_BIAS=bias is not None, BLOCK_B=plan.block_b, BLOCK_N=plan.block_n, BLOCK_V=plan.block_v,
-                SPLIT_K=plan.split_k, ITERS=vps // plan.block_v, num_warps=plan.num_warps, num_stages=plan.num_stages,
+                SPLIT=plan.split_k > 1, ITERS=vps // plan.block_v, num_warps=plan.num_warps, num_stages=plan.num_stages,
                 **extra)
     launches = [Launch(kernel, grid, args, meta)]
     if plan.split_k > 1:

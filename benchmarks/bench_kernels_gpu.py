@@ -1,0 +1,315 @@
+"""VQLinear on an NVIDIA GPU: fused Triton kernels vs cuBLAS fp16/bf16 vs decode-then-cuBLAS.
+
+For each shape (``IN x OUT``: x (batch, IN) @ W^T -> (batch, OUT)), batch size, format and
+activation dtype, three methods are timed:
+
+- ``dense``: ``torch.matmul`` with an uncompressed weight in the activation dtype (cuBLAS);
+- ``fused``: the Triton kernel the dispatch uses below the crossover (``gemv`` for batch <= 4,
+  ``gemm`` on tensor cores above), measured at every batch so the crossover can be read off;
+- ``dequant``: the decode kernel into a dense weight, then cuBLAS.
+
+``auto`` is what ``vqlib.kernels`` picks (fused below ``DEQUANT_MATMUL_MIN_BATCH``, dequant from it).
+Every method runs inside a CUDA graph that calls it once on each of ``copies`` distinct weights,
+with enough copies to exceed twice the L2 cache (a cold L2 on every call, as in a real model),
+timed with CUDA events over several replays. Effective bandwidth counts the stored bytes of the
+weight (codes + codebooks + scales for VQ; the dense weight for cuBLAS) per call, and is also given
+as a fraction of the device-to-device copy bandwidth measured here (2 x bytes / time of a 2 GB
+``copy_``). JSON (all numbers, the machine, the recommended crossover, the issue's targets met or
+not) and a PNG plot are written to ``--out``.
+
+    python benchmarks/bench_kernels_gpu.py                 # everything, < 5 minutes on an H100/H200
+    python benchmarks/bench_kernels_gpu.py --quick         # 2 shapes, 3 batches, 2 formats, fp16
+    python benchmarks/bench_kernels_gpu.py --dry-run       # print the plan (works without a GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+SHAPES = ["4096x4096", "4096x14336", "14336x4096", "8192x8192", "8192x28672"]
+BATCHES = [1, 4, 16, 64, 256, 1024]
+# name -> (vector_dim, num_codebooks, codebook_bits): about 2 bits per weight each
+FORMATS = {"d8_2x8": (8, 2, 8), "d4_1x8": (4, 1, 8), "d8_1x16": (8, 1, 16)}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+QUICK = dict(shapes=["4096x4096", "8192x8192"], batches=[1, 16, 256], formats=["d8_2x8", "d4_1x8"], dtypes=["fp16"])
+TARGETS = "batch 1 >= 4x dense and >= 60% of copy bandwidth at 8192x8192; batch 16 >= 2x; batch 1024 <= 1.1x dense time"
+
+
+@dataclass
+class Config:
+    shape: str
+    batch: int
+    fmt: str
+    dtype: str
+
+    @property
+    def in_out(self) -> tuple[int, int]:
+        a, b = self.shape.split("x")
+        return int(a), int(b)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=SHAPES, help="IN x OUT features")
+    p.add_argument("--batches", nargs="+", type=int, default=BATCHES)
+    p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--quick", action="store_true", help=f"subset: {QUICK}")
+    p.add_argument("--reps", type=int, default=5, help="graph replays timed per measurement")
+    p.add_argument("--budget-s", type=float, default=270.0, help="stop starting new configs after this many seconds")
+    p.add_argument("--out", type=Path, default=Path("bench_kernels_gpu"), help="output prefix (.json, .png)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit (no GPU needed)")
+    args = p.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    for shape in args.shapes:
+        if len(shape.split("x")) != 2 or not all(s.isdigit() for s in shape.split("x")):
+            p.error(f"--shapes: expected IN x OUT like 4096x14336, got {shape!r}")
+    return args
+
+
+def plan(args) -> list[Config]:
+    return [Config(s, b, f, d) for d in args.dtypes for f in args.formats for s in args.shapes for b in args.batches]
+
+
+def vq_bytes(in_f: int, out_f: int, fmt: str) -> int:
+    """Stored bytes of one VQLinear of this format (codes + fp16 codebooks + fp16 row scales)."""
+    d, m, b = FORMATS[fmt]
+    nv = math.ceil(in_f / d)
+    return out_f * nv * m * (1 if b <= 8 else 2) + m * 2**b * d * 2 + out_f * 2
+
+
+def copies_for(nbytes: int, l2_bytes: int) -> int:
+    """Distinct weights to rotate through so that one pass over them is at least 2x the L2."""
+    return max(2, math.ceil(2 * l2_bytes / max(1, nbytes)))
+
+
+def print_plan(configs: list[Config], l2_bytes: int) -> None:
+    print(f"{len(configs)} configs x 3 methods; L2 assumed {l2_bytes / 2**20:.0f} MiB; targets: {TARGETS}")
+    seen = set()
+    for c in configs:
+        in_f, out_f = c.in_out
+        key = (c.shape, c.fmt)
+        if key in seen:
+            continue
+        seen.add(key)
+        vb, db = vq_bytes(in_f, out_f, c.fmt), in_f * out_f * 2
+        print(f"  {c.shape:>11} {c.fmt:>7}: {8 * vb / (in_f * out_f):.3f} bits/weight, {vb / 1e6:7.1f} MB "
+              f"(x{copies_for(vb, l2_bytes)} copies) vs dense {db / 1e6:7.1f} MB (x{copies_for(db, l2_bytes)})")
+
+
+# ---- measurement (GPU only) -------------------------------------------------------------------
+def make_layer(in_f: int, out_f: int, fmt: str, device: str):
+    from vqlib.compress import VQLinear
+
+    d, m, b = FORMATS[fmt]
+    layer = VQLinear(in_f, out_f, vector_dim=d, num_codebooks=m, codebook_bits=b, bias=False, device=device)
+    layer.codebooks.normal_(0, 0.02)
+    high = 2**b
+    codes = torch.randint(0, high, layer.codes.shape, device=device)
+    layer.codes.copy_(torch.where(codes >= 2**15, codes - 2**16, codes) if b > 8 else codes)
+    layer.scales.uniform_(0.5, 1.5)
+    return layer
+
+
+def time_graph(calls, reps: int) -> float:
+    """Seconds per call: the calls (one per weight copy) captured in one CUDA graph, replayed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:  # warm-up: compiles kernels, settles the allocator
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    del graph
+    return start.elapsed_time(end) / 1e3 / (reps * len(calls))
+
+
+def copy_bandwidth(reps: int = 10) -> float:
+    """Device-to-device copy bandwidth (read + write bytes per second) of a 2 GB buffer."""
+    n = 2 * 2**30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    seconds = time_graph([lambda: dst.copy_(src)], reps)
+    del src, dst
+    return 2 * n / seconds
+
+
+def measure_group(shape: str, fmt: str, dtype_name: str, batches: list[int], l2: int, reps: int) -> list[dict]:
+    """All batches of one (shape, format, dtype): the weights are built once."""
+    from vqlib.kernels import triton_vq as tv
+
+    in_f, out_f = Config(shape, 1, fmt, dtype_name).in_out
+    dtype = DTYPES[dtype_name]
+    vb, db = vq_bytes(in_f, out_f, fmt), in_f * out_f * 2
+    layers = [make_layer(in_f, out_f, fmt, "cuda") for _ in range(copies_for(vb, l2))]
+    dense = [torch.randn(out_f, in_f, device="cuda", dtype=dtype) * 0.02 for _ in range(copies_for(db, l2))]
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, in_f, device="cuda", dtype=dtype)
+        fused_path = "gemv" if batch <= tv.GEMV_MAX_BATCH else "gemm"
+
+        def op(layer, path):
+            return lambda: torch.ops.vqlib.vq_linear(x, *tv.op_args(layer), path)
+
+        t_dense = time_graph([(lambda w=w: torch.matmul(x, w.t())) for w in dense], reps)
+        t_fused = time_graph([op(layer, fused_path) for layer in layers], reps)
+        t_deq = time_graph([op(layer, "dequant_matmul") for layer in layers], reps)
+        auto = "fused" if batch < tv.DEQUANT_MATMUL_MIN_BATCH else "dequant"
+        t_auto = t_fused if auto == "fused" else t_deq
+        rows.append(dict(shape=shape, fmt=fmt, dtype=dtype_name, batch=batch, fused_path=fused_path,
+                         vq_bytes=vb, dense_bytes=db, copies_vq=len(layers), copies_dense=len(dense),
+                         t_dense_us=t_dense * 1e6, t_fused_us=t_fused * 1e6, t_dequant_us=t_deq * 1e6,
+                         auto=auto, t_auto_us=t_auto * 1e6, speedup_auto=t_dense / t_auto,
+                         speedup_fused=t_dense / t_fused, speedup_dequant=t_dense / t_deq,
+                         gbps_fused=vb / t_fused / 1e9, gbps_dense=db / t_dense / 1e9))
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
+    del layers, dense
+    torch.cuda.empty_cache()
+    return rows
+
+
+# ---- summary -----------------------------------------------------------------------------------
+def crossovers(rows: list[dict]) -> dict:
+    """Per (shape, format, dtype): the smallest measured batch from which decode-then-cuBLAS beats
+    the fused kernel at every larger measured batch (None: fused always faster)."""
+    out = {}
+    for key in sorted({(r["shape"], r["fmt"], r["dtype"]) for r in rows}):
+        group = sorted((r for r in rows if (r["shape"], r["fmt"], r["dtype"]) == key), key=lambda r: r["batch"])
+        best = None
+        for r in reversed(group):
+            if r["t_dequant_us"] < r["t_fused_us"]:
+                best = r["batch"]
+            else:
+                break
+        out["/".join(key)] = best
+    return out
+
+
+def targets(rows: list[dict], copy_gbps: float) -> list[dict]:
+    """The issue's targets (about 2 bits per weight, auto path), one line per measured row that applies."""
+    checks = []
+    for r in rows:
+        if r["batch"] == 1 and r["shape"] == "8192x8192":
+            frac = r["vq_bytes"] / (r["t_auto_us"] * 1e-6) / copy_gbps
+            checks.append(dict(r=r, what="batch 1 speed-up >= 4x", value=r["speedup_auto"], met=r["speedup_auto"] >= 4))
+            checks.append(dict(r=r, what="batch 1 >= 60% copy bandwidth", value=frac, met=frac >= 0.6))
+        if r["batch"] == 16:
+            checks.append(dict(r=r, what="batch 16 speed-up >= 2x", value=r["speedup_auto"], met=r["speedup_auto"] >= 2))
+        if r["batch"] == 1024:
+            ratio = r["t_auto_us"] / r["t_dense_us"]
+            checks.append(dict(r=r, what="batch 1024 time <= 1.1x dense", value=ratio, met=ratio <= 1.1))
+    return [dict(shape=c["r"]["shape"], fmt=c["r"]["fmt"], dtype=c["r"]["dtype"], target=c["what"],
+                 value=round(c["value"], 3), met=bool(c["met"])) for c in checks]
+
+
+def plot(rows: list[dict], path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib not installed: no plot"
+    shapes = sorted({r["shape"] for r in rows}, key=SHAPES.index if all(s in SHAPES for s in {r["shape"] for r in rows}) else str)
+    dtypes = sorted({r["dtype"] for r in rows})
+    fig, axes = plt.subplots(len(dtypes), len(shapes), figsize=(4 * len(shapes), 3.4 * len(dtypes)), squeeze=False)
+    for i, dt in enumerate(dtypes):
+        for j, shape in enumerate(shapes):
+            ax = axes[i][j]
+            for fmt in sorted({r["fmt"] for r in rows}):
+                sel = sorted((r for r in rows if (r["shape"], r["dtype"], r["fmt"]) == (shape, dt, fmt)), key=lambda r: r["batch"])
+                if sel:
+                    line = ax.plot([r["batch"] for r in sel], [r["speedup_auto"] for r in sel], marker="o", label=f"{fmt} auto")
+                    ax.plot([r["batch"] for r in sel], [r["speedup_fused"] for r in sel], ls=":", color=line[0].get_color(),
+                            label=f"{fmt} fused")
+            ax.axhline(1.0, color="k", lw=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log", base=2)
+            ax.set_title(f"{shape} {dt}")
+            ax.set_xlabel("batch (tokens)")
+            if j == 0:
+                ax.set_ylabel(f"speed-up vs dense {dt} (cuBLAS)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return None
+
+
+def machine() -> dict:
+    props = torch.cuda.get_device_properties(0)
+    return dict(gpu=props.name, sms=props.multi_processor_count, memory_gb=round(props.total_memory / 1e9, 1),
+                l2_bytes=getattr(props, "L2_cache_size", None), torch=torch.__version__,
+                triton=__import__("triton").__version__, cuda=torch.version.cuda, python=platform.python_version())
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    configs = plan(args)
+    if args.dry_run:
+        print_plan(configs, 60 * 2**20)
+        return 0
+    if not torch.cuda.is_available():
+        print("bench_kernels_gpu: needs a CUDA device (use --dry-run to see the plan)", file=sys.stderr)
+        return 2
+    from vqlib.kernels import triton_vq as tv
+
+    if tv.unavailable_reason():
+        print(f"bench_kernels_gpu: Triton kernels unavailable: {tv.unavailable_reason()}", file=sys.stderr)
+        return 2
+    info = machine()
+    l2 = max(info["l2_bytes"] or 0, 50 * 2**20)
+    print_plan(configs, l2)
+    start = time.perf_counter()
+    copy_gbps = copy_bandwidth() / 1e9
+    print(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write)", flush=True)
+    rows, skipped = [], []
+    # the shape of the batch-1 target first, so a budget stop drops the least important groups
+    groups = sorted(dict.fromkeys((c.shape, c.fmt, c.dtype) for c in configs),
+                    key=lambda g: (args.dtypes.index(g[2]), args.formats.index(g[1]), g[0] != "8192x8192", args.shapes.index(g[0])))
+    for shape, fmt, dt in groups:
+        if time.perf_counter() - start > args.budget_s:
+            skipped.append("/".join((shape, fmt, dt)))
+            continue
+        rows += measure_group(shape, fmt, dt, args.batches, l2, args.reps)
+    for r in rows:
+        r["copy_fraction_fused"] = r["gbps_fused"] / copy_gbps
+    result = dict(machine=info, copy_gbps=copy_gbps, seconds=time.perf_counter() - start, skipped_over_budget=skipped,
+                  dequant_matmul_min_batch=tv.DEQUANT_MATMUL_MIN_BATCH, gemv_max_batch=tv.GEMV_MAX_BATCH,
+                  measured_crossover=crossovers(rows), targets=targets(rows, copy_gbps * 1e9), rows=rows,
+                  command=" ".join(sys.argv))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{args.out}.json").write_text(json.dumps(result, indent=1))
+    note = plot(rows, Path(f"{args.out}.png"))
+    print(f"\n{info['gpu']}: copy {copy_gbps:.0f} GB/s; {len(rows)} rows in {result['seconds']:.0f} s; "
+          f"skipped (budget): {skipped or 'none'}")
+    print("measured crossover (decode-then-cuBLAS faster from batch):", json.dumps(result["measured_crossover"]))
+    for t in result["targets"]:
+        print(f"  {'MET ' if t['met'] else 'MISS'} {t['target']:<32} {t['shape']:>11} {t['fmt']:>7} {t['dtype']}: {t['value']}")
+    print(f"wrote {args.out}.json" + (f" and {args.out}.png" if note is None else f" ({note})"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
