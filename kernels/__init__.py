@@ -169,7 +169,7 @@ def reset_dispatch_log() -> None:
 
 def _register_builtin_kernels() -> None:
     """Import the kernel modules that register themselves; each guards its own optional dependency."""
-    from . import cpu_lut  # noqa: F401  (CPU: numba is imported on first run; its absence fails loudly there)
+    from . import cpu_lut, cpu_scalar  # noqa: F401  (CPU: numba is imported on first run; its absence fails loudly there)
     from . import triton_vq  # noqa: F401  (CUDA: registers only when triton and a GPU are present)
 
 

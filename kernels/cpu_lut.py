@@ -43,8 +43,7 @@ from . import Kernel, KernelBuildError, register_kernel
 NAME = "cpu_lut"
 QB = 16  # code positions per table block (keep equal to cpu_vq_numba.QB)
 # Batch thresholds (tokens per call), measured with benchmarks/bench_kernels_cpu.py --crossover:
-LUT_MAX_BATCH = 2  # table lookups up to here
-DQ_MAX_BATCH = 8  # fused dequantize-row-and-dot up to here; BLAS on dequantized row blocks above
+LUT_MAX_BATCH = 16  # table lookups up to here; BLAS on dequantized row blocks above
 BLAS_BLOCK_BYTES = 4 << 20  # fp32 bytes of one dequantized row block (256-1024 rows of typical widths)
 SERIAL_MAX_CODES = 1 << 17  # below this many codes x tokens one thread beats a parallel launch
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -90,8 +89,8 @@ def _warm_up(mod) -> None:
     table = np.empty(QB * 256, np.float32)
     w = np.empty((3, 4), np.float32)
     mod.lut_rows(x, blocked, 2, cbt, qcb, 1, 2, scales, 2, 0, 3, out, table)
-    mod.dq_rows(x, codes, cbf, qcb, 1, 2, scales, 2, 2, 0, 3, out, w[0])
-    mod.dequant_rows(codes, cbf, qcb, 1, 2, scales, 2, 2, 0, 3, w)
+    svec = np.zeros(1, np.int64)
+    mod.dequant_rows(codes.reshape(-1), cbf, qcb, 1, 2, scales, svec, 2, 0, 3, w)
 
 
 @dataclass
@@ -106,6 +105,7 @@ class Prepared:
     qcb: np.ndarray  # (nq,) int32
     scales: np.ndarray  # (out, S) float32
     sgq: int  # code positions per scale group
+    svec: np.ndarray  # (n_vec,) int64 scale column of each vector
     n_vec: int
     d: int
     m_books: int
@@ -145,6 +145,7 @@ def prepare(layer) -> Prepared:
         qcb=qcb.numpy(),
         scales=scales.contiguous().numpy(),
         sgq=max(sgq, 1),
+        svec=(torch.arange(n_vec) * m // max(sgq, 1)).numpy(),
         n_vec=n_vec,
         d=d,
         m_books=m,
@@ -214,13 +215,8 @@ def _lut_chunk(mod, p: Prepared, xp, out, r0, r1):
     mod.lut_rows(xp, p.blocked, p.codes.shape[1], p.cbt, p.qcb, p.m_books, p.d, p.scales, p.sgq, r0, r1, out, table)
 
 
-def _dq_chunk(mod, p: Prepared, xp, out, r0, r1):
-    w = np.empty(p.n_vec * p.d, np.float32)
-    mod.dq_rows(xp, p.codes, p.cbf, p.qcb, p.m_books, p.d, p.scales, p.sgq, p.n_vec, r0, r1, out, w)
-
-
 def _dequant_chunk(mod, p: Prepared, buf, base, r0, r1):
-    mod.dequant_rows(p.codes, p.cbf, p.qcb, p.m_books, p.d, p.scales, p.sgq, p.n_vec, base + r0, base + r1, buf[r0:])
+    mod.dequant_rows(p.codes.reshape(-1), p.cbf, p.qcb, p.m_books, p.d, p.scales, p.svec, p.n_vec, base + r0, base + r1, buf[r0:])
 
 
 def _blas(mod, p: Prepared, xp: np.ndarray, out: Tensor, n_out: int) -> None:
@@ -243,10 +239,8 @@ def run(layer, x: Tensor) -> Tensor:
     b, n_out = xp.shape[0], layer.out_features
     out_np = np.zeros((b, n_out), np.float32)
     n = _threads(p.codes.size * b)
-    if b > DQ_MAX_BATCH:
+    if b > LUT_MAX_BATCH:
         _blas(mod, p, xp, torch.from_numpy(out_np), n_out)
-    elif b > LUT_MAX_BATCH:
-        run_chunks(lambda r0, r1: _dq_chunk(mod, p, xp, out_np, r0, r1), n_out, n)
     else:
         run_chunks(lambda r0, r1: _lut_chunk(mod, p, xp, out_np, r0, r1), n_out, n)
     out = torch.from_numpy(out_np)

@@ -12,7 +12,8 @@ Shapes (all flat or 2-D C-contiguous numpy arrays):
 - ``cbf``    (G * M, 256, d) float32, the same entries laid out for dequantization
 - ``qcb``    (nq,) int32: codebook (``g(j) * M + m``) of code position ``q``
 - ``scales`` (out, S) float32 (ones when the layer has none); ``sgq``: code positions per scale
-  group (``nq`` or more for row scales, so the scale index is always 0)
+  group (``nq`` for row scales, so the scale index is always 0); ``svec`` (n_vec,) int64: the
+  scale column of each vector
 - ``out``    (b, out) float32; each call handles the row range [o0, o1) (the caller runs ranges on
   its threads: every function here is serial and releases the GIL)
 """
@@ -27,7 +28,6 @@ from numba import njit
 FASTMATH = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}
 QB = 16  # code positions per table block: 16 x 256 fp32 = 16 KiB, half of Zen3's 32 KiB L1d
 ENTRIES = 256  # 2**B for B = 8
-DQ_COLS = 512  # columns per block in dq_rows: 8 tokens x 2 KiB of x stay in L1
 
 
 @njit(nogil=True, fastmath=True, cache=True)
@@ -103,44 +103,69 @@ def lut_rows(x, blocked, nq, cbt, qcb, m_books, d, scales, sgq, o0, o1, out, tab
                 p += np.uint64(QB)
 
 
-@njit(nogil=True, fastmath=True, cache=True)
-def dequant_seg(codes, o, j0, j1, cbf, qcb, m_books, d, scales, sgq, w):
-    """w[: (j1 - j0) * d] = vectors j0..j1-1 of row o of the padded weight (scale included)."""
-    for j in range(j0, j1):
-        sc = scales[o, (j * m_books) // sgq]
-        off = (j - j0) * d
-        base = (qcb[j * m_books] * ENTRIES + codes[o, j * m_books]) * d
-        for i in range(d):
-            w[off + i] = cbf[base + i]
-        for m in range(1, m_books):
-            q = j * m_books + m
-            base = (qcb[q] * ENTRIES + codes[o, q]) * d
-            for i in range(d):
-                w[off + i] += cbf[base + i]
-        for i in range(d):
-            w[off + i] *= sc
+@njit(nogil=True, fastmath=True, inline="always")
+def _seg_loop(codes, row, j0, j1, cbf, qcb, srow, svec, w, n, two):
+    """Vectors j0..j1-1 of one row for M = 1 or 2 (``two``) and a constant d = ``n`` (unrolled)."""
+    u = np.uint64
+    mb = u(2) if two else u(1)
+    off = u(0)
+    for j in range(u(j0), u(j1)):
+        q = j * mb
+        sc = srow[svec[j]]
+        e = (u(qcb[q]) * u(ENTRIES) + u(codes[row + q])) * u(n)
+        if two:
+            e2 = (u(qcb[q + u(1)]) * u(ENTRIES) + u(codes[row + q + u(1)])) * u(n)
+            for i in range(n):
+                w[off + u(i)] = (cbf[e + u(i)] + cbf[e2 + u(i)]) * sc
+        else:
+            for i in range(n):
+                w[off + u(i)] = cbf[e + u(i)] * sc
+        off += u(n)
 
 
 @njit(nogil=True, fastmath=True, cache=True)
-def dequant_rows(codes, cbf, qcb, m_books, d, scales, sgq, n_vec, r0, r1, w):
+def dequant_seg(codes, o, j0, j1, cbf, qcb, m_books, d, scales, svec, w):
+    """w[: (j1 - j0) * d] = vectors j0..j1-1 of row o of the padded weight (scale included).
+
+    ``codes`` is the flat (out * nq,) array, ``svec`` (n_vec,) the scale column of each vector.
+    M in (1, 2) with d in (2, 4, 8) run a loop specialised at compile time (constant trip counts:
+    a runtime d costs a vector prologue per vector, about 3x slower); other shapes take the generic
+    loop. Indices are unsigned so numba adds no negative-index branches.
+    """
+    u = np.uint64
+    nq = u(codes.size // scales.shape[0])
+    row = u(o) * nq
+    srow = scales[o]
+    if m_books == 1 and d == 4:
+        _seg_loop(codes, row, j0, j1, cbf, qcb, srow, svec, w, 4, False)
+    elif m_books == 1 and d == 8:
+        _seg_loop(codes, row, j0, j1, cbf, qcb, srow, svec, w, 8, False)
+    elif m_books == 1 and d == 2:
+        _seg_loop(codes, row, j0, j1, cbf, qcb, srow, svec, w, 2, False)
+    elif m_books == 2 and d == 8:
+        _seg_loop(codes, row, j0, j1, cbf, qcb, srow, svec, w, 8, True)
+    elif m_books == 2 and d == 4:
+        _seg_loop(codes, row, j0, j1, cbf, qcb, srow, svec, w, 4, True)
+    elif m_books == 2 and d == 2:
+        _seg_loop(codes, row, j0, j1, cbf, qcb, srow, svec, w, 2, True)
+    else:
+        mb, dd = u(m_books), u(d)
+        off = u(0)
+        for j in range(u(j0), u(j1)):
+            for i in range(dd):
+                w[off + i] = 0.0
+            for m in range(mb):
+                e = (u(qcb[j * mb + m]) * u(ENTRIES) + u(codes[row + j * mb + m])) * dd
+                for i in range(dd):
+                    w[off + i] += cbf[e + i]
+            sc = srow[svec[j]]
+            for i in range(dd):
+                w[off + i] *= sc
+            off += dd
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def dequant_rows(codes, cbf, qcb, m_books, d, scales, svec, n_vec, r0, r1, w):
     """w[r - r0, :] = dequantized padded row r for r in [r0, r1)  # w: (>= r1 - r0, n_vec * d)"""
     for r in range(r0, r1):
-        dequant_seg(codes, r, 0, n_vec, cbf, qcb, m_books, d, scales, sgq, w[r - r0])
-
-
-@njit(nogil=True, fastmath=True, cache=True)
-def dq_rows(x, codes, cbf, qcb, m_books, d, scales, sgq, n_vec, o0, o1, out, w):
-    """out[:, o] += x @ row o for o in [o0, o1), a column block at a time: each row segment is
-    dequantized into ``w`` (L1) and dotted with every token's slice (the x block stays in L1)."""
-    n_tok = x.shape[0]
-    seg = max(1, DQ_COLS // d)  # vectors per column block
-    for j0 in range(0, n_vec, seg):
-        j1 = min(n_vec, j0 + seg)
-        k0, n_k = j0 * d, (j1 - j0) * d
-        for o in range(o0, o1):
-            dequant_seg(codes, o, j0, j1, cbf, qcb, m_books, d, scales, sgq, w)
-            for t in range(n_tok):
-                acc = np.float32(0.0)
-                for k in range(n_k):  # vectorized dot (fastmath allows the reassociation)
-                    acc += w[k] * x[t, k0 + k]
-                out[t, o] += acc
+        dequant_seg(codes, r, 0, n_vec, cbf, qcb, m_books, d, scales, svec, w[r - r0])

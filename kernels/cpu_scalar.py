@@ -1,0 +1,136 @@
+"""``cpu_scalar``: the CPU kernel for ``ScalarLinear`` (the scalar round-to-nearest baseline).
+
+So that baseline comparisons measure the format and not a slow reference: at small batches each
+row's bit-packed levels are unpacked into an L1 buffer and dotted with every token (group scales
+and zeros applied per group, using per-group input sums); above ``GEMV_MAX_BATCH`` tokens bounded
+blocks of rows are dequantized by compiled code and multiplied with torch's BLAS. Levels are read
+straight from the packed ``qweight`` (no unpacked copy is kept); the per-layer cache holds float32
+scales and zeros only (``layer._cpu_scalar_cache``, rebuilt when a buffer changes, never saved).
+Threads and numba handling are shared with ``cpu_lut``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import Kernel, KernelBuildError, register_kernel
+from .cpu_lut import INPUT_DTYPES, _threads, run_chunks
+
+NAME = "cpu_scalar"
+GEMV_MAX_BATCH = 2  # unpack-and-dot up to here; block dequant + BLAS above (measured: 4096x4096, 4 bits)
+BLAS_BLOCK_BYTES = 4 << 20
+
+_numba_mod = None
+_compile_seconds: float | None = None
+
+
+def load_numba():
+    """Import (compile or load from numba's cache) the loops, or raise KernelBuildError."""
+    global _numba_mod, _compile_seconds
+    if _numba_mod is not None:
+        return _numba_mod
+    start = time.perf_counter()
+    try:
+        from . import cpu_scalar_numba as mod
+
+        q = np.zeros(8, np.uint8)
+        s, z = np.ones((2, 1), np.float32), np.zeros((2, 1), np.float32)
+        x, xs, out = np.zeros((1, 8), np.float32), np.zeros((1, 1), np.float32), np.zeros((1, 2), np.float32)
+        mod.gemv_rows(x, xs, q, 4, 8, s, z, 8, 0, 2, out, np.empty(8, np.float32))
+        mod.dequant_rows(q, 4, 8, s, z, 8, 0, 2, np.empty((2, 8), np.float32))
+    except ImportError as exc:
+        raise KernelBuildError(f"numba is not importable ({exc}); install vqlib's dependencies") from exc
+    except Exception as exc:
+        raise KernelBuildError(f"numba could not compile the cpu_scalar loops: {type(exc).__name__}: {exc}") from exc
+    _compile_seconds = time.perf_counter() - start
+    _numba_mod = mod
+    return mod
+
+
+@dataclass
+class Prepared:
+    key: tuple
+    qweight: np.ndarray  # (n_bytes,) uint8 view of layer.qweight
+    scales: np.ndarray  # (out, n_groups) float32
+    zeros: np.ndarray  # (out, n_groups) float32
+
+
+def prepare(layer) -> Prepared:
+    tensors = (layer.qweight, layer.scales, layer.zeros)
+    key = tuple((id(t), t.data_ptr(), t.device, t._version) for t in tensors)
+    cached = getattr(layer, "_cpu_scalar_cache", None)
+    if cached is not None and cached.key == key:
+        return cached
+    prepared = Prepared(
+        key=key,
+        qweight=layer.qweight.detach().numpy(),
+        scales=layer.scales.float().contiguous().numpy(),
+        zeros=layer.zeros.float().contiguous().numpy(),
+    )
+    object.__setattr__(layer, "_cpu_scalar_cache", prepared)  # plain attribute: never saved
+    return prepared
+
+
+def supports(layer, x: Tensor) -> str | None:
+    if x.dtype not in INPUT_DTYPES:
+        return f"input dtype {x.dtype} not covered (float32, bfloat16, float16)"
+    if x.shape[-1] != layer.in_features:
+        return f"input has {x.shape[-1]} features, the layer expects {layer.in_features}"
+    if layer.weight_cache is not None:
+        return "the layer holds a dequantized weight cache (F.linear on it is the fastest path)"
+    if torch.is_grad_enabled() and x.requires_grad:
+        return "input requires grad (the kernel has no backward; the reference path is differentiable)"
+    return None
+
+
+def _group_sums(xp: np.ndarray, group_size: int, n_groups: int) -> np.ndarray:
+    """(b, n_groups) sums of the input over each column group."""
+    b, n_in = xp.shape
+    padded = np.zeros((b, n_groups * group_size), np.float32)
+    padded[:, :n_in] = xp
+    return np.ascontiguousarray(padded.reshape(b, n_groups, group_size).sum(-1, dtype=np.float32))
+
+
+def run(layer, x: Tensor) -> Tensor:
+    mod = load_numba()
+    p = prepare(layer)
+    n_in, n_out, bits, gs = layer.in_features, layer.out_features, layer.bits, layer.group_size
+    xp = x.reshape(-1, n_in).to(torch.float32).contiguous().numpy()
+    b = xp.shape[0]
+    out_np = np.zeros((b, n_out), np.float32)
+    n = _threads(n_in * n_out // 4 * b)
+    if b <= GEMV_MAX_BATCH:
+        xsum = _group_sums(xp, gs, p.scales.shape[1])
+
+        def chunk(r0, r1):
+            lv = np.empty(n_in, np.float32)
+            mod.gemv_rows(xp, xsum, p.qweight, bits, n_in, p.scales, p.zeros, gs, r0, r1, out_np, lv)
+
+        run_chunks(chunk, n_out, n)
+    else:
+        rows = max(64, min(1024, BLAS_BLOCK_BYTES // (4 * n_in)))
+        buf = np.empty((min(rows, n_out), n_in), np.float32)
+        x_t, out_t = torch.from_numpy(xp), torch.from_numpy(out_np)
+        for base in range(0, n_out, rows):
+            count = min(n_out, base + rows) - base
+
+            def chunk(r0, r1, base=base):
+                mod.dequant_rows(p.qweight, bits, n_in, p.scales, p.zeros, gs, base + r0, base + r1, buf[r0:])
+
+            run_chunks(chunk, count, max(1, torch.get_num_threads()))
+            out_t[:, base : base + count] = x_t @ torch.from_numpy(buf[:count]).T
+    out = torch.from_numpy(out_np)
+    if layer.bias is not None:
+        out += layer.bias.detach().float()
+    return out.reshape(*x.shape[:-1], n_out).to(x.dtype)
+
+
+KERNEL = Kernel(name=NAME, layer_type="ScalarLinear", device_type="cpu", run=run, supports=supports, priority=10)
+register_kernel(KERNEL)
+
+__all__ = ["KERNEL", "NAME", "load_numba", "prepare", "run", "supports"]
