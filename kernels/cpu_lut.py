@@ -89,7 +89,7 @@ def _warm_up(mod) -> None:
     table = np.empty(QB * 256, np.float32)
     w = np.empty((3, 4), np.float32)
     mod.lut_rows(x, blocked, 2, cbt, qcb, 1, 2, scales, 2, 0, 3, out, table)
-    svec = np.zeros(1, np.int64)
+    svec = np.zeros(2, np.int64)  # one scale column per vector (n_vec = 2)
     mod.dequant_rows(codes.reshape(-1), cbf, qcb, 1, 2, scales, svec, 2, 0, 3, w)
 
 
