@@ -11,11 +11,18 @@ AVX2 gathers measured slower than scalar loads on Zen3 (about 13 cycles per 8-la
 the inner loop is scalar with four independent add chains. Accumulation is fp32; bf16/fp16 inputs
 are converted to fp32 on entry and the output is cast back to the input dtype.
 
-Larger batches: up to ``DQ_MAX_BATCH`` tokens a row is dequantized into an L1 buffer and dotted
-with every token (the table cost grows with the batch, a dequantized row does not); above that
-(prefill) bounded blocks of rows are dequantized by compiled code and multiplied with torch's BLAS.
-The batch thresholds were measured on the 2-core Zen3 machine (see ``benchmarks/bench_kernels_cpu.py``
-and the notes in the module constants).
+Larger batches: the table work grows with the number of tokens while a dequantized weight is
+built once, so above ``LUT_MAX_BATCH`` tokens (prefill) bounded blocks of rows (``BLAS_BLOCK_BYTES``
+of fp32, 256-1024 rows) are dequantized by compiled code and multiplied with torch's BLAS. The
+crossover was measured on the 2-core Zen3 machine, 4096x4096, d4 1x8, one thread (ms per layer,
+LUT vs dequant+BLAS, load average ~7 from other jobs so absolute numbers are inflated): 8 tokens
+16.5 vs 34, 16 tokens 22 vs 27, 32 tokens 45 vs 37, 64 tokens 119 vs 70; dense fp32 was 33, 37, 42
+and 77. Both paths beat the reference path (dequantize everything in torch, then F.linear) at every
+batch size, since the BLAS path is that same matmul on a faster dequantization.
+
+Threads: row ranges run on a small pool of Python threads (the loops release the GIL); the count
+follows ``torch.get_num_threads()``, and layers below ``SERIAL_MAX_CODES`` codes x tokens run on the
+calling thread only (a thread hand-off costs more than their whole work).
 
 Per-layer data is prepared once and kept as a plain, non-persistent attribute of the layer
 (``layer._cpu_lut_cache``; never in ``state_dict``, never saved): fp32 codebooks with the int8
@@ -42,8 +49,7 @@ from . import Kernel, KernelBuildError, register_kernel
 
 NAME = "cpu_lut"
 QB = 16  # code positions per table block (keep equal to cpu_vq_numba.QB)
-# Batch thresholds (tokens per call), measured with benchmarks/bench_kernels_cpu.py --crossover:
-LUT_MAX_BATCH = 16  # table lookups up to here; BLAS on dequantized row blocks above
+LUT_MAX_BATCH = 16  # table lookups up to here; BLAS on dequantized row blocks above (see docstring)
 BLAS_BLOCK_BYTES = 4 << 20  # fp32 bytes of one dequantized row block (256-1024 rows of typical widths)
 SERIAL_MAX_CODES = 1 << 17  # below this many codes x tokens one thread beats a parallel launch
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

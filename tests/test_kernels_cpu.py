@@ -54,6 +54,7 @@ def _auto_dispatch(monkeypatch):
 
 
 FORMATS = list(itertools.product((2, 4, 8), (1, 2), ("fp16", "int8"), (None, 128), ("row", "group", "none")))
+FORMATS += [(8, 3, "int8", 128, "row"), (3, 1, "fp16", None, "row")]  # ~3 bits (the benchmark's), an odd d
 
 
 @pytest.mark.parametrize("d,m,cb,gs,scales", FORMATS)
