@@ -38,6 +38,12 @@ FORMATS = [
     ("d4_2x8_g128_int8", 4, 2, 8, 128, "int8", "row"),
     ("d8_1x8_g128_int8_group", 8, 1, 8, 128, "int8", "group"),
 ]
+# rarer formats: odd d, M = 3, 10-bit codes in int16, small groups, 1-dim vectors, group scales
+EXOTIC = [
+    ("d3_3x10_g6_int8", 3, 3, 10, 6, "int8", "row"),
+    ("d1_1x4_groupscale", 1, 1, 4, None, "fp16", "group"),
+    ("d16_2x12_g256", 16, 2, 12, 256, "fp16", "none"),
+]
 BATCHES = (1, 4, 16, 64, 128, DEQUANT_MATMUL_MIN_BATCH)
 
 
@@ -51,7 +57,7 @@ def _meta_args(out_f: int, in_f: int, fmt) -> tuple:
     codebooks = torch.empty(g, m, 2**b, d, dtype=torch.float16 if cb_dtype == "fp16" else torch.int8, **meta)
     cbs = torch.empty(g, m, dtype=torch.float16, **meta) if cb_dtype == "int8" else None
     s = 1 if scale == "row" else -(-nv * d // 128)
-    scales = torch.empty(out_f, s, dtype=torch.float16, **meta)
+    scales = None if scale == "none" else torch.empty(out_f, s, dtype=torch.float16, **meta)
     bias = torch.empty(out_f, dtype=torch.float16, **meta)
     return codes, codebooks, cbs, scales, bias, None, in_f, d, group or 0, 128 if scale == "group" else 0
 
@@ -108,11 +114,13 @@ def compile_launch(launch, arch: int) -> dict:
     }
 
 
-def planned_launches(quick: bool, sms: int):
-    """Every distinct launch the dispatch makes for the benchmark's formats, batches and dtypes."""
+def planned_launches(quick: bool, sms: int, exotic: bool = False):
+    """Every distinct launch the dispatch makes for the benchmark's formats, batches and dtypes
+    (``exotic``: the rarer formats, also with float32 activations)."""
     shapes = [(4096, 4096)] if quick else [(4096, 4096), (8192, 28672)]
-    for fmt in FORMATS[:2] if quick else FORMATS:
-        for dtype in (torch.float16, torch.bfloat16):
+    dtypes = (torch.float16, torch.bfloat16, torch.float32) if exotic else (torch.float16, torch.bfloat16)
+    for fmt in EXOTIC if exotic else FORMATS[:2] if quick else FORMATS:
+        for dtype in dtypes:
             for out_f, in_f in shapes:
                 args = _meta_args(out_f, in_f, fmt)
                 for batch in BATCHES:
@@ -121,7 +129,8 @@ def planned_launches(quick: bool, sms: int):
                     if path is None:
                         yield fmt[0], dtype, batch, dequantize_launches(*args[:4], None, *args[6:], dtype)[1]
                         continue
-                    plan = plan_tiles(path, batch, out_f, args[0].shape[1], _pow2(fmt[1]), x.device, sms=sms)
+                    plan = plan_tiles(path, batch, out_f, args[0].shape[1], _pow2(fmt[1]), x.device, sms=sms,
+                                      elem_bytes=x.element_size())
                     yield fmt[0], dtype, batch, linear_launches(x, *args, path, plan=plan)[1]
 
 
@@ -130,10 +139,11 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (80 A100, 89 L4/4090, 90 H100/H200)")
     parser.add_argument("--sms", type=int, default=132, help="multiprocessors assumed by the split-K plan (H100 SXM/H200: 132)")
     parser.add_argument("--quick", action="store_true", help="two formats, one shape")
+    parser.add_argument("--exotic", action="store_true", help="the rarer formats (odd d, M=3, B=10/12, ...) and fp32")
     parser.add_argument("--json", type=Path, help="write the per-variant results here")
     args = parser.parse_args(argv)
     seen, rows, failures = set(), [], 0
-    for fmt, dtype, batch, launches in planned_launches(args.quick, args.sms):
+    for fmt, dtype, batch, launches in planned_launches(args.quick, args.sms, args.exotic):
         for launch in launches:
             sig, constexprs, _ = _signature(getattr(jit, launch.kernel), launch.args, launch.meta)
             key = (launch.kernel, tuple(sorted(sig.items())), tuple(sorted(map(str, launch.meta.items()))))

@@ -78,9 +78,11 @@ def split_plan(plan: TilePlan, split: int, nv: int) -> TilePlan:
     return replace(plan, split_k=math.ceil(nv / per), vec_per_split=per)
 
 
-def plan_tiles(path: str, batch: int, n: int, nv: int, dp: int, device: torch.device, sms: int | None = None) -> TilePlan:
+def plan_tiles(path: str, batch: int, n: int, nv: int, dp: int, device: torch.device, sms: int | None = None,
+               elem_bytes: int = 2) -> TilePlan:
     """Default tiles for ``path`` (shape-based only, so a captured graph replays the same launch).
-    ``sms`` (streaming multiprocessors) defaults to the device's; 1 on CPU (interpreter)."""
+    ``sms`` (streaming multiprocessors) defaults to the device's; 1 on CPU (interpreter).
+    ``elem_bytes`` 4 (float32 activations) halves the large GEMM tiles, which spill registers otherwise."""
     if path == "gemv":
         block_b = _pow2(batch)
         cols = 128 if block_b <= 2 else 64  # bound the (B, N, K) product held in registers
@@ -90,6 +92,8 @@ def plan_tiles(path: str, batch: int, n: int, nv: int, dp: int, device: torch.de
     elif path == "gemm":
         block_b = 32 if batch <= 32 else 64 if batch <= 64 else 128
         plan = TilePlan(block_b, 128, max(1, 32 // dp), num_warps=8 if block_b == 128 else 4, num_stages=3)
+        if elem_bytes > 2:
+            plan = replace(plan, block_b=min(block_b, 64), block_n=64, num_warps=4)
     elif path == "dequant":
         return TilePlan(1, 32, max(1, 64 // dp))
     else:
@@ -218,7 +222,7 @@ def linear_launches(x2, codes, codebooks, codebook_scales, scales, bias, rowset,
     batch = x2.shape[0]
     ptrs, runtime, const = _format_meta(codes, codebooks, codebook_scales, scales, rowset, vector_dim, group_size, scale_group_size)
     n, nv = runtime["N"], runtime["NV"]
-    plan = plan or plan_tiles(path, batch, n, nv, const["DP"], x2.device)
+    plan = plan or plan_tiles(path, batch, n, nv, const["DP"], x2.device, elem_bytes=x2.element_size())
     vps = plan.vec_per_split or math.ceil(nv / plan.block_v) * plan.block_v
     out = torch.empty((batch, n), dtype=x2.dtype, device=x2.device)
     part = torch.empty((plan.split_k, batch, n), dtype=torch.float32, device=x2.device) if plan.split_k > 1 else out

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One call on a CUDA machine: the native GPU tests of the Triton VQLinear kernels, then the kernel
+# benchmark (JSON + PNG). About 6-8 minutes on an H100/H200 with a cold Triton cache.
+#
+#   benchmarks/gpu_check.sh [OUT_DIR]      # default: $OUT if set (device runner), else ./gpu_check_out
+#
+# Writes OUT_DIR/{env.txt, gpu_tests.txt, gpu_tests.xml, bench.txt, bench_kernels_gpu.json, bench_kernels_gpu.png}.
+# Exit status: non-zero if the tests or the benchmark failed (both always run).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-${OUT:-gpu_check_out}}
+mkdir -p "$OUT_DIR"
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'device', torch.cuda.get_device_name(0))"
+} >"$OUT_DIR/env.txt" 2>&1
+cat "$OUT_DIR/env.txt"
+
+timeout 300 "$PY" -m pytest tests/test_kernels_triton.py -m gpu -q -p no:cacheprovider \
+  --junitxml="$OUT_DIR/gpu_tests.xml" 2>&1 | tee "$OUT_DIR/gpu_tests.txt"
+tests_rc=${PIPESTATUS[0]}
+
+timeout 330 "$PY" benchmarks/bench_kernels_gpu.py --budget-s 240 --out "$OUT_DIR/bench_kernels_gpu" 2>&1 \
+  | tee "$OUT_DIR/bench.txt"
+bench_rc=${PIPESTATUS[0]}
+
+echo "gpu_check: tests rc=$tests_rc, benchmark rc=$bench_rc; results in $OUT_DIR"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
