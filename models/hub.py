@@ -8,93 +8,50 @@ Contract for a model class (``class MyTokenizer(HubMixin, nn.Module)``):
   with :func:`vqlib.quantizer_from_config` when loading.
 * ``_from_hub_config(cls, init_args) -> instance`` (classmethod, optional): builds the model from those
   arguments (with ``init_args["quantizer"]`` already rebuilt as a Quantizer object). Default: ``cls(**init_args)``.
-* ``_model_card_fields(self) -> dict[str, str]`` (optional): extra ``$placeholders`` for the model card.
+* ``_model_card_fields(self) -> dict[str, str]`` (optional): extra facts for the model card.
 
 ``config.json`` layout::
 
     {"library": "vqlib", "model_type": "ImageTokenizer", "format_version": 1,
      "vqlib_version": "0.1.0", "init_args": {..., "quantizer": {"class_path": "vqlib.VectorQuantize", ...}}}
 
-Loading reads JSON and safetensors only (no pickle). A repo id (``"user/name"``) that is not an existing
-local folder is fetched with ``huggingface_hub.snapshot_download``.
+The signatures follow huggingface_hub's ``ModelHubMixin`` (``from_pretrained(repo_id_or_path, *, revision,
+cache_dir, force_download, token, local_files_only)``, ``save_pretrained(dir, *, push_to_hub, repo_id)``,
+``push_to_hub(repo_id, *, ...)``) but the mixin is not used: its ``from_pretrained`` downloads config and
+weights with two separately resolved requests, while here one ``snapshot_download`` fetches every file at one
+commit (recorded as ``model.hub_commit``). Files are written and read by :mod:`vqlib.serialization` (shared
+with compressed models); loading reads JSON and safetensors only (no pickle).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import string
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from vqlib import cards
+from vqlib import serialization as ser
 from vqlib.base import Quantizer, quantizer_from_config, quantizer_to_config
 
 FORMAT_VERSION = 1
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-CARD_NAME = "README.md"
-CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "tokenizer_card.md"
-
-_FALLBACK_CARD = """---
-library_name: vqlib
-tags:
-- vqlib
-- tokenizer
-- vector-quantization
----
-# $model_type
-
-A vqlib `$model_type` with a `$quantizer_class` quantizer ($codebook_size codes).
-
-```python
-from vqlib.models import $model_type
-tokenizer = $model_type.from_pretrained("$repo_id")
-```
-
-Config:
-
-```json
-$config_json
-```
-"""
-
-
-def _vqlib_version() -> str:
-    import vqlib
-
-    return getattr(vqlib, "__version__", "unknown")
-
-
-def _looks_like_local_path(name: str) -> bool:
-    """A repo id is ``name`` or ``owner/name``; anything else is meant as a local folder."""
-    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or os.path.isabs(name)
-
-
-def _detached_state_dict(module: nn.Module) -> dict[str, Tensor]:
-    """Contiguous CPU copies; a tensor whose storage another entry already uses (tied weights, views) is
-    cloned, because safetensors refuses shared storage."""
-    state: dict[str, Tensor] = {}
-    seen_storages: set[int] = set()
-    for name, tensor in module.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        if t.numel():
-            ptr = t.untyped_storage().data_ptr()
-            if ptr in seen_storages:
-                t = t.clone()
-            seen_storages.add(t.untyped_storage().data_ptr())
-        state[name] = t
-    return state
+CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = ser.CONFIG_NAME, ser.WEIGHTS_NAME, ser.CARD_NAME
+_UPGRADES: dict[int, Any] = {}  # format_version -> function(config) giving the next version's config
 
 
 class HubMixin:
-    """Adds ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` to an ``nn.Module`` subclass."""
+    """Adds ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` to an ``nn.Module`` subclass.
+
+    A loaded model carries ``hub_repo_id`` / ``hub_commit`` (None for a local folder) and ``hub_metrics``
+    (the card's evaluation results, kept when the model is saved or pushed again)."""
+
+    hub_repo_id: str | None = None
+    hub_commit: str | None = None
+    hub_metrics: dict[str, float] | None = None
 
     # -- hooks ---------------------------------------------------------------------------------------------
     def _hub_config(self) -> dict[str, Any]:
@@ -122,136 +79,159 @@ class HubMixin:
             "library": "vqlib",
             "model_type": self._hub_model_type(),
             "format_version": FORMAT_VERSION,
-            "vqlib_version": _vqlib_version(),
+            "vqlib_version": ser.vqlib_version(),
             "init_args": init_args,
         }
 
-    def model_card(self, repo_id: str | None = None) -> str:
-        """Model card text from ``model_cards/tokenizer_card.md`` (a built-in fallback when not installed)."""
-        template = CARD_TEMPLATE.read_text(encoding="utf-8") if CARD_TEMPLATE.is_file() else _FALLBACK_CARD
+    def _usage_snippet(self, repo_id: str) -> str:
+        """Code that runs as written: load, encode a random input of the right shape, decode."""
+        name = self._hub_model_type()
+        if hasattr(self, "sample_rate"):
+            make = f"torch.randn(1, {getattr(self, 'channels', 1)}, {self.sample_rate})  # (batch, channels, time): 1 s"
+            use = "codes = tokenizer.encode(wave)            # (batch, frames, levels)\nreconstruction = tokenizer.decode(codes)"
+            var = "wave"
+        else:
+            side = 4 * getattr(self, "downsample_factor", 8)
+            ch = getattr(self, "in_channels", 3)
+            make = f"torch.rand(1, {ch}, {side}, {side}) * 2 - 1  # (batch, channels, H, W) in [-1, 1]"
+            use = "indices = tokenizer.encode(images)        # integer codes\nreconstruction = tokenizer.decode(indices)"
+            var = "images"
+        return (
+            f"import torch\nfrom vqlib.models import {name}\n\ntokenizer = {name}.from_pretrained({repo_id!r})\n"
+            f"{var} = {make}\n{use}"
+        )
+
+    def model_card(
+        self,
+        repo_id: str | None = None,
+        *,
+        metrics: dict[str, Any] | None = None,
+        train_config: str | None = None,
+        dataset: str | None = None,
+        license: str | None = None,
+    ):
+        """The ``ModelCard`` (huggingface_hub) from ``model_cards/tokenizer_card.md``.
+
+        ``metrics``: the run's logged values (``{"val/psnr": 27.1, ...}``) or the card's own metric types
+        (``{"psnr": 27.1}``, e.g. ``hub_metrics`` of a loaded model)."""
         cfg = self.hub_config()
+        audio = hasattr(self, "sample_rate")
+        logged = metrics if metrics is not None else (self.hub_metrics or {})
+        picked = cards.tokenizer_metrics(logged, audio)
+        if not picked and logged:  # already metric types (a card read back)
+            names = {m: n for _, m, n in (cards.AUDIO_METRICS if audio else cards.IMAGE_METRICS)}
+            picked = {k: (names.get(k, k), float(v)) for k, v in logged.items()}
         quantizer = getattr(self, "quantizer", None)
-        fields = {
-            "model_type": cfg["model_type"],
-            "repo_id": repo_id or "path/to/folder",
-            "quantizer_class": cfg["init_args"].get("quantizer", {}).get("class_path", "none"),
-            "codebook_size": str(quantizer.codebook_size) if isinstance(quantizer, Quantizer) else "n/a",
-            "config_json": json.dumps(cfg, indent=2),
-            "vqlib_version": cfg["vqlib_version"],
-            "num_parameters": f"{sum(p.numel() for p in self.parameters()):,}",  # type: ignore[attr-defined]
-        }
-        fields.update(self._model_card_fields())
-        return string.Template(template).safe_substitute(fields)
+        repo_id = repo_id or "path/to/folder"
+        facts = self._model_card_fields()
+        return cards.render(
+            "tokenizer_card.md",
+            model_name=repo_id.rpartition("/")[2],
+            metrics=picked,
+            task_type="audio-to-audio" if audio else "image-to-image",
+            dataset=dataset,
+            license=license,
+            tags=["tokenizer", "vector-quantization", "audio" if audio else "image"],
+            pipeline_tag="audio-to-audio" if audio else None,
+            model_type=cfg["model_type"],
+            modality="audio" if audio else "images",
+            quantizer_class=cfg["init_args"].get("quantizer", {}).get("class_path", "none"),
+            codebook_size=str(quantizer.codebook_size) if isinstance(quantizer, Quantizer) else "n/a",
+            size_facts="; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in facts.items()),
+            num_parameters=f"{sum(p.numel() for p in self.parameters()):,}",  # type: ignore[attr-defined]
+            vqlib_version=cfg["vqlib_version"],
+            usage=self._usage_snippet(repo_id),
+            dataset_note=f" ({dataset})" if dataset else "",
+            metrics_step="",
+            train_config=(train_config or "").strip(),
+            config_json=json.dumps(cfg, indent=2),
+        )
 
     # -- save --------------------------------------------------------------------------------------------------
-    def save_pretrained(self, folder: str | os.PathLike, *, repo_id: str | None = None) -> Path:
-        """Write ``config.json``, ``model.safetensors`` and ``README.md`` into ``folder``.
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        repo_id: str | None = None,
+        push_to_hub: bool = False,
+        metrics: dict[str, Any] | None = None,
+        train_config: str | None = None,
+        dataset: str | None = None,
+        license: str | None = None,
+        **push_kwargs: Any,
+    ) -> Path:
+        """Write ``config.json``, ``model.safetensors`` and ``README.md`` (the model card) into the folder.
 
-        A new folder appears complete or not at all (written in a temporary sibling, then renamed). Into an
-        existing folder each file is written under a temporary name and renamed over the old one; other
-        files there are left alone.
-        """
-        folder = Path(folder)
-        if folder.exists() and not folder.is_dir():
-            raise NotADirectoryError(f"save_pretrained: {folder} exists and is not a folder")
-        config_text = json.dumps(self.hub_config(), indent=2, sort_keys=False)
-        card_text = self.model_card(repo_id)
-        state = _detached_state_dict(self)  # type: ignore[arg-type]
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        try:
-            (tmp / CONFIG_NAME).write_text(config_text, encoding="utf-8")
-            (tmp / CARD_NAME).write_text(card_text, encoding="utf-8")
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "library": "vqlib"})
-            if not folder.exists():
-                try:
-                    os.rename(tmp, folder)
-                    return folder
-                except OSError:
-                    if not folder.is_dir():  # lost a race or cross-device: fall through to per-file replace
-                        raise
-            for name in (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME):
-                staged = folder / f".{name}.{uuid.uuid4().hex}.tmp"
-                shutil.move(str(tmp / name), staged)
-                os.replace(staged, folder / name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        A new folder appears complete or not at all; into an existing folder each file is renamed over the old
+        one and other files are left alone. ``push_to_hub=True`` then uploads the folder to ``repo_id``
+        (``push_kwargs``: ``private``, ``token``, ``revision``, ``commit_message``, ``create_pr``)."""
+        if push_to_hub and not repo_id:
+            raise ValueError("save_pretrained(push_to_hub=True) needs repo_id='owner/name'")
+        config_text = json.dumps(self.hub_config(), indent=2)
+        card = self.model_card(repo_id, metrics=metrics, train_config=train_config, dataset=dataset, license=license)
+        state = ser.state_for_safetensors(self)  # type: ignore[arg-type]
+        folder = ser.write_folder(
+            save_directory,
+            {
+                WEIGHTS_NAME: lambda p: ser.save_safetensors(state, p, {"format": "pt", "library": "vqlib"}),
+                CONFIG_NAME: ser.text_writer(config_text),
+                CARD_NAME: ser.text_writer(str(card)),
+            },
+        )
+        if push_to_hub:
+            ser.push_folder(folder, repo_id, **push_kwargs)  # type: ignore[arg-type]
         return folder
 
     # -- load --------------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(
         cls,
-        folder_or_repo_id: str | os.PathLike,
+        repo_id_or_path: str | os.PathLike,
         *,
-        map_location: str | torch.device = "cpu",
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
+        force_download: bool = False,
         token: str | bool | None = None,
         local_files_only: bool = False,
+        map_location: str | torch.device = "cpu",
+        **kwargs: Any,
     ):
-        """Load from a local folder written by :meth:`save_pretrained`, or download a Hub repo id first."""
-        folder = cls._resolve_folder(folder_or_repo_id, revision, cache_dir, token, local_files_only)
-        config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-        missing = [p.name for p in (config_path, weights_path) if not p.is_file()]
+        """Load from a local folder written by :meth:`save_pretrained`, or from a Hub repo id (every file at the
+        one commit ``revision`` resolves to; recorded as ``model.hub_commit``)."""
+        if kwargs:
+            raise TypeError(f"{cls.__name__}.from_pretrained: unexpected arguments {sorted(kwargs)}")
+        caller = f"{cls.__name__}.from_pretrained"
+        res = ser.resolve_folder(
+            repo_id_or_path, caller=caller, files=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME], revision=revision,
+            cache_dir=cache_dir, force_download=force_download, token=token, local_files_only=local_files_only,
+        )
+        folder = res.folder
+        missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / n).is_file()]
         if missing:
+            where = f"Hub repo {res.repo_id!r} (commit {res.commit})" if res.repo_id else str(folder)
             raise FileNotFoundError(
-                f"{folder} is missing {', '.join(missing)}; a saved vqlib model folder holds "
+                f"{caller}: {where} is missing {', '.join(missing)}; a saved vqlib model folder holds "
                 f"{CONFIG_NAME} and {WEIGHTS_NAME} (written by save_pretrained or `vqlib-train export`)"
             )
-        try:
-            cfg = json.loads(config_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path} is not valid JSON: {e}") from e
-        init_args = cls._check_config(cfg, config_path)
+        cfg = ser.read_json_config(folder, caller)
+        init_args = cls._check_config(cfg, folder / CONFIG_NAME)
         if isinstance(init_args.get("quantizer"), dict):
             init_args["quantizer"] = quantizer_from_config(init_args["quantizer"])
         model = cls._from_hub_config(init_args)
-        state = load_file(str(weights_path), device=str(map_location))
-        model._load_checked_state(state, weights_path)
+        state = ser.load_safetensors(folder / WEIGHTS_NAME, map_location, caller)
+        model._load_checked_state(state, folder / WEIGHTS_NAME)
+        model.hub_repo_id, model.hub_commit = res.repo_id, res.commit
+        model.hub_metrics = _card_metrics(folder / CARD_NAME)
         return model.to(map_location).eval()
-
-    @classmethod
-    def _resolve_folder(cls, name, revision, cache_dir, token, local_files_only) -> Path:
-        path = Path(os.path.expanduser(str(name)))
-        if path.is_dir():
-            return path
-        if path.exists():
-            raise NotADirectoryError(f"{cls.__name__}.from_pretrained: {path} is a file, expected a model folder")
-        if isinstance(name, os.PathLike) or _looks_like_local_path(str(name)):
-            raise FileNotFoundError(f"{cls.__name__}.from_pretrained: folder {path} does not exist")
-        from huggingface_hub import snapshot_download
-
-        try:
-            local = snapshot_download(
-                str(name),
-                revision=revision,
-                cache_dir=cache_dir,
-                token=token,
-                local_files_only=local_files_only,
-                allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME],
-                library_name="vqlib",
-                library_version=_vqlib_version(),
-            )
-        except Exception as e:  # network, auth, not found: say which name was tried both ways
-            raise OSError(
-                f"{cls.__name__}.from_pretrained: {name!r} is not a local folder and could not be fetched "
-                f"from the Hugging Face Hub ({type(e).__name__}: {e})"
-            ) from e
-        return Path(local)
 
     @classmethod
     def _check_config(cls, cfg: Any, config_path: Path) -> dict[str, Any]:
         if not isinstance(cfg, dict) or "init_args" not in cfg or "model_type" not in cfg:
             raise ValueError(f"{config_path} is not a vqlib model config (expected keys model_type, init_args)")
         version = cfg.get("format_version")
-        if not isinstance(version, int):
-            raise ValueError(f"{config_path}: format_version must be an integer, got {version!r}")
-        if version > FORMAT_VERSION:
-            raise ValueError(
-                f"{config_path} has format_version {version}, newer than this vqlib supports ({FORMAT_VERSION}); "
-                f"it was written by vqlib {cfg.get('vqlib_version', '?')}: upgrade vqlib to load it"
-            )
+        ser.check_format_version(version, FORMAT_VERSION, str(config_path), cfg.get("vqlib_version"), cls.__name__)
+        while cfg["format_version"] < FORMAT_VERSION:  # older files: upgrade step by step
+            cfg = _UPGRADES[cfg["format_version"]](cfg)
         expected = cls._hub_model_type()
         if cfg["model_type"] != expected:
             raise ValueError(
@@ -289,23 +269,32 @@ class HubMixin:
         self,
         repo_id: str,
         *,
+        revision: str | None = None,
+        branch: str | None = None,
         private: bool | None = None,
         token: str | None = None,
-        revision: str | None = None,
         commit_message: str = "Upload vqlib tokenizer",
         create_pr: bool = False,
+        **card_kwargs: Any,
     ):
-        """Save into a temporary folder (config, weights, model card) and upload it with ``HfApi.upload_folder``."""
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
+        """Save into a temporary folder (config, weights, model card) and upload it (``HfApi.upload_folder``);
+        ``branch`` is another name for ``revision``. ``card_kwargs``: ``metrics``, ``train_config``, ``dataset``,
+        ``license`` as in :meth:`save_pretrained`."""
         with tempfile.TemporaryDirectory() as tmp:
-            folder = self.save_pretrained(Path(tmp) / "model", repo_id=repo_id)
-            return api.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                commit_message=commit_message,
-                revision=revision,
-                create_pr=create_pr,
+            folder = self.save_pretrained(Path(tmp) / "model", repo_id=repo_id, **card_kwargs)
+            return ser.push_folder(
+                folder, repo_id, token=token, private=private, revision=revision or branch,
+                commit_message=commit_message, create_pr=create_pr,
             )
+
+
+def _card_metrics(path: Path) -> dict[str, float] | None:
+    """The model-index metrics of a saved card (None when there is no card or it has none)."""
+    if not path.is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        return cards.card_metrics(ModelCard.load(path)) or None
+    except Exception:  # a hand-edited card that no longer parses: the model still loads
+        return None
