@@ -138,9 +138,13 @@ def _jit_for(device: torch.device):
 
 
 def _is_build_error(exc: BaseException) -> bool:
+    """Triton front-end errors, resource limits, ptxas failures and MLIR pass-pipeline crashes."""
     module = type(exc).__module__ or ""
-    return module.startswith("triton.compiler") or isinstance(exc, subprocess.CalledProcessError) or (
-        type(exc).__name__ in ("OutOfResources", "CompilationError", "CompileTimeAssertionFailure")
+    return (
+        module.startswith("triton.compiler")
+        or isinstance(exc, subprocess.CalledProcessError)
+        or type(exc).__name__ in ("OutOfResources", "CompilationError", "CompileTimeAssertionFailure")
+        or (isinstance(exc, RuntimeError) and "PassManager::run failed" in str(exc))
     )
 
 

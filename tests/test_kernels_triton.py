@@ -147,6 +147,9 @@ def test_dispatch_by_tokens_is_explained(cpu_registry, monkeypatch):
     assert "DEQUANT_MATMUL_MIN_BATCH=256" in tv._gemm_supports(layer, torch.randn(256, layer.in_features))
     decision = kernels.explain(layer, torch.randn(2, layer.in_features, dtype=torch.float64))
     assert decision.path == "reference" and "input dtype torch.float64 not covered" in decision.reason
+    layer.cache_dequantized_weight(torch.float32)  # the user's explicit dense cache wins
+    assert "dense weight is cached" in kernels.explain(layer, torch.randn(1, layer.in_features)).reason
+    layer.cache_dequantized_weight(None)
     monkeypatch.setattr(tv, "DEQUANT_MATMUL_MIN_BATCH", 32)  # the one constant moves the crossover
     assert kernels.explain(layer, torch.randn(32, layer.in_features)).path == "triton_vq_dequant_matmul"
     monkeypatch.setenv(kernels.ENV_SWITCH, "triton_vq_gemm")
@@ -206,6 +209,8 @@ def test_build_failure_becomes_kernel_build_error():
 
     with pytest.raises(kernels.KernelBuildError, match="failing_kernel.*OutOfResources"):
         ops._launch(Failing(), (1,))
+    assert ops._is_build_error(RuntimeError("PassManager::run failed"))  # MLIR pipeline crash
+    assert not ops._is_build_error(RuntimeError("CUDA error: an illegal memory access was encountered"))
 
 
 # ---- fused projections --------------------------------------------------------------------------
