@@ -103,6 +103,7 @@ def render(
     tags: list[str],
     pipeline_tag: str | None,
     base_model: str | None = None,
+    dataset_name: str | None = None,
     **fields: Any,
 ):
     """A ``ModelCard``: YAML metadata (+ model-index when there are metrics) and the template's body."""
@@ -116,7 +117,7 @@ def render(
         base_model=base_model,
         datasets=[dataset] if dataset and "/" in dataset else None,  # only Hub dataset ids are metadata
         model_name=model_name,
-        eval_results=_eval_results(metrics, task_type, dataset or "custom", dataset or "validation split")
+        eval_results=_eval_results(metrics, task_type, dataset or "custom", dataset_name or dataset or "validation split")
         if metrics
         else None,
     )

@@ -232,7 +232,7 @@ def resolve_folder(
     if path.exists():
         raise NotADirectoryError(f"{caller}: {path} is a file, expected a model folder or a Hub repo id")
     if isinstance(name, os.PathLike) or looks_like_local_path(str(name)):
-        raise FileNotFoundError(f"{caller}: folder {path} does not exist")
+        raise FileNotFoundError(f"{caller}: {path} is not a folder: it does not exist")
     from huggingface_hub import snapshot_download
 
     try:

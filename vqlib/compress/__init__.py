@@ -15,7 +15,7 @@ from .api import compress
 from .config import VQConfig
 from . import hf_integration
 from .format import FORMAT_VERSION, VQLinear
-from .io import load_compressed, save_compressed
+from .io import load_compressed, push_to_hub, save_compressed
 from .report import CompressionReport, LayerReport
 from .scalar import ScalarLinear
 
@@ -28,6 +28,7 @@ __all__ = [
     "VQLinear",
     "compress",
     "load_compressed",
+    "push_to_hub",
     "save_compressed",
 ]
 

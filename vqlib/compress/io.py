@@ -1,15 +1,18 @@
-"""Saving and loading compressed models: one ``model.safetensors`` plus ``config.json``.
+"""Saving and loading compressed models: one ``model.safetensors`` plus ``config.json`` (+ ``README.md`` card).
 
 ``config.json`` follows the transformers convention: the model's own config (when it has a
 ``config.to_dict()``) with a ``quantization_config`` entry:
 
     {"quant_method": "vqlib", "format_version": 1, "vqlib_version": "...",
      "modules": {"<qualified name>": {"layer_type": "VQLinear" | "ScalarLinear", ...constructor args}},
+     "uncompressed_modules": ["<nn.Linear layers left as they were>", ...],
      "files": {"model.safetensors": {"bytes": N, "sha256": "..."}},
      "compress_config": {...VQConfig fields, when given}}
 
-Only safetensors and JSON are ever read. Saving writes a temporary sibling folder and renames it,
-so a failure never leaves a half-written output folder behind.
+Only safetensors and JSON are ever read. Files are written and read through :mod:`vqlib.serialization`
+(shared with the tokenizers): a temporary sibling folder renamed into place, so a failure never leaves a
+half-written output folder behind. ``load_compressed`` also takes a Hub repo id (all files at one commit,
+recorded as ``model.hub_commit``); ``save_compressed(..., push_to_hub=True)`` / :func:`push_to_hub` publish.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -25,12 +27,16 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from vqlib import cards
+from vqlib import serialization as ser
+
 from .config import VQConfig
 from .format import FORMAT_VERSION, VQLinear, unpack_codes
 from .scalar import ScalarLinear
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
+WEIGHTS_NAME = ser.WEIGHTS_NAME
+CONFIG_NAME = ser.CONFIG_NAME
+CARD_NAME = ser.CARD_NAME
 _LAYER_TYPES: dict[str, type[nn.Module]] = {"VQLinear": VQLinear, "ScalarLinear": ScalarLinear}
 
 
@@ -42,35 +48,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _compressed_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, (VQLinear, ScalarLinear))}
-
-
-def _state_for_safetensors(model: nn.Module) -> dict[str, Tensor]:
-    """State dict with every tensor contiguous, on CPU and owning its storage (safetensors refuses shared memory)."""
-    out: dict[str, Tensor] = {}
-    seen: set[int] = set()
-    for name, t in model.state_dict().items():
-        t = t.detach().to("cpu").contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size():
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        out[name] = t
-    return out
 
 
 def _output_layer_compressed(model: nn.Module) -> bool:
@@ -91,94 +70,133 @@ def _uncompressed_dtype(model: nn.Module, modules: dict[str, nn.Module]) -> str 
     return None
 
 
-def save_compressed(
-    model: nn.Module, path: str | os.PathLike, *, config: VQConfig | None = None, overwrite: bool = False
-) -> Path:
-    """Write ``model`` (with its VQLinear / ScalarLinear layers) to the folder ``path`` atomically."""
-    from safetensors.torch import save_file
+def _model_config_dict(model: nn.Module, modules: dict[str, nn.Module]) -> tuple[dict[str, Any], bool]:
+    """The model's own config (transformers convention), fixed up for loading; (dict, has_config)."""
+    model_config = getattr(model, "config", None)
+    data: dict[str, Any] = {}
+    if model_config is not None and callable(getattr(model_config, "to_dict", None)):
+        data.update(json.loads(json.dumps(model_config.to_dict(), default=str)))
+    if data.get("tie_word_embeddings") and _output_layer_compressed(model):
+        # compress replaced the output layer and left the input embedding as it was: the tie is
+        # broken, and transformers must not re-tie them when it loads this folder.
+        data["tie_word_embeddings"] = False
+    if model_config is not None and data.get("dtype") is None and data.get("torch_dtype") is None:
+        # Without it transformers' dtype="auto" takes the first float tensor in the file, which can be
+        # an fp16 codebook, and would load the rest of an fp32 model in fp16.
+        data["dtype"] = _uncompressed_dtype(model, modules)
+    return data, model_config is not None
 
+
+def _quantization_config(model: nn.Module, modules: dict[str, nn.Module], weights: Path, config: VQConfig | None):
     import vqlib
 
+    quant: dict[str, Any] = {
+        "quant_method": "vqlib",
+        "format_version": FORMAT_VERSION,
+        "vqlib_version": vqlib.__version__,
+        "modules": {name: m.format_spec() for name, m in modules.items()},
+        "uncompressed_modules": sorted(n for n, m in model.named_modules() if type(m) is nn.Linear),
+        "files": {WEIGHTS_NAME: {"bytes": weights.stat().st_size, "sha256": _sha256(weights)}},
+    }
+    if config is not None:
+        quant["compress_config"] = config.to_dict()
+    return quant
+
+
+def save_compressed(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    config: VQConfig | None = None,
+    overwrite: bool = False,
+    report: Any = None,
+    card: bool | None = None,
+    base_model: str | None = None,
+    metrics: dict[str, float] | None = None,
+    license: str | None = None,
+    usage: str | None = None,
+    repo_id: str | None = None,
+    push_to_hub: bool = False,
+    **push_kwargs: Any,
+) -> Path:
+    """Write ``model`` (with its VQLinear / ScalarLinear layers) to the folder ``path`` atomically.
+
+    A ``README.md`` model card is written when ``card=True``, when ``report`` (the ``CompressionReport`` of
+    ``compress``) or ``metrics`` (the user's own evaluation, e.g. ``{"perplexity": 6.1}``) is given, and
+    always with ``push_to_hub=True``, which then uploads the folder to ``repo_id`` (``push_kwargs``:
+    ``private``, ``token``, ``revision``, ``commit_message``, ``create_pr``). ``base_model``: the Hub id of
+    the original (default: the model config's ``_name_or_path`` when that is a repo id)."""
     path = Path(path)
     modules = _compressed_modules(model)
     if not modules:
         raise ValueError("save_compressed: the model has no VQLinear/ScalarLinear layers; run vqlib.compress first")
+    if push_to_hub and not repo_id:
+        raise ValueError("save_compressed(push_to_hub=True) needs repo_id='owner/name'")
     if path.exists() and not overwrite:
         raise FileExistsError(f"save_compressed: {path} already exists (pass overwrite=True to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like mkdir's
-        weights = tmp / WEIGHTS_NAME
-        save_file(_state_for_safetensors(model), str(weights), metadata={"format": "pt", "quant_method": "vqlib"})
-        quant = {
-            "quant_method": "vqlib",
-            "format_version": FORMAT_VERSION,
-            "vqlib_version": vqlib.__version__,
-            "modules": {name: m.format_spec() for name, m in modules.items()},
-            "files": {WEIGHTS_NAME: {"bytes": weights.stat().st_size, "sha256": _sha256(weights)}},
-        }
-        if config is not None:
-            quant["compress_config"] = config.to_dict()
-        model_config = getattr(model, "config", None)
-        data: dict[str, Any] = {}
-        if model_config is not None and callable(getattr(model_config, "to_dict", None)):
-            data.update(json.loads(json.dumps(model_config.to_dict(), default=str)))
-        if data.get("tie_word_embeddings") and _output_layer_compressed(model):
-            # compress replaced the output layer and left the input embedding as it was: the tie is
-            # broken, and transformers must not re-tie them when it loads this folder.
-            data["tie_word_embeddings"] = False
-        if model_config is not None and data.get("dtype") is None and data.get("torch_dtype") is None:
-            # Without it transformers' dtype="auto" takes the first float tensor in the file, which can be
-            # an fp16 codebook, and would load the rest of an fp32 model in fp16.
-            data["dtype"] = _uncompressed_dtype(model, modules)
-        data["quantization_config"] = quant
-        with open(tmp / CONFIG_NAME, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        for f in (weights, tmp / CONFIG_NAME):
-            os.chmod(f, 0o666 & ~umask)
-        _fsync_dir(tmp)
-        if path.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.rename(path, backup / "old")
-            os.rename(tmp, path)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    data, _ = _model_config_dict(model, modules)
+    state = ser.state_for_safetensors(model)
+
+    def write_config(target: Path) -> None:
+        data["quantization_config"] = _quantization_config(model, modules, target.parent / WEIGHTS_NAME, config)
+        target.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+    writers = {
+        WEIGHTS_NAME: lambda p: ser.save_safetensors(state, p, {"format": "pt", "quant_method": "vqlib"}),
+        CONFIG_NAME: write_config,
+    }
+    if card or report is not None or metrics or push_to_hub:
+        writers[CARD_NAME] = lambda p: p.write_text(
+            str(compressed_card(model, data, repo_id, report, base_model, metrics, license, usage)), encoding="utf-8"
+        )
+    out = ser.write_folder(path, writers, replace="folder")
+    if push_to_hub:
+        ser.push_folder(out, repo_id, **push_kwargs)  # type: ignore[arg-type]
+    return out
+
+
+def push_to_hub(
+    model: nn.Module,
+    repo_id: str,
+    *,
+    config: VQConfig | None = None,
+    report: Any = None,
+    base_model: str | None = None,
+    metrics: dict[str, float] | None = None,
+    license: str | None = None,
+    usage: str | None = None,
+    revision: str | None = None,
+    branch: str | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload vqlib compressed model",
+    create_pr: bool = False,
+):
+    """Save ``model`` with its card into a temporary folder and upload it; returns huggingface_hub's CommitInfo."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_compressed(
+            model, Path(tmp) / "model", config=config, report=report, card=True, base_model=base_model,
+            metrics=metrics, license=license, usage=usage, repo_id=repo_id,
+        )
+        return ser.push_folder(
+            folder, repo_id, token=token, private=private, revision=revision or branch,
+            commit_message=commit_message, create_pr=create_pr,
+        )
 
 
 def read_quantization_config(path: str | os.PathLike) -> dict[str, Any]:
     """Parse and check ``config.json`` of a saved folder; return its ``quantization_config``."""
     path = Path(path)
-    cfg_file = path / CONFIG_NAME
     if not path.is_dir():
         raise FileNotFoundError(f"load_compressed: {path} is not a folder written by save_compressed")
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"load_compressed: {cfg_file} is missing")
-    try:
-        data = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"load_compressed: {cfg_file} is not valid JSON (truncated or corrupt?): {exc}") from exc
-    quant = data.get("quantization_config") if isinstance(data, dict) else None
+    data = ser.read_json_config(path, "load_compressed")
+    cfg_file = path / CONFIG_NAME
+    quant = data.get("quantization_config")
     if not isinstance(quant, dict) or quant.get("quant_method") != "vqlib":
         raise ValueError(f"load_compressed: {cfg_file} has no quantization_config with quant_method 'vqlib'")
-    version = quant.get("format_version")
-    if not isinstance(version, int) or version < 1:
-        raise ValueError(f"load_compressed: invalid format_version {version!r} in {cfg_file}")
-    if version > FORMAT_VERSION:
-        raise ValueError(
-            f"load_compressed: {path} uses format version {version}, newer than the version this vqlib "
-            f"reads ({FORMAT_VERSION}); upgrade vqlib (saved by vqlib {quant.get('vqlib_version', '?')})"
-        )
+    ser.check_format_version(
+        quant.get("format_version"), FORMAT_VERSION, str(path), quant.get("vqlib_version"), "load_compressed"
+    )
     for key in ("modules", "files"):
         if not isinstance(quant.get(key), dict):
             raise ValueError(f"load_compressed: quantization_config.{key} is missing or not a mapping in {cfg_file}")
@@ -255,22 +273,32 @@ def replace_with_compressed_layers(
 
 
 def load_compressed(
-    path: str | os.PathLike,
+    repo_id_or_path: str | os.PathLike,
     skeleton_or_factory: nn.Module | Callable[[], nn.Module],
     *,
     device: str | torch.device = "cpu",
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    force_download: bool = False,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
 ) -> nn.Module:
-    """Rebuild a compressed model saved by ``save_compressed``.
+    """Rebuild a compressed model saved by ``save_compressed`` from a folder or a Hub repo id.
+
+    A repo id is downloaded with every file at the one commit ``revision`` resolves to (huggingface_hub's
+    cache, ``local_files_only`` / ``HF_HUB_OFFLINE=1`` read only the cache); the model records it as
+    ``model.hub_commit`` (None for a local folder).
 
     ``skeleton_or_factory``: the uncompressed architecture (any weights, may live on the meta
     device) or a callable returning it. Its nn.Linear layers named in the saved config are replaced
     by compressed layers and every tensor is loaded from the safetensors file (the saved dtypes
     win); the skeleton must match the saved model exactly, or a ValueError says where it differs.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
+    res = ser.resolve_folder(
+        repo_id_or_path, caller="load_compressed", files=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME], revision=revision,
+        cache_dir=cache_dir, force_download=force_download, token=token, local_files_only=local_files_only,
+    )
+    path = res.folder
     quant = read_quantization_config(path)
     weights = path / WEIGHTS_NAME
     _check_file(weights, quant["files"].get(WEIGHTS_NAME, {}))
@@ -291,10 +319,7 @@ def load_compressed(
 
     model, built = replace_with_compressed_layers(model, quant["modules"])
 
-    try:
-        state = load_file(str(weights), device=str(torch.device(device)))
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise ValueError(f"load_compressed: cannot read {weights} (corrupt file): {exc}") from exc
+    state = ser.load_safetensors(weights, device, "load_compressed")
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -329,4 +354,84 @@ def load_compressed(
             f"load_compressed: {left[:5]} are not in the saved file and the skeleton holds them on the meta "
             "device (non-persistent buffers?); build the skeleton on a real device instead"
         )
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    model.hub_repo_id, model.hub_commit = res.repo_id, res.commit
+    return model
+
+
+def compressed_card(
+    model: nn.Module,
+    config_data: dict[str, Any],
+    repo_id: str | None,
+    report: Any = None,
+    base_model: str | None = None,
+    metrics: dict[str, float] | None = None,
+    license: str | None = None,
+    usage: str | None = None,
+):
+    """The ``ModelCard`` of a compressed model from ``model_cards/compressed_card.md`` and the report."""
+    quant = config_data["quantization_config"]
+    modules = quant["modules"]
+    base_model = base_model or _hub_name(config_data.get("_name_or_path"))
+    params = sum(
+        p.numel() for n, p in model.named_parameters() if n.rpartition(".")[0] not in modules
+    ) + sum(s["in_features"] * s["out_features"] + (s["out_features"] if s.get("bias") else 0) for s in modules.values())
+    picked, kinds, rep = cards.compressed_metrics(report or {}, params, metrics)
+    repo = repo_id or "path/to/folder"
+    arch = (config_data.get("architectures") or [None])[0]
+    formats = sorted({_format_name(s) for s in modules.values()})
+    skipped = quant.get("uncompressed_modules", [])
+    return cards.render(
+        "compressed_card.md",
+        model_name=repo.rpartition("/")[2],
+        metrics=picked,
+        task_type="text-generation" if arch and arch.endswith("ForCausalLM") else "other",
+        dataset=None,
+        dataset_name="calibration data" if "output" in kinds else "weights (data-free)",
+        license=license,
+        tags=["quantized", "vector-quantization"],
+        pipeline_tag="text-generation" if arch and arch.endswith("ForCausalLM") else None,
+        base_model=base_model,
+        n_compressed=len(modules),
+        formats=", ".join(formats),
+        n_skipped=len(skipped),
+        skipped_note=f" ({', '.join(skipped[:8])}{', ...' if len(skipped) > 8 else ''})" if skipped else "",
+        bpw_layers=_fmt(picked, "bits_per_weight_compressed_layers"),
+        bpw_model=_fmt(picked, "bits_per_parameter_whole_model"),
+        size_before=_fmt(picked, "size_mib_original", " MiB"),
+        size_after=_fmt(picked, "size_mib_compressed", " MiB"),
+        vqlib_version=quant["vqlib_version"],
+        usage=usage or _usage(repo, arch),
+        error_note=cards.error_note(kinds),
+        eval_note=" and in the user's evaluation listed" if metrics else "",
+        compress_config=cards.dumps(quant.get("compress_config") or rep.get("config") or {}),
+    )
+
+
+def _hub_name(name: Any) -> str | None:
+    """``_name_or_path`` when it names a Hub repo (not a local folder)."""
+    if not isinstance(name, str) or not name or os.path.exists(name) or ser.looks_like_local_path(name):
+        return None
+    return name if "/" in name else None
+
+
+def _format_name(spec: dict[str, Any]) -> str:
+    if spec["layer_type"] == "VQLinear":
+        return f"VQ d{spec['vector_dim']} {spec['num_codebooks']}x{spec['codebook_bits']} bits"
+    return f"int{spec.get('bits', '?')}"
+
+
+def _fmt(picked: dict[str, tuple[str, float]], key: str, unit: str = "") -> str:
+    return f"{picked[key][1]:.4g}{unit}" if key in picked else "not measured"
+
+
+def _usage(repo: str, arch: str | None) -> str:
+    if arch:
+        return (
+            f"import vqlib  # registers quant_method 'vqlib' with transformers\nimport transformers\n\n"
+            f"model = transformers.{arch}.from_pretrained({repo!r})"
+        )
+    return (
+        "import vqlib\n\n# make_skeleton(): returns the uncompressed architecture (any weights, may be on 'meta')\n"
+        f"model = vqlib.load_compressed({repo!r}, make_skeleton)"
+    )
