@@ -125,8 +125,13 @@ def explain(layer: nn.Module, x: Tensor) -> Decision:
 
 
 def _format_key(layer: nn.Module) -> tuple:
-    spec = layer.format_spec() if hasattr(layer, "format_spec") else {}
-    return tuple(sorted((k, v) for k, v in spec.items() if k not in ("in_features", "out_features", "bias")))
+    # Memoized on the layer (a layer's format never changes): this runs on every forward call.
+    key = layer.__dict__.get("_kernels_format_key")
+    if key is None:
+        spec = layer.format_spec() if hasattr(layer, "format_spec") else {}
+        key = tuple(sorted((k, v) for k, v in spec.items() if k not in ("in_features", "out_features", "bias")))
+        layer.__dict__["_kernels_format_key"] = key
+    return key
 
 
 def _log_once(layer: nn.Module, x: Tensor, decision: Decision) -> None:

@@ -118,8 +118,13 @@ class Prepared:
 
 
 def _buffer_key(layer) -> tuple:
-    tensors = (layer.codes, layer.codebooks, layer.codebook_scales, layer.scales)
-    return tuple(None if t is None else (id(t), t.data_ptr(), t.device, t._version, tuple(t.shape)) for t in tensors)
+    """Identity, storage and version of every buffer the prepared arrays are derived from."""
+    buffers = layer._buffers  # direct dict access: nn.Module.__getattr__ costs more than the rest
+    key = []
+    for name in ("codes", "codebooks", "codebook_scales", "scales"):
+        t = buffers.get(name)
+        key.append(None if t is None else (id(t), t.data_ptr(), t._version))
+    return tuple(key)
 
 
 def prepare(layer) -> Prepared:
@@ -249,13 +254,21 @@ def run(layer, x: Tensor) -> Tensor:
         _blas(mod, p, xp, torch.from_numpy(out_np), n_out)
     else:
         run_chunks(lambda r0, r1: _lut_chunk(mod, p, xp, out_np, r0, r1), n_out, n)
+    return finish(out_np, layer, x)
+
+
+def finish(out_np: np.ndarray, layer, x: Tensor) -> Tensor:
+    """(b, out) float32 result -> bias added, input's leading dims and dtype."""
     out = torch.from_numpy(out_np)
-    if layer.bias is not None:
-        out += layer.bias.detach().float()
-    return out.reshape(*x.shape[:-1], n_out).to(x.dtype)
+    bias = layer._parameters.get("bias")
+    if bias is not None:
+        out += bias.detach() if bias.dtype == torch.float32 else bias.detach().float()
+    if x.dim() != 2:
+        out = out.reshape(*x.shape[:-1], out.shape[-1])
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
 KERNEL = Kernel(name=NAME, layer_type="VQLinear", device_type="cpu", run=run, supports=supports, priority=10)
 register_kernel(KERNEL)
 
-__all__ = ["KERNEL", "NAME", "compile_seconds", "load_numba", "prepare", "run", "run_chunks", "supports"]
+__all__ = ["KERNEL", "NAME", "compile_seconds", "finish", "load_numba", "prepare", "run", "run_chunks", "supports"]

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import Kernel, KernelBuildError, register_kernel
-from .cpu_lut import INPUT_DTYPES, _threads, run_chunks
+from .cpu_lut import INPUT_DTYPES, _threads, finish, run_chunks
 
 NAME = "cpu_scalar"
 GEMV_MAX_BATCH = 2  # unpack-and-dot up to here; block dequant + BLAS above (measured: 4096x4096, 4 bits)
@@ -61,8 +61,8 @@ class Prepared:
 
 
 def prepare(layer) -> Prepared:
-    tensors = (layer.qweight, layer.scales, layer.zeros)
-    key = tuple((id(t), t.data_ptr(), t.device, t._version) for t in tensors)
+    buffers = layer._buffers
+    key = tuple((id(t), t.data_ptr(), t._version) for t in (buffers["qweight"], buffers["scales"], buffers["zeros"]))
     cached = getattr(layer, "_cpu_scalar_cache", None)
     if cached is not None and cached.key == key:
         return cached
@@ -124,10 +124,7 @@ def run(layer, x: Tensor) -> Tensor:
 
             run_chunks(chunk, count, max(1, torch.get_num_threads()))
             out_t[:, base : base + count] = x_t @ torch.from_numpy(buf[:count]).T
-    out = torch.from_numpy(out_np)
-    if layer.bias is not None:
-        out += layer.bias.detach().float()
-    return out.reshape(*x.shape[:-1], n_out).to(x.dtype)
+    return finish(out_np, layer, x)
 
 
 KERNEL = Kernel(name=NAME, layer_type="ScalarLinear", device_type="cpu", run=run, supports=supports, priority=10)
