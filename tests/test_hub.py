@@ -204,3 +204,193 @@ def test_frozen_codebook_factory_round_trip_needs_no_codebook_file(tmp_path):
     with pytest.raises(ValueError, match="holds 2 tensors"):
         frozen_codebook_quantizer(8, str(tmp_path / "two.safetensors"))
     assert frozen_codebook_quantizer(8, str(tmp_path / "two.safetensors"), key="b").codebook_size == 40
+
+
+# -- through a fake Hub on 127.0.0.1 (tests/hub_server.py): huggingface_hub's real download/upload code ---------
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from hub_server import FakeHub  # noqa: E402
+from torch import nn  # noqa: E402
+
+from vqlib.compress import VQConfig, compress, load_compressed, push_to_hub, save_compressed  # noqa: E402
+from vqlib.models.audio_tokenizer import AudioTokenizer  # noqa: E402
+
+FAST_VQ = dict(algorithm="data_free", vector_dim=4, codebook_bits=4, kmeans_iters=5, finetune_steps=0)
+
+
+@pytest.fixture(scope="module")
+def fake_hub():
+    server = FakeHub()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def hub_env(fake_hub, tmp_path, monkeypatch):
+    """huggingface_hub's constants pointed at the fake Hub, with a cache and HF_HOME under tmp_path."""
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf_home"
+    for name, value in {
+        "ENDPOINT": fake_hub.endpoint,
+        "HUGGINGFACE_CO_URL_TEMPLATE": fake_hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(home / "hub"),
+        "AGENT_HARNESSES_PATH": str(home / "agents.json"),
+        "HF_TOKEN_PATH": str(home / "token"),
+        "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
+        "HF_HUB_OFFLINE": False,
+    }.items():
+        monkeypatch.setattr(constants, name, value)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    return fake_hub
+
+
+def audio_tokenizer(seed=0):
+    torch.manual_seed(seed)
+    rvq = ResidualVQ(8, 16, 2, channel_first=True, seed=seed)
+    return AudioTokenizer(rvq, sample_rate=8000, n_filters=2, ratios=[4, 2], residual_dilations=[1], lstm_layers=0)
+
+
+def test_image_tokenizer_push_pull_revision_cache_offline(hub_env):
+    first, second = tiny_tokenizer(seed=0), tiny_tokenizer(seed=1)
+    info = first.push_to_hub("me/img", metrics={"val/psnr": 21.5, "val/usage": 0.75})
+    sha1 = info.oid
+    sha2 = second.push_to_hub("me/img").oid
+    assert sha1 != sha2 and hub_env.repos["me/img"].refs["main"] == sha2
+    hub_env.tag("me/img", "v1", sha1)
+    x = random_images(2, seed=3)
+
+    latest = ImageTokenizer.from_pretrained("me/img")
+    assert latest.hub_commit == sha2 and latest.hub_repo_id == "me/img"
+    with torch.no_grad():
+        assert torch.equal(latest(x).reconstruction, second(x).reconstruction)
+    pinned = ImageTokenizer.from_pretrained("me/img", revision="v1")  # a tag resolves to its commit
+    assert pinned.hub_commit == sha1 and pinned.hub_metrics == {"psnr": 21.5, "codebook_usage": 0.75}
+    with torch.no_grad():
+        assert torch.equal(pinned(x).reconstruction, first(x).reconstruction)
+
+    gets = hub_env.file_gets("model.safetensors") + sum(1 for m, p in hub_env.requests if p.startswith("/lfs/"))
+    again = ImageTokenizer.from_pretrained("me/img", revision="v1")  # cached: no file bytes sent again
+    assert again.hub_commit == sha1
+    assert hub_env.file_gets("model.safetensors") + sum(1 for m, p in hub_env.requests if p.startswith("/lfs/")) == gets
+    n = len(hub_env.requests)
+    offline = ImageTokenizer.from_pretrained("me/img", local_files_only=True)
+    assert len(hub_env.requests) == n and offline.hub_commit == sha2  # no request at all
+    with pytest.raises(OSError, match="could not be fetched.*revision nope"):
+        ImageTokenizer.from_pretrained("me/img", revision="nope")
+
+
+def test_audio_tokenizer_round_trip_and_branch(hub_env):
+    tok = audio_tokenizer()
+    tok.push_to_hub("me/audio", revision="dev", metrics={"val/si_sdr": 3.5, "val/bitrate_kbps_nq2": 8.0})
+    assert "dev" in hub_env.repos["me/audio"].refs
+    with pytest.raises(FileNotFoundError, match="is missing config.json, model.safetensors"):
+        AudioTokenizer.from_pretrained("me/audio")  # main holds only .gitattributes
+    loaded = AudioTokenizer.from_pretrained("me/audio", revision="dev")
+    assert loaded.hub_commit == hub_env.repos["me/audio"].refs["dev"]
+    assert loaded.hub_metrics == {"si_sdr": 3.5, "bitrate_kbps": 8.0}
+    wave = torch.randn(1, 1, 800, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(wave), tok.encode(wave))
+        assert torch.equal(loaded(wave).reconstruction, tok(wave).reconstruction)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 8, bias=False)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def make_net():
+    torch.manual_seed(0)
+    return Net()
+
+
+def test_compressed_model_push_pull_revision_offline(hub_env, tmp_path):
+    cfg = VQConfig(**FAST_VQ)
+    model, report = compress(make_net(), cfg, progress=False)
+    save_compressed(model, tmp_path / "c", config=cfg, report=report, push_to_hub=True, repo_id="me/net",
+                    metrics={"perplexity": 9.25})
+    sha1 = hub_env.repos["me/net"].refs["main"]
+    model2, _ = compress(make_net(), VQConfig(**{**FAST_VQ, "codebook_bits": 3}), progress=False)
+    sha2 = push_to_hub(model2, "me/net", commit_message="3 bits").oid
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
+    loaded = load_compressed("me/net", make_net, revision=sha1)
+    assert loaded.hub_commit == sha1 and torch.equal(loaded(x), model(x))
+    latest = load_compressed("me/net", make_net)
+    assert latest.hub_commit == sha2 and torch.equal(latest(x), model2(x))
+    n = len(hub_env.requests)
+    assert torch.equal(load_compressed("me/net", make_net, revision=sha1, local_files_only=True)(x), model(x))
+    assert len(hub_env.requests) == n
+
+    from huggingface_hub import ModelCard
+    from vqlib.cards import card_metrics
+
+    card = ModelCard.load(tmp_path / "c" / "README.md")
+    metrics = card_metrics(card)
+    assert card.data.library_name == "vqlib" and metrics["perplexity"] == 9.25
+    assert metrics["bits_per_weight_compressed_layers"] == pytest.approx(report.bits_per_weight)
+    assert metrics["compression_seconds"] == pytest.approx(report.seconds)
+    assert metrics["size_mib_compressed"] == pytest.approx(report.model_bytes_after / 2**20)
+
+
+def test_bad_repos_are_refused_without_unpickling(hub_env, tmp_path, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("pickle-based loading must never be used")
+
+    import pickle
+
+    monkeypatch.setattr(torch, "load", forbidden)
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    hub_env.commit("me/pickled", {"config.json": b"{}", "pytorch_model.bin": b"\x80\x04not really"})
+    with pytest.raises(ValueError, match=r"only pickle checkpoint\(s\) \['pytorch_model.bin'\].*never unpickles"):
+        ImageTokenizer.from_pretrained("me/pickled")
+    with pytest.raises(ValueError, match="only pickle checkpoint"):
+        load_compressed("me/pickled", make_net)
+    assert hub_env.file_gets("pytorch_model.bin") == 0  # never even downloaded
+
+    folder = tiny_tokenizer().save_pretrained(tmp_path / "tok")
+    data = (folder / "model.safetensors").read_bytes()
+    hub_env.commit_folder("me/truncated", folder)
+    hub_env.commit("me/truncated", {"model.safetensors": data[: len(data) - 100]})
+    with pytest.raises(ValueError, match="model.safetensors is truncated"):
+        ImageTokenizer.from_pretrained("me/truncated")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["format_version"] = hub.FORMAT_VERSION + 1
+    hub_env.commit("me/newer", {"config.json": json.dumps(cfg).encode(), "model.safetensors": data})
+    with pytest.raises(ValueError, match="newer than this vqlib supports.*upgrade vqlib"):
+        ImageTokenizer.from_pretrained("me/newer")
+    with pytest.raises(OSError, match="'me/absent' is not a local folder and could not be fetched"):
+        ImageTokenizer.from_pretrained("me/absent")
+
+
+def test_card_usage_snippet_runs_as_written_in_a_fresh_interpreter(hub_env, tmp_path, monkeypatch):
+    """The card's snippet, unchanged, in a child with HF_ENDPOINT set before huggingface_hub is imported; then
+    the same snippet here with HF_HUB_OFFLINE from the child's cache (no request reaches the server)."""
+    from huggingface_hub import constants
+
+    tiny_tokenizer().push_to_hub("me/snippet")
+    sha = hub_env.repos["me/snippet"].refs["main"]
+    readme = hub_env.repos["me/snippet"].commits[sha]["README.md"].decode()
+    snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    home = tmp_path / "child_home"
+    env = {**os.environ, "HF_ENDPOINT": hub_env.endpoint, "HF_HOME": str(home), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    env.pop("HF_TOKEN", None)
+    code = snippet + "\nprint(tuple(reconstruction.shape), tokenizer.hub_commit)\n"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == sha
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    n = len(hub_env.requests)
+    scope: dict = {}
+    exec(compile(snippet, "card-snippet", "exec"), scope)
+    assert scope["tokenizer"].hub_commit == sha and len(hub_env.requests) == n
