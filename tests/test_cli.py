@@ -2,7 +2,10 @@
 PNG grids and metrics, export -> from_pretrained, validate, --print_config of every image config, export
 errors, and a 2-process CPU DDP fit in a subprocess with a timeout (so a hang fails instead of stalling)."""
 
+import contextlib
 import csv
+import io
+import json
 import sys
 from pathlib import Path
 
@@ -46,13 +49,27 @@ def fitted(tmp_path_factory):
     argv, sys.argv = sys.argv, ["vqlib-train"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    main(["fit", "--config", str(TINY), *SHRINK, "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
-          "--trainer.default_root_dir", str(root),
-          "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir", str(root)])  # fmt: skip
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        main(["fit", "--config", str(TINY), *SHRINK, "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
+              "--trainer.default_root_dir", str(root),
+              "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir", str(root)])  # fmt: skip
     torch.set_num_threads(threads)
     sys.argv = argv
     (log_dir,) = (root / "lightning_logs").iterdir()
+    (log_dir / "fit_stdout.txt").write_text(printed.getvalue())
     return log_dir
+
+
+def test_fit_ends_with_what_the_run_left_behind(fitted):
+    out = (fitted / "fit_stdout.txt").read_text()
+    summary = out[out.index("vqlib-train fit: finished at step 3"):]
+    saved = json.loads((fitted / "val_metrics.json").read_text())
+    assert saved["step"] == 3 and 0 < saved["metrics"]["val/usage"] <= 1
+    assert "  val/psnr" in summary and f"{saved['metrics']['val/psnr']:.6g}" in summary
+    assert f"reconstruction grids: {fitted / 'reconstructions'}" in summary
+    ckpt = fitted / "checkpoints" / "last.ckpt"
+    assert f"export it:  vqlib-train export --ckpt_path {ckpt} --out" in summary
 
 
 def test_fit_writes_metrics_grids_config_and_checkpoint(fitted):
@@ -81,8 +98,16 @@ def test_export_then_from_pretrained(fitted, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "tok")])  # config.yaml found beside the run
     assert exit_info.value.code == 0
-    assert "exported tokenizer to" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "exported tokenizer to" in out and "publish it: vqlib-train export" in out and "--push-to-hub" in out
     tok = ImageTokenizer.from_pretrained(tmp_path / "tok")
+    logged = json.loads((fitted / "val_metrics.json").read_text())["metrics"]
+    assert tok.hub_metrics["psnr"] == pytest.approx(logged["val/psnr"])  # the card holds the run's numbers
+    assert tok.hub_metrics["ssim"] == pytest.approx(logged["val/ssim"])
+    assert tok.hub_metrics["bits_per_image"] == 16 * 6
+    assert f"{logged['val/psnr']:.6g}" in out
+    card = (tmp_path / "tok" / "README.md").read_text()
+    assert "vqlib.training.EmbeddedImageDataModule" in card and "max_steps" in card  # data set and training config
     state = torch.load(ckpt, weights_only=True)["state_dict"]
     for k, v in tok.state_dict().items():
         assert torch.equal(v, state[f"tokenizer.{k}"]), k
