@@ -7,7 +7,10 @@ MODEL is a Hugging Face model folder (loaded with transformers' AutoModel) or an
 factory ``pkg.module:function`` returning an nn.Module. Every VQConfig field is a flag
 (``--vector-dim``, ``--skip-modules lm_head 'encoder.*.output*'``, ``--group-size none`` ...);
 flags override the config file. Prints a per-layer progress bar on stderr and the summary table
-on stdout, then writes OUTPUT with ``save_compressed``. Exit status 2 on bad input.
+on stdout, then writes OUTPUT with ``save_compressed``: config.json + model.safetensors + README.md, a model card
+filled from the compression report (bits per weight, sizes, layer errors, time) and, with ``--metrics-json``, the
+user's own evaluation (e.g. ``{"perplexity": 6.1}``). ``--repo-id OWNER/NAME --push-to-hub`` uploads it.
+Exit status 2 on bad input.
 """
 
 from __future__ import annotations
@@ -114,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     parser.add_argument("--report-json", help="also write the report as JSON to this file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    card = parser.add_argument_group("model card and Hub")
+    card.add_argument("--base-model", help="Hub id of the original model (card metadata base_model)")
+    card.add_argument("--metrics-json", help="JSON file of your own evaluation, e.g. {\"perplexity\": 6.1}")
+    card.add_argument("--license", help="license id for the card metadata, e.g. apache-2.0")
+    card.add_argument("--repo-id", help="Hub repo id OWNER/NAME (used in the card's usage snippet)")
+    card.add_argument("--push-to-hub", action="store_true", help="upload OUTPUT to --repo-id")
     group = parser.add_argument_group("VQConfig fields (see vqlib.compress.VQConfig)")
     hints = typing.get_type_hints(VQConfig)
     for f in dataclasses.fields(VQConfig):
@@ -129,6 +138,35 @@ def config_from_args(args: argparse.Namespace) -> VQConfig:
         if hasattr(args, f"cfg_{f.name}"):  # given on the command line (defaults are suppressed)
             data[f.name] = getattr(args, f"cfg_{f.name}")
     return VQConfig.from_dict(data)
+
+
+def _read_metrics(path: str | None) -> dict[str, float] | None:
+    if not path:
+        return None
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--metrics-json {path}: expected a JSON object of numbers: {exc}") from exc
+    if not isinstance(data, dict) or not all(isinstance(v, (int, float)) for v in data.values()):
+        raise ValueError(f"--metrics-json {path}: expected a JSON object of numbers, got {data!r:.200}")
+    return data
+
+
+def _factory_usage(spec: str, repo: str) -> str | None:
+    """For ``pkg.module:factory`` models, a snippet that rebuilds the skeleton with the same factory."""
+    if Path(spec).is_dir() or ":" not in spec:
+        return None  # a transformers folder: the card's default snippet uses transformers
+    module, _, fn = spec.partition(":")
+    return f"import vqlib\nfrom {module} import {fn}\n\nmodel = vqlib.load_compressed({repo!r}, {fn})"
+
+
+def _print_card_metrics(card_path: Path) -> None:
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(card_path)
+    print("model card metrics:")
+    for r in card.data.eval_results or []:
+        print(f"  {r.metric_name or r.metric_type:<40} {r.metric_value:.6g}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,13 +186,27 @@ def main(argv: list[str] | None = None) -> int:
             calibration = _import_object(args.calibration)()
         elif args.calibration_text:
             calibration = text_batches(args.model, args.calibration_text, args.calibration_batch_size)
+        user_metrics = _read_metrics(args.metrics_json)
+        if args.push_to_hub and not args.repo_id:
+            raise ValueError("--push-to-hub needs --repo-id OWNER/NAME")
         model, report = compress(model, cfg, calibration=calibration, progress=not args.quiet)
-        out = save_compressed(model, args.output, config=cfg, overwrite=args.overwrite)
+        repo = args.repo_id or str(Path(args.output).resolve())
+        out = save_compressed(
+            model, args.output, config=cfg, overwrite=args.overwrite, report=report, base_model=args.base_model,
+            metrics=user_metrics, license=args.license, repo_id=repo, usage=_factory_usage(args.model, repo),
+            push_to_hub=args.push_to_hub,
+        )
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
         print(f"vqlib-compress: error: {exc}", file=sys.stderr)
         return 2
     print(report.table())
-    print(f"saved to {out}")
+    print(f"saved to {out} (config.json, model.safetensors, README.md model card)")
+    _print_card_metrics(out / "README.md")
+    if args.push_to_hub:
+        print(f"pushed to https://huggingface.co/{args.repo_id}")
+    else:
+        print(f"publish it: huggingface_hub.upload_folder(repo_id='OWNER/NAME', folder_path='{out}')  "
+              "(or rerun with --repo-id OWNER/NAME --push-to-hub)")
     if args.report_json:
         Path(args.report_json).write_text(json.dumps(report.to_dict(), indent=2))
     return 0
