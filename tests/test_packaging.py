@@ -9,7 +9,7 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def wheel_names(tmp_path_factory):
+def wheel_path(tmp_path_factory):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
@@ -20,7 +20,12 @@ def wheel_names(tmp_path_factory):
         capture_output=True,
     )
     (wheel,) = out.glob("vqlib-*.whl")
-    return zipfile.ZipFile(wheel).namelist()
+    return wheel
+
+
+@pytest.fixture(scope="module")
+def wheel_names(wheel_path):
+    return zipfile.ZipFile(wheel_path).namelist()
 
 
 def test_wheel_maps_folders_into_the_vqlib_namespace(wheel_names):
@@ -42,3 +47,22 @@ def test_installed_packages_import_from_the_namespace():
     for bare in ("models", "training", "kernels"):
         spec = importlib.util.find_spec(bare)
         assert spec is None or "site-packages" not in str(spec.origin), f"bare top-level package {bare!r} installed"
+
+
+def test_model_card_templates_ship_in_the_wheel_and_load_from_it(wheel_names, wheel_path):
+    for name in ("vqlib/model_cards/__init__.py", "vqlib/model_cards/tokenizer_card.md",
+                 "vqlib/model_cards/compressed_card.md", "vqlib/cards.py", "vqlib/serialization.py"):
+        assert name in wheel_names, name
+    # Read them as vqlib.cards does (importlib.resources) from the wheel itself, in a fresh interpreter whose
+    # only vqlib is the wheel (a bare vqlib package stands in so that torch is not imported).
+    code = (
+        "import sys, types, importlib.resources as r\n"
+        f"sys.path.insert(0, {str(wheel_path)!r})\n"
+        f"pkg = types.ModuleType('vqlib'); pkg.__path__ = [{str(wheel_path)!r} + '/vqlib']; sys.modules['vqlib'] = pkg\n"
+        "import vqlib.model_cards as m\n"
+        "assert m.__file__.startswith(sys.path[0]), m.__file__\n"
+        "print(r.files('vqlib.model_cards').joinpath('tokenizer_card.md').read_text()[:20])\n"
+    )
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "{{ card_data }}" in out.stdout
