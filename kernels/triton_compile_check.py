@@ -109,6 +109,10 @@ def compile_launch(launch, arch: int) -> dict:
         "shared_bytes": compiled.metadata.shared, **_ptxas_stats(ptx, arch),
         "v4_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)),
         "v2_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v2", ptx)),
+        # with num_stages > 1 the pipeliner turns the gathers into async copies to shared memory
+        "cp_async_16B": len(re.findall(r"cp\.async\.\w+\.shared\.global[^;]*, 0x10,", ptx)),
+        "cp_async_other": len(re.findall(r"cp\.async\.\w+\.shared\.global[^;]*, 0x[48],", ptx)),
+        "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)), "mma_sync": len(re.findall(r"mma\.sync", ptx)),
         "constexprs": {k: v for k, v in constexprs.items() if k.startswith("BLOCK") or k in ("SPLIT", "SPLIT_K", "IEEE")},
         **options,
     }

@@ -170,7 +170,7 @@ def vq_gemm_kernel(
     SCALE_GROUP_VECS: tl.constexpr, HAS_ROWSET: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, SPLIT: tl.constexpr,
     ITERS,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
     """Tensor cores: a (BLOCK_B, BLOCK_V*DP) activation tile times the decoded (BLOCK_N, BLOCK_V*DP)
     weight tile (decoded in registers, rounded to the activation dtype), float32 accumulation."""
@@ -180,6 +180,7 @@ def vq_gemm_kernel(
     b_idx = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     n_idx = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.full((BLOCK_B, BLOCK_N), 0.0, tl.float32)
+    acc_t = tl.full((BLOCK_N, BLOCK_B), 0.0, tl.float32)
     v_lo = pid_k * VEC_PER_SPLIT
     v_hi = tl.minimum(v_lo + VEC_PER_SPLIT, NV)
     for it in range(ITERS):
@@ -188,18 +189,26 @@ def vq_gemm_kernel(
             codes_ptr, cb_ptr, cbs_ptr, sc_ptr, rowset_ptr, n_idx, v_idx, N, NV, v_hi, S, G,
             D, DP, M, KCB, CODE16, GROUP_VECS, HAS_CBS, SCALE_MODE, SCALE_GROUP_VECS, HAS_ROWSET, BLOCK_N, BLOCK_V,
         )
-        # (BN, BV, DP) -> (BV*DP, BN): K-major operand for the dot
-        wt = tl.reshape(tl.permute(w.to(x_ptr.dtype.element_ty), (1, 2, 0)), (BLOCK_V * DP, BLOCK_N))
+        w = w.to(x_ptr.dtype.element_ty)
         cols, col_ok = _tile_columns(v_idx, v_hi, K_IN, D, DP, BLOCK_V)
-        x = tl.load(
-            x_ptr + b_idx[:, None] * stride_x + cols[None, :],
-            mask=(b_idx[:, None] < BATCH) & col_ok[None, :],
-            other=0,
-        )  # (BB, BV * DP) in the activation dtype
-        if IEEE:  # float32 activations: no TF32 rounding, so fp32 results match the reference
-            acc = tl.dot(x, wt, acc, input_precision="ieee")
+        x_ok = (b_idx[:, None] < BATCH) & col_ok[None, :]
+        if SWAP_AB:  # weight rows as the MMA's M side (>= 64), tokens as its N side: skinny batches
+            w2 = tl.reshape(w, (BLOCK_N, BLOCK_V * DP))
+            xt = tl.trans(tl.load(x_ptr + b_idx[:, None] * stride_x + cols[None, :], mask=x_ok, other=0))
+            if IEEE:  # float32 activations: no TF32 rounding, so fp32 results match the reference
+                acc_t = tl.dot(w2, xt, acc_t, input_precision="ieee")
+            else:
+                acc_t = tl.dot(w2, xt, acc_t)
         else:
-            acc = tl.dot(x, wt, acc)
+            # (BN, BV, DP) -> (BV*DP, BN): K-major B operand
+            wt = tl.reshape(tl.permute(w, (1, 2, 0)), (BLOCK_V * DP, BLOCK_N))
+            x = tl.load(x_ptr + b_idx[:, None] * stride_x + cols[None, :], mask=x_ok, other=0)  # (BB, BV*DP)
+            if IEEE:
+                acc = tl.dot(x, wt, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, wt, acc)
+    if SWAP_AB:
+        acc = tl.trans(acc_t)
     _store_or_partial(acc, out_ptr, part_ptr, bias_ptr, b_idx, n_idx, BATCH, N, pid_k, HAS_BIAS, SPLIT)
 
 

@@ -18,6 +18,7 @@ On CUDA tensors the kernels are compiled; on CPU tensors they run in the Triton 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import math
@@ -50,6 +51,7 @@ class TilePlan:
     vec_per_split: int = 0  # 0: all vectors in one split
     num_warps: int = 4
     num_stages: int = 2
+    swap_ab: bool = False  # gemm: weight rows on the MMA's M side (skinny token counts)
 
 
 def _pow2(n: int) -> int:
@@ -88,10 +90,13 @@ def plan_tiles(path: str, batch: int, n: int, nv: int, dp: int, device: torch.de
         cols = 128 if block_b <= 2 else 64  # bound the (B, N, K) product held in registers
         plan = TilePlan(block_b, 32, max(1, cols // dp))
     elif path == "gemm" and batch <= 16:
-        plan = TilePlan(16, 64, max(1, 64 // dp), num_stages=3)
+        # swap_ab: weight rows fill the MMA's 64-row side (sm_90 wgmma; without it a 16-token tile
+        # compiles to mma.sync), tokens its 16-wide side
+        plan = TilePlan(16, 64, max(1, 64 // dp), num_stages=3, swap_ab=True)
     elif path == "gemm":
         block_b = 32 if batch <= 32 else 64 if batch <= 64 else 128
-        plan = TilePlan(block_b, 128, max(1, 32 // dp), num_warps=8 if block_b == 128 else 4, num_stages=3)
+        plan = TilePlan(block_b, 128, max(1, 32 // dp), num_warps=8 if block_b == 128 else 4, num_stages=3,
+                        swap_ab=block_b <= 32)
         if elem_bytes > 2:
             plan = replace(plan, block_b=min(block_b, 64), block_n=64, num_warps=4)
     elif path == "dequant":
@@ -197,8 +202,35 @@ class Launch:
 
 def run_launches(launches: list[Launch], device: torch.device) -> None:
     jit = _jit_for(device)
-    for item in launches:
-        _launch(getattr(jit, item.kernel), item.grid, *item.args, **item.meta)
+    with _interpreter_sandbox() if device.type == "cpu" else contextlib.nullcontext():
+        for item in launches:
+            _launch(getattr(jit, item.kernel), item.grid, *item.args, **item.meta)
+
+
+@contextlib.contextmanager
+def _interpreter_sandbox():
+    """Undo the Triton interpreter's patches of ``triton.language`` after an interpreted launch.
+
+    Each interpreted launch rebinds attributes of triton.language, its core/math modules and its
+    tensor/dtype classes to interpreter versions and never restores them; a kernel compiled for a GPU
+    later in the same process (ours, or torch.compile's) then fails to build
+    (``'ir.builder' object has no attribute 'get_uint8_ty'``)."""
+    import triton.language as tl
+
+    targets = [tl, tl.core, tl.math, tl.core.tensor, tl.core.dtype, tl.core.tensor_descriptor_base]
+    saved = [(obj, dict(vars(obj))) for obj in targets]
+    try:
+        yield
+    finally:
+        for obj, before in saved:
+            for name in [k for k in vars(obj) if k not in before]:
+                delattr(obj, name)
+            for name, value in before.items():
+                if vars(obj).get(name, _MISSING) is not value:
+                    setattr(obj, name, value)
+
+
+_MISSING = object()
 
 
 def dequantize_launches(codes, codebooks, codebook_scales, scales, rowset, in_features, vector_dim, group_size,
@@ -265,7 +297,7 @@ def _kernel_and_grid(path, plan, batch, n, dtype):
         return "vq_gemv_kernel", (triton.cdiv(n, plan.block_n), k_blocks), {}
     if path == "gemm":
         grid = (triton.cdiv(batch, plan.block_b), triton.cdiv(n, plan.block_n), k_blocks)
-        return "vq_gemm_kernel", grid, {"IEEE": dtype == torch.float32}
+        return "vq_gemm_kernel", grid, {"IEEE": dtype == torch.float32, "SWAP_AB": plan.swap_ab}
     raise ValueError(f"vq_linear: expected path 'gemv', 'gemm' or 'dequant_matmul', got {path!r}")
 
 

@@ -64,7 +64,7 @@ def small_plan(path: str, batch: int, layer, split: int) -> ops.TilePlan:
     """Tiles much smaller than the layer: several row blocks, K iterations and (split > 1) K splits."""
     dp = ops._pow2(layer.vector_dim)
     block_b = ops._pow2(batch) if path == "gemv" else 16
-    plan = ops.TilePlan(block_b, 16, max(1, 16 // dp))
+    plan = ops.TilePlan(block_b, 16, max(1, 16 // dp), swap_ab=path == "gemm")  # default plans cover swap_ab=False
     return ops.split_plan(plan, split, layer.num_vectors)
 
 
@@ -343,10 +343,15 @@ def test_gpu_fused_projections(dtype):
 
 
 # ---- ahead-of-time compile for Hopper (no GPU needed) ---------------------------------------------
-def test_kernels_compile_for_sm90_without_spills():
+def test_kernels_compile_for_sm90_without_spills(tmp_path, monkeypatch):
     """The launches the dispatch makes on an H100/H200 build to a cubin (Triton + ptxas), without
-    register spills, and the codebook gathers are 128-bit loads (d=8 fp16 entries)."""
+    register spills, and the codebook gathers are 128-bit loads (d=8 fp16 entries). Compiled in a
+    fresh Triton cache right after an interpreted launch: the interpreter's patches of
+    triton.language must not leak into GPU builds in the same process."""
     cc = pytest.importorskip("vqlib.kernels.triton_compile_check")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    layer = make_layer("d1_1x4_groupscale")
+    ops.fused_linear(torch.randn(1, layer.in_features), *tv.op_args(layer), "gemv")  # interpreted
     d8, d4 = cc.FORMATS[0], cc.FORMATS[1]
     checked = []
     for fmt, batch in ((d8, 1), (d4, 64)):  # GEMV; wgmma-sized GEMM with d=4 (once broke Triton's dot pass)
@@ -356,4 +361,5 @@ def test_kernels_compile_for_sm90_without_spills():
         launch = ops.linear_launches(x, *cc._meta_args(4096, 4096, fmt), path, plan=plan)[1][0]
         checked.append(cc.compile_launch(launch, 90))
     assert all(r["spill_store_bytes"] == 0 for r in checked), checked
-    assert checked[0]["v4_loads"] > 0, checked[0]
+    assert checked[0]["v4_loads"] + checked[0]["cp_async_16B"] > 0, checked[0]
+    assert checked[1]["wgmma"] > 0, checked[1]  # Hopper tensor cores for the 64-token GEMM
