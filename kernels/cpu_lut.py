@@ -37,6 +37,7 @@ the reference path with one loud warning.
 
 from __future__ import annotations
 
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -86,7 +87,7 @@ def _warm_up(mod) -> None:
     """Compile every entry point once on a tiny problem, so a failure surfaces here, not mid-model."""
     x = np.zeros((1, 4), np.float32)
     codes = np.zeros((3, 2), np.uint8)
-    blocked = np.zeros((1, 3, QB), np.uint8)
+    blocked = np.zeros((1, 3, 2), np.uint64)
     cbt = np.zeros((1, 2, 256), np.float32).reshape(-1)
     cbf = np.zeros((1, 256, 2), np.float32).reshape(-1)
     qcb = np.zeros(2, np.int32)
@@ -105,7 +106,7 @@ class Prepared:
 
     key: tuple
     codes: np.ndarray  # (out, nq) uint8, a view of layer.codes
-    blocked: np.ndarray  # (ceil(nq / 16), out, 16) uint8 copy of the codes, block-major, zero-padded
+    blocked: np.ndarray  # (ceil(nq / 16), out, 2) uint64: copy of the codes, block-major, zero-padded
     cbt: np.ndarray  # (G*M*d*256,) float32
     cbf: np.ndarray  # (G*M*256*d,) float32
     qcb: np.ndarray  # (nq,) int32
@@ -150,7 +151,7 @@ def prepare(layer) -> Prepared:
     prepared = Prepared(
         key=key,
         codes=codes.numpy(),
-        blocked=blocked.transpose(0, 1).contiguous().numpy(),
+        blocked=blocked.transpose(0, 1).contiguous().numpy().view(np.uint64),  # 16 codes = 2 words
         cbt=values.permute(0, 1, 3, 2).contiguous().reshape(-1).numpy(),
         cbf=values.contiguous().reshape(-1).numpy(),
         qcb=qcb.numpy(),

@@ -7,7 +7,8 @@ in ``NUMBA_CACHE_DIR`` / the user's cache folder (numba's own fallback).
 Shapes (all flat or 2-D C-contiguous numpy arrays):
 - ``x``      (b, in_pad) float32, zero-padded to ``in_pad = n_vec * d``
 - ``codes``  (out, nq) uint8 with ``nq = n_vec * M``: code ``q = j * M + m`` of row ``o``
-- ``blocked`` (ceil(nq / 16), out, 16) uint8: the same codes block-major, zero-padded
+- ``blocked`` (ceil(nq / 16), out, 2) uint64: the same codes block-major, zero-padded, 16 per
+  row and block packed into two little-endian words
 - ``cbt``    (G * M, d, 256) float32, codebook scales folded in, transposed for the table build
 - ``cbf``    (G * M, 256, d) float32, the same entries laid out for dequantization
 - ``qcb``    (nq,) int32: codebook (``g(j) * M + m``) of code position ``q``
@@ -65,17 +66,24 @@ def fill_table(x_row, cbt, qcb, q0, nq_blk, m_books, d, table):
 
 
 @njit(nogil=True, fastmath=FASTMATH, inline="always")
-def _row16(codes, p, table):
-    """Sum of 16 table lookups for the codes at codes[p:p+16] (four independent add chains)."""
+def _row16(words, p, table):
+    """Sum of 16 table lookups for the 16 codes packed in words[p], words[p + 1] (little-endian).
+
+    One 8-byte load per 8 codes and shifts to extract them measured ~10% faster than 16 byte
+    loads (the loads compete with the table reads); four independent add chains.
+    """
     u = np.uint64
-    a0 = table[u(0) + codes[p + u(0)]] + table[u(256) + codes[p + u(1)]]
-    a1 = table[u(512) + codes[p + u(2)]] + table[u(768) + codes[p + u(3)]]
-    a2 = table[u(1024) + codes[p + u(4)]] + table[u(1280) + codes[p + u(5)]]
-    a3 = table[u(1536) + codes[p + u(6)]] + table[u(1792) + codes[p + u(7)]]
-    a0 += table[u(2048) + codes[p + u(8)]] + table[u(2304) + codes[p + u(9)]]
-    a1 += table[u(2560) + codes[p + u(10)]] + table[u(2816) + codes[p + u(11)]]
-    a2 += table[u(3072) + codes[p + u(12)]] + table[u(3328) + codes[p + u(13)]]
-    a3 += table[u(3584) + codes[p + u(14)]] + table[u(3840) + codes[p + u(15)]]
+    m = u(255)
+    c = words[p]
+    e = words[p + u(1)]
+    a0 = table[c & m] + table[u(256) + ((c >> u(8)) & m)]
+    a1 = table[u(512) + ((c >> u(16)) & m)] + table[u(768) + ((c >> u(24)) & m)]
+    a2 = table[u(1024) + ((c >> u(32)) & m)] + table[u(1280) + ((c >> u(40)) & m)]
+    a3 = table[u(1536) + ((c >> u(48)) & m)] + table[u(1792) + (c >> u(56))]
+    a0 += table[u(2048) + (e & m)] + table[u(2304) + ((e >> u(8)) & m)]
+    a1 += table[u(2560) + ((e >> u(16)) & m)] + table[u(2816) + ((e >> u(24)) & m)]
+    a2 += table[u(3072) + ((e >> u(32)) & m)] + table[u(3328) + ((e >> u(40)) & m)]
+    a3 += table[u(3584) + ((e >> u(48)) & m)] + table[u(3840) + (e >> u(56))]
     return (a0 + a1) + (a2 + a3)
 
 
@@ -83,13 +91,13 @@ def _row16(codes, p, table):
 def lut_rows(x, blocked, nq, cbt, qcb, m_books, d, scales, sgq, o0, o1, out, table):
     """out[t, o0:o1] += scaled sums of table lookups, one 16-position table block at a time.
 
-    ``blocked`` (n_blk, out, 16) uint8 holds the codes block-major (zero-padded past ``nq``), so the
+    ``blocked`` (n_blk, out, 2) uint64 holds the codes block-major (zero-padded past ``nq``), so the
     rows of one block are one sequential stream that uses every byte of each cache line it loads
     and leaves the 16 KiB table in L1. Unsigned indices skip numba's negative-index wraparound.
     """
     n_tok = x.shape[0]
     n_blk, n_out, _ = blocked.shape
-    flat = blocked.reshape(-1)
+    flat = blocked.reshape(-1)  # (n_blk * out * 2,) uint64: 8 codes per word
     for blk in range(n_blk):
         s = blk * QB // sgq
         n_pos = min(QB, nq - blk * QB)
@@ -97,10 +105,10 @@ def lut_rows(x, blocked, nq, cbt, qcb, m_books, d, scales, sgq, o0, o1, out, tab
             fill_table(x[t], cbt, qcb, blk * QB, n_pos, m_books, d, table)
             if n_pos < QB:
                 table[n_pos * ENTRIES :] = 0.0  # padded positions (code 0) add nothing
-            p = np.uint64((blk * n_out + o0) * QB)
+            p = np.uint64((blk * n_out + o0) * 2)
             for o in range(o0, o1):
                 out[t, o] += _row16(flat, p, table) * scales[o, s]
-                p += np.uint64(QB)
+                p += np.uint64(2)
 
 
 @njit(nogil=True, fastmath=True, inline="always")
