@@ -394,3 +394,36 @@ def test_card_usage_snippet_runs_as_written_in_a_fresh_interpreter(hub_env, tmp_
     scope: dict = {}
     exec(compile(snippet, "card-snippet", "exec"), scope)
     assert scope["tokenizer"].hub_commit == sha and len(hub_env.requests) == n
+
+
+def test_vqlib_command_info_download_upload(hub_env, tmp_path, capsys):
+    from vqlib.hub_cli import main as vqlib_main
+
+    folder = tiny_tokenizer().save_pretrained(tmp_path / "tok", metrics={"val/psnr": 20.0})
+    assert vqlib_main(["upload", str(folder), "me/cli"]) == 0
+    sha = hub_env.repos["me/cli"].refs["main"]
+    assert f"/me/cli/commit/{sha}" in capsys.readouterr().out
+    assert vqlib_main(["info", "me/cli"]) == 0
+    out = capsys.readouterr().out
+    assert f"me/cli @ {sha}" in out and "tokenizer (ImageTokenizer)" in out and "format version: 1" in out
+    assert "PSNR (dB)" in out and "20" in out
+    size = (folder / "model.safetensors").stat().st_size
+    assert "model.safetensors" in out and f"{size:,} bytes" in out
+    assert vqlib_main(["download", "me/cli", "--to", str(tmp_path / "copy")]) == 0
+    assert f"@ {sha} to {tmp_path / 'copy'}" in capsys.readouterr().out
+    assert ImageTokenizer.from_pretrained(tmp_path / "copy").decoder.conv_out.weight.shape[0] == 3
+
+    model, report = compress(make_net(), VQConfig(**FAST_VQ), progress=False)
+    save_compressed(model, tmp_path / "c", report=report)
+    assert vqlib_main(["info", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "compressed model" in out and f"{report.bits_per_weight:.3f} bits per weight" in out
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "pytorch_model.bin").write_bytes(b"x")
+    for args, message in [(["info", "me/absent"], "could not be fetched"),
+                          (["upload", str(tmp_path / "bad"), "me/x"], "only pickle checkpoint"),
+                          (["download", str(tmp_path / "c")], "is a local path")]:
+        assert vqlib_main(args) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
