@@ -224,6 +224,47 @@ def targets(rows: list[dict], copy_gbps: float) -> list[dict]:
                  value=round(c["value"], 3), met=bool(c["met"])) for c in checks]
 
 
+def plot_pil(rows: list[dict], path: Path) -> str | None:
+    """Fallback chart with Pillow (a torchvision dependency): speed-up of the auto path vs dense, log2
+    axes, one panel per shape x dtype, one colour per format; the dotted line y = 1."""
+    try:
+        from PIL import Image, ImageDraw
+    except ImportError:
+        return "neither matplotlib nor Pillow installed: no plot"
+    panels = sorted({(r["dtype"], r["shape"]) for r in rows})
+    fmts = sorted({r["fmt"] for r in rows})
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
+    w, h, cols = 360, 260, 5
+    img = Image.new("RGB", (w * min(cols, len(panels)), h * math.ceil(len(panels) / cols)), "white")
+    draw = ImageDraw.Draw(img)
+    batches = sorted({r["batch"] for r in rows})
+    lo, hi = -3.0, 4.0  # log2 speed-up range shown: 1/8x .. 16x
+    for i, (dt, shape) in enumerate(panels):
+        ox, oy = (i % cols) * w, (i // cols) * h
+        box = (ox + 40, oy + 25, ox + w - 10, oy + h - 30)
+
+        def xy(batch, speedup, box=box):
+            fx = batches.index(batch) / max(1, len(batches) - 1)
+            fy = (min(hi, max(lo, math.log2(max(speedup, 1e-9)))) - lo) / (hi - lo)
+            return box[0] + fx * (box[2] - box[0]), box[3] - fy * (box[3] - box[1])
+
+        draw.rectangle(box, outline="black")
+        draw.text((ox + 45, oy + 5), f"{shape} {dt}: speed-up vs dense (log2)", fill="black")
+        draw.line([xy(batches[0], 1.0), xy(batches[-1], 1.0)], fill=(128, 128, 128))
+        for e in (-2, 0, 2, 4):
+            draw.text((ox + 5, xy(batches[0], 2.0**e)[1] - 6), f"{2.0**e:g}x", fill="black")
+        for b in batches:
+            draw.text((xy(b, 2**lo)[0] - 8, box[3] + 5), str(b), fill="black")
+        for k, fmt in enumerate(fmts):
+            pts = [xy(r["batch"], r["speedup_auto"]) for r in sorted(rows, key=lambda r: r["batch"])
+                   if (r["dtype"], r["shape"], r["fmt"]) == (dt, shape, fmt)]
+            if len(pts) > 1:
+                draw.line(pts, fill=colours[k % 4], width=2)
+            draw.text((box[0] + 5, box[1] + 5 + 12 * k), fmt, fill=colours[k % 4])
+    img.save(path)
+    return None
+
+
 def plot(rows: list[dict], path: Path) -> str | None:
     try:
         import matplotlib
@@ -231,7 +272,7 @@ def plot(rows: list[dict], path: Path) -> str | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "matplotlib not installed: no plot"
+        return plot_pil(rows, path)
     shapes = sorted({r["shape"] for r in rows}, key=SHAPES.index if all(s in SHAPES for s in {r["shape"] for r in rows}) else str)
     dtypes = sorted({r["dtype"] for r in rows})
     fig, axes = plt.subplots(len(dtypes), len(shapes), figsize=(4 * len(shapes), 3.4 * len(dtypes)), squeeze=False)
