@@ -40,6 +40,7 @@ from vqlib.base import Quantizer, quantizer_from_config, quantizer_to_config
 
 FORMAT_VERSION = 1
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = ser.CONFIG_NAME, ser.WEIGHTS_NAME, ser.CARD_NAME
+EVAL_RESULTS_NAME = ".eval_results/vqlib.yaml"  # written when the run names a Hub dataset
 _UPGRADES: dict[int, Any] = {}  # format_version -> function(config) giving the next version's config
 
 
@@ -116,11 +117,7 @@ class HubMixin:
         (``{"psnr": 27.1}``, e.g. ``hub_metrics`` of a loaded model)."""
         cfg = self.hub_config()
         audio = hasattr(self, "sample_rate")
-        logged = metrics if metrics is not None else (self.hub_metrics or {})
-        picked = cards.tokenizer_metrics(logged, audio)
-        if not picked and logged:  # already metric types (a card read back)
-            names = {m: n for _, m, n in (cards.AUDIO_METRICS if audio else cards.IMAGE_METRICS)}
-            picked = {k: (names.get(k, k), float(v)) for k, v in logged.items()}
+        picked = self._picked_metrics(metrics)
         quantizer = getattr(self, "quantizer", None)
         repo_id = repo_id or "path/to/folder"
         facts = self._model_card_fields()
@@ -147,6 +144,16 @@ class HubMixin:
             config_json=json.dumps(cfg, indent=2),
         )
 
+    def _picked_metrics(self, metrics: dict[str, Any] | None) -> dict[str, tuple[str, float]]:
+        """{metric type: (name, value)} from logged values, or from a loaded card's ``hub_metrics``."""
+        audio = hasattr(self, "sample_rate")
+        logged = metrics if metrics is not None else (self.hub_metrics or {})
+        picked = cards.tokenizer_metrics(logged, audio)
+        if not picked and logged:  # already metric types (a card read back)
+            names = {m: n for _, m, n in (cards.AUDIO_METRICS if audio else cards.IMAGE_METRICS)}
+            picked = {k: (names.get(k, k), float(v)) for k, v in logged.items()}
+        return picked
+
     # -- save --------------------------------------------------------------------------------------------------
     def save_pretrained(
         self,
@@ -160,7 +167,8 @@ class HubMixin:
         license: str | None = None,
         **push_kwargs: Any,
     ) -> Path:
-        """Write ``config.json``, ``model.safetensors`` and ``README.md`` (the model card) into the folder.
+        """Write ``config.json``, ``model.safetensors`` and ``README.md`` (the model card) into the folder, and
+        ``.eval_results/vqlib.yaml`` (the Hub's newer evaluation format) when ``dataset`` is a Hub dataset id.
 
         A new folder appears complete or not at all; into an existing folder each file is renamed over the old
         one and other files are left alone. ``push_to_hub=True`` then uploads the folder to ``repo_id``
@@ -170,12 +178,14 @@ class HubMixin:
         config_text = json.dumps(self.hub_config(), indent=2)
         card = self.model_card(repo_id, metrics=metrics, train_config=train_config, dataset=dataset, license=license)
         state = ser.state_for_safetensors(self)  # type: ignore[arg-type]
+        eval_yaml = cards.eval_results_yaml(self._picked_metrics(metrics), dataset)
         folder = ser.write_folder(
             save_directory,
             {
                 WEIGHTS_NAME: lambda p: ser.save_safetensors(state, p, {"format": "pt", "library": "vqlib"}),
                 CONFIG_NAME: ser.text_writer(config_text),
                 CARD_NAME: ser.text_writer(str(card)),
+                **({EVAL_RESULTS_NAME: ser.text_writer(eval_yaml)} if eval_yaml else {}),
             },
         )
         if push_to_hub:

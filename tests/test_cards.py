@@ -29,6 +29,12 @@ def test_tokenizer_card_parses_and_holds_the_logged_metrics(tmp_path):
     assert cards.card_metrics(card) == {"psnr": 23.25, "ssim": 0.625, "codebook_usage": 0.5, "bits_per_image": 96.0}
     assert card.data.eval_results[0].dataset_type == "someone/images"
     assert "| PSNR (dB) | 23.25 |" in card.text and "max_steps: 3" in card.text
+    import yaml
+    from huggingface_hub import parse_eval_result_entries
+
+    entries = parse_eval_result_entries(yaml.safe_load((folder / ".eval_results" / "vqlib.yaml").read_text()))
+    assert {e.task_id: e.value for e in entries} == cards.card_metrics(card)
+    assert {e.dataset_id for e in entries} == {"someone/images"}
 
 
 def test_audio_metrics_pick_the_full_bitrate():

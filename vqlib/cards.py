@@ -127,6 +127,21 @@ def render(
     )
 
 
+def eval_results_yaml(metrics: dict[str, tuple[str, float]], dataset: str | None) -> str | None:
+    """The newer ``.eval_results/*.yaml`` format (huggingface_hub's ``EvalResultEntry``). It scores a model on a
+    Hub *dataset*, so it is written only when the run names one (``owner/name``); else None."""
+    if not metrics or not dataset or "/" not in dataset:
+        return None
+    import yaml
+    from huggingface_hub import EvalResultEntry, eval_result_entries_to_yaml
+
+    entries = [
+        EvalResultEntry(dataset_id=dataset, task_id=mtype, value=value, notes=f"{name}, vqlib validation")
+        for mtype, (name, value) in metrics.items()
+    ]
+    return yaml.safe_dump(eval_result_entries_to_yaml(entries), sort_keys=False)
+
+
 def card_metrics(card) -> dict[str, float]:
     """{metric type: value} from a card's model-index (what the Hub shows)."""
     return {r.metric_type: r.metric_value for r in (card.data.eval_results or [])}
