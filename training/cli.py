@@ -158,7 +158,12 @@ def write_run_summary(trainer) -> str:
     return "\n".join(lines)
 
 
-def export(
+def export(ckpt_path: str | Path, out: str | Path, config: str | Path | None = None, **card_options: Any) -> Path:
+    """Checkpoint -> ``out`` folder (see :func:`export_with_card`); returns the folder."""
+    return export_with_card(ckpt_path, out, config, **card_options)[0]
+
+
+def export_with_card(
     ckpt_path: str | Path,
     out: str | Path,
     config: str | Path | None = None,
@@ -225,7 +230,7 @@ def export_main(argv: Sequence[str]) -> int:
     ns = parser.parse_args(list(argv))
     if ns.push_to_hub and not ns.repo_id:
         raise ValueError("--push-to-hub needs --repo-id OWNER/NAME")
-    folder, metrics, source = export(
+    folder, metrics, source = export_with_card(
         ns.ckpt_path, ns.out, ns.config, repo_id=ns.repo_id, push_to_hub=ns.push_to_hub, license=ns.license,
         dataset=ns.dataset, metrics_file=ns.metrics,
     )
