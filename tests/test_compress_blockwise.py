@@ -151,3 +151,18 @@ def test_bad_blocks_argument():
         compress(Chain(), VQConfig(**CFG), calibration=chain_batches(), blocks="nope")
     with pytest.raises(ValueError, match="expected an nn.ModuleList"):
         compress(Chain(), VQConfig(**CFG), calibration=chain_batches(), blocks="head")
+
+
+def test_block_finetune_lowers_the_block_output_error():
+    batches = token_batches(4)
+    original = tiny_llama()
+    with torch.no_grad():
+        ref = [original.model(**b).last_hidden_state for b in batches]
+
+    def final_error(steps):
+        model, _ = compress(tiny_llama(), VQConfig(**CFG, block_finetune_steps=steps), calibration=batches)
+        with torch.no_grad():
+            out = [model.model(**b).last_hidden_state for b in batches]
+        return sum(float((o - r).pow(2).sum() / r.pow(2).sum()) for o, r in zip(out, ref))
+
+    assert final_error(24) < 0.99 * final_error(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import logging
 import math
 import time
 import warnings
@@ -14,7 +15,18 @@ import torch
 from torch import Tensor, nn
 
 from .calibrated import gptq_vq, output_error
-from .blockwise import Streams, advance, batch_masks, capture_block_inputs, compress_block, find_blocks, trace_blocks
+from .block_finetune import finetune_block
+from .blockwise import (
+    Streams,
+    advance,
+    batch_masks,
+    block_runs,
+    capture_block_inputs,
+    compress_block,
+    find_blocks,
+    original_outputs,
+    trace_blocks,
+)
 from .calibration import LayerStats, as_batch_list, collect_statistics, execution_order
 from .allocation import allocate_formats
 from .config import VQConfig
@@ -23,6 +35,7 @@ from .format import VQLinear, num_groups
 from .report import CompressionReport, LayerReport, ProgressBar, layer_format, model_bytes, weight_bytes
 from .scalar import ScalarLinear
 
+_log = logging.getLogger(__name__)
 _LAYER_SEED_STRIDE = 104729  # a prime: layers get well-separated, reproducible k-means seeds
 
 
@@ -248,10 +261,12 @@ class _Session:
         for parent, attr, old, new in self.slots:
             setattr(parent, attr, old if original else new)
 
-    def release_originals(self) -> None:
-        """Forget the kept originals and drop the dequantized weights of the layers compressed so far."""
+    def release_originals(self, drop_caches: bool = True) -> None:
+        """Forget the kept originals and (unless later whole-model passes still need them) the
+        dequantized weights of the layers compressed so far."""
         self.slots.clear()
-        self.drop_caches()
+        if drop_caches:
+            self.drop_caches()
 
     def drop_caches(self) -> None:
         for layer in self.cached:
@@ -333,6 +348,18 @@ def _run_generic(session: _Session, groups, batches, calls, reference: bool = Tr
         session.compress_group(group, session.model_statistics(group, batches, calls, reference))
 
 
+def _finish_block(session: _Session, block: nn.Module, inputs, streams: Streams, masks, last: bool) -> Streams:
+    """Optionally fine-tune the block against the original block's output; return the next block's inputs."""
+    steps = session.cfg.block_finetune_steps if session.keep_originals else 0
+    if last and not steps:
+        return streams
+    original = original_outputs(block, inputs, streams, session) if session.keep_originals else None
+    if steps:
+        before, after = finetune_block(block, block_runs(block, inputs), streams.compressed, original, masks, steps)
+        _log.info("block fine-tune: relative output error %.4g -> %.4g", before, after)
+    return streams if last else advance(block, inputs, streams, original)
+
+
 def _run_blocks(session: _Session, modules: list[nn.Module], split, batches, calls) -> None:
     prefix, per_block, suffix = split
     _run_generic(session, prefix, batches, calls)
@@ -344,13 +371,16 @@ def _run_blocks(session: _Session, modules: list[nn.Module], split, batches, cal
             original = capture_block_inputs(session.model, modules[0], batches)[1]
         finally:
             session.use_original(False)
-    session.release_originals()
+    # Layers after the blocks get whole-model passes: the blocks keep their dequantized weights for them.
+    keep_caches = any(g[0] in session.called for g in suffix)
+    session.release_originals(not keep_caches)
     streams, masks = Streams(stream, original), batch_masks(batches)
-    for b, block in enumerate(modules):
+    # Blocks after the last one holding selected layers need not run.
+    end = max((b + 1 for b, groups in enumerate(per_block) if groups), default=0)
+    for b, block in enumerate(modules[:end]):
         compress_block(block, per_block[b], session.sel.eligible, inputs, streams, masks, calls, session)
-        if b + 1 < len(modules):
-            streams = advance(block, inputs, streams, session)
-        session.release_originals()
+        streams = _finish_block(session, block, inputs, streams, masks, last=b + 1 == end)
+        session.release_originals(not keep_caches)
     # After the blocks only the partly compressed model is left: these layers fit their own output.
     _run_generic(session, suffix, batches, calls, reference=False)
 

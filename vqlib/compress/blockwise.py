@@ -290,18 +290,25 @@ def compress_block(
         session.compress_group(group, stats)
 
 
-def advance(block: nn.Module, inputs: list[BlockInput], streams: Streams, session: BlockSession) -> Streams:
-    """The next block's inputs: this block compressed on the compressed stream, and with its
-    original layers on the original stream."""
-    compressed = _run_block(block, inputs, streams.compressed)
-    if not session.keep_originals:
-        return Streams(compressed, compressed)
+def original_outputs(block: nn.Module, inputs: list[BlockInput], streams: Streams, session: BlockSession) -> list[Tensor]:
+    """The original block's outputs on the original stream (its original layers swapped in)."""
     session.use_original(True)
     try:
-        original = _run_block(block, inputs, streams.original)
+        return _run_block(block, inputs, streams.original)
     finally:
         session.use_original(False)
-    return Streams(compressed, original)
+
+
+def advance(block: nn.Module, inputs: list[BlockInput], streams: Streams, original: list[Tensor] | None) -> Streams:
+    """The next block's inputs: this block (compressed) on the compressed stream, and ``original``
+    (``original_outputs``; None without the original-output target)."""
+    compressed = _run_block(block, inputs, streams.compressed)
+    return Streams(compressed, compressed if original is None else original)
+
+
+def block_runs(block: nn.Module, inputs: list[BlockInput]) -> list[Callable[[Tensor], Tensor]]:
+    """Per batch: stream tensor -> block output, with that batch's other arguments."""
+    return [lambda x, inp=inp: inp.call(block, x) for inp in inputs]
 
 
 def batch_masks(batches: list[Any]) -> list[Tensor | None]:

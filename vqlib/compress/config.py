@@ -45,6 +45,9 @@ class VQConfig:
     ``damping`` (GPTQ's percdamp) and ``target_damping`` (ridge of that output regression, pulling
     it towards the original weights) are fractions of the mean Hessian diagonal.
     ``block_size`` (GPTQ columns per lazy-update block) is rounded down to a multiple of vector_dim.
+    ``block_finetune_steps`` (depth-linear path with the original-output target): Adam steps, one
+    calibration batch each, on each compressed block's codebooks and scales against the original
+    block's output (``vqlib.compress.block_finetune``); 0 turns it off.
     ``strict=True`` turns every non-filter skip (too few vectors for the codebook, unpadded
     layer, layer not reached by calibration) into an error.
     ``target_bits_per_weight``: a bit budget for all compressed layers together; each layer then
@@ -79,6 +82,7 @@ class VQConfig:
     seed: int = 0
     strict: bool = False
     target_bits_per_weight: float | None = None
+    block_finetune_steps: int = 0
 
     def __post_init__(self) -> None:
         def need_int(name: str, lo: int, hi: int | None = None) -> None:
@@ -111,6 +115,7 @@ class VQConfig:
         need_int("block_size", 1)
         need_int("finetune_steps", 0)
         need_int("seed", 0)
+        need_int("block_finetune_steps", 0)
         if self.group_size is not None:
             need_int("group_size", 1)
             if self.group_size % self.vector_dim:
