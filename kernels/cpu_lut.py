@@ -6,9 +6,10 @@ codebook ``m``) a table holds the dot products of the activation slice ``x[j*d:(
 by its codes, times its scale: ``y[o] = sum_blocks scale[o, s] * sum_q T[q, codes[o, q]]``. Tables
 are built 16 positions at a time (16 x 256 fp32 = 16 KiB: it stays in L1) and every row of the
 thread's range reads its 16 codes for that block before the next block is built; a thread owns a
-contiguous range of output rows. One lookup costs two loads (code byte, table entry) and one add;
-AVX2 gathers measured slower than scalar loads on Zen3 (about 13 cycles per 8-lane gather), so
-the inner loop is scalar with four independent add chains. Accumulation is fp32; bf16/fp16 inputs
+contiguous range of output rows. One lookup costs one table load and one add (codes are read 8 per
+64-bit word and extracted with shifts); AVX2 gathers (``llvm.x86.avx2.gather.d.ps.256``) measured
+slower than scalar loads on Zen3 (about 13 cycles per 8-lane gather), so the inner loop is scalar
+with four independent add chains. Accumulation is fp32; bf16/fp16 inputs
 are converted to fp32 on entry and the output is cast back to the input dtype.
 
 Larger batches: the table work grows with the number of tokens while a dequantized weight is
@@ -27,8 +28,9 @@ calling thread only (a thread hand-off costs more than their whole work).
 Per-layer data is prepared once and kept as a plain, non-persistent attribute of the layer
 (``layer._cpu_lut_cache``; never in ``state_dict``, never saved): fp32 codebooks with the int8
 codebook scales folded in (two layouts), fp32 scales, the codebook index of every code position,
-and a zero-copy numpy view of ``codes``. It is rebuilt whenever one of the layer's buffers changes
-identity, storage, device or version (in-place writes bump ``Tensor._version``).
+a zero-copy numpy view of ``codes`` and a block-major copy of them (as many bytes as the codes:
+the memory cost of the kernel). It is rebuilt whenever one of the layer's buffers is replaced,
+moved (new storage) or written in place (``Tensor._version``).
 
 Compiled with numba (``cache=True``: machine code is stored and reused across processes); if numba
 is missing or compilation fails, ``run`` raises ``KernelBuildError`` and the registry falls back to
@@ -195,7 +197,7 @@ def _threads(work: int) -> int:
 
 
 def run_chunks(fn, n_rows: int, n_threads: int, *args) -> None:
-    """fn(*args, r0, r1, *scratch) over ``n_threads`` contiguous row ranges.
+    """fn(*args, r0, r1) over ``n_threads`` contiguous row ranges [r0, r1) of ``n_rows``.
 
     The numba loops release the GIL, so a small pool of Python threads runs the ranges in
     parallel; the calling thread takes the first range. (numba's own parallel layers either spin
@@ -216,7 +218,7 @@ def run_chunks(fn, n_rows: int, n_threads: int, *args) -> None:
 
 def _padded_input(layer, x: Tensor, in_pad: int) -> np.ndarray:
     """(b, in_pad) float32 C-contiguous copy of the input, zero-padded (padded columns drop out)."""
-    x2 = x.reshape(-1, layer.in_features).to(torch.float32)
+    x2 = x.detach().reshape(-1, layer.in_features).to(torch.float32)
     if in_pad != layer.in_features:
         x2 = torch.nn.functional.pad(x2, (0, in_pad - layer.in_features))
     return x2.contiguous().numpy()

@@ -100,7 +100,7 @@ def run(layer, x: Tensor) -> Tensor:
     mod = load_numba()
     p = prepare(layer)
     n_in, n_out, bits, gs = layer.in_features, layer.out_features, layer.bits, layer.group_size
-    xp = x.reshape(-1, n_in).to(torch.float32).contiguous().numpy()
+    xp = x.detach().reshape(-1, n_in).to(torch.float32).contiguous().numpy()
     b = xp.shape[0]
     out_np = np.zeros((b, n_out), np.float32)
     n = _threads(n_in * n_out // 4 * b)
