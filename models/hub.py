@@ -132,14 +132,14 @@ class HubMixin:
             pipeline_tag="audio-to-audio" if audio else None,
             model_type=cfg["model_type"],
             modality="audio" if audio else "images",
+            kind="audio" if audio else "image",
             quantizer_class=cfg["init_args"].get("quantizer", {}).get("class_path", "none"),
             codebook_size=str(quantizer.codebook_size) if isinstance(quantizer, Quantizer) else "n/a",
-            size_facts="; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in facts.items()),
+            size_facts="".join(f"{k.replace('_', ' ').capitalize()}: {v}. " for k, v in facts.items()).strip(),
             num_parameters=f"{sum(p.numel() for p in self.parameters()):,}",  # type: ignore[attr-defined]
             vqlib_version=cfg["vqlib_version"],
             usage=self._usage_snippet(repo_id),
             dataset_note=f" ({dataset})" if dataset else "",
-            metrics_step="",
             train_config=(train_config or "").strip(),
             config_json=json.dumps(cfg, indent=2),
         )
@@ -176,7 +176,9 @@ class HubMixin:
         if push_to_hub and not repo_id:
             raise ValueError("save_pretrained(push_to_hub=True) needs repo_id='owner/name'")
         config_text = json.dumps(self.hub_config(), indent=2)
-        card = self.model_card(repo_id, metrics=metrics, train_config=train_config, dataset=dataset, license=license)
+        # Without a repo id the snippet names the folder itself, so it still runs as written.
+        where = repo_id or str(Path(save_directory).resolve())
+        card = self.model_card(where, metrics=metrics, train_config=train_config, dataset=dataset, license=license)
         state = ser.state_for_safetensors(self)  # type: ignore[arg-type]
         eval_yaml = cards.eval_results_yaml(self._picked_metrics(metrics), dataset)
         folder = ser.write_folder(

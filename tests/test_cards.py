@@ -90,3 +90,13 @@ def test_vqlib_compress_writes_the_card_from_its_report(tmp_path, monkeypatch, c
     scope: dict = {}
     exec(compile(snippet, "card-snippet", "exec"), scope)  # runs as written (repo id = the local folder)
     assert type(scope["model"][0]).__name__ == "VQLinear"
+
+
+def test_local_card_snippet_runs_as_written(tmp_path):
+    tok = tiny_tokenizer()
+    folder = tok.save_pretrained(tmp_path / "tok")  # no repo id: the snippet names the folder
+    snippet = (folder / "README.md").read_text().split("```python\n", 1)[1].split("```", 1)[0]
+    assert str(folder.resolve()) in snippet
+    scope: dict = {}
+    exec(compile(snippet, "card-snippet", "exec"), scope)
+    assert scope["reconstruction"].shape == scope["images"].shape and scope["tokenizer"].hub_commit is None

@@ -136,7 +136,9 @@ def run_metrics(ckpt_path: Path, config_path: Path) -> tuple[dict[str, float], i
 def write_run_summary(trainer) -> str:
     """After ``fit``: save the final validation metrics beside the logs and say what the run left behind."""
     metrics = {k: v for k, v in ((k, _number(v)) for k, v in trainer.callback_metrics.items()) if k.startswith("val/") and v is not None}
-    log_dir = Path(getattr(trainer, "log_dir", None) or trainer.default_root_dir)
+    # The logger's own log_dir: Trainer.log_dir is a collective under DDP and this runs on rank 0 only.
+    logger = trainer.logger
+    log_dir = Path((getattr(logger, "log_dir", None) if logger is not None else None) or trainer.default_root_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     (log_dir / METRICS_NAME).write_text(json.dumps({"step": trainer.global_step, "metrics": metrics}, indent=2))
     ckpt_cb = getattr(trainer, "checkpoint_callback", None)

@@ -147,7 +147,8 @@ def save_compressed(
     }
     if card or report is not None or metrics or push_to_hub:
         writers[CARD_NAME] = lambda p: p.write_text(
-            str(compressed_card(model, data, repo_id, report, base_model, metrics, license, usage)), encoding="utf-8"
+            str(compressed_card(model, data, repo_id or str(path.resolve()), report, base_model, metrics, license, usage)),
+            encoding="utf-8",
         )
     out = ser.write_folder(path, writers, replace="folder")
     if push_to_hub:
