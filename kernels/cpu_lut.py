@@ -138,7 +138,9 @@ def prepare(layer) -> Prepared:
         return cached
     d, m, n_vec = layer.vector_dim, layer.num_codebooks, layer.num_vectors
     nq = n_vec * m
-    values = layer.codebook_values().float()  # (G, M, 256, d), codebook scales folded in
+    values = layer.codebook_values().float()  # (G, M, 2**B, d), codebook scales folded in
+    if values.shape[2] < 256:  # B < 8: zero entries that no code selects keep one table layout
+        values = torch.nn.functional.pad(values, (0, 0, 0, 256 - values.shape[2]))
     g = values.shape[0]
     group_of_vec = torch.arange(n_vec) * d // layer.group_size if layer.group_size else torch.zeros(n_vec, dtype=torch.long)
     qcb = (group_of_vec[:, None] * m + torch.arange(m)[None, :]).reshape(nq).to(torch.int32)
@@ -174,8 +176,8 @@ def supports(layer, x: Tensor) -> str | None:
         return f"input dtype {x.dtype} not covered (float32, bfloat16, float16)"
     if x.shape[-1] != layer.in_features:
         return f"input has {x.shape[-1]} features, the layer expects {layer.in_features}"
-    if layer.codebook_bits != 8:
-        return f"codebook_bits={layer.codebook_bits} not covered (B=8 only)"
+    if layer.codebook_bits > 8:
+        return f"codebook_bits={layer.codebook_bits} not covered (B <= 8: uint8 codes)"
     if not 1 <= layer.vector_dim <= 16 or not 1 <= layer.num_codebooks <= 4:
         return f"vector_dim={layer.vector_dim}, num_codebooks={layer.num_codebooks} not covered (d<=16, M<=4)"
     if layer.scale_granularity == "group" and (layer.scale_group_size // layer.vector_dim * layer.num_codebooks) % QB:

@@ -95,20 +95,24 @@ def lut_rows(x, blocked, nq, cbt, qcb, m_books, d, scales, sgq, o0, o1, out, tab
     rows of one block are one sequential stream that uses every byte of each cache line it loads
     and leaves the 16 KiB table in L1. Unsigned indices skip numba's negative-index wraparound.
     """
+    u = np.uint64
     n_tok = x.shape[0]
     n_blk, n_out, _ = blocked.shape
     flat = blocked.reshape(-1)  # (n_blk * out * 2,) uint64: 8 codes per word
+    sflat = scales.reshape(-1)
+    n_s = u(scales.shape[1])
     for blk in range(n_blk):
-        s = blk * QB // sgq
+        s = u(blk * QB // sgq)
         n_pos = min(QB, nq - blk * QB)
         for t in range(n_tok):
             fill_table(x[t], cbt, qcb, blk * QB, n_pos, m_books, d, table)
             if n_pos < QB:
                 table[n_pos * ENTRIES :] = 0.0  # padded positions (code 0) add nothing
-            p = np.uint64((blk * n_out + o0) * 2)
-            for o in range(o0, o1):
-                out[t, o] += _row16(flat, p, table) * scales[o, s]
-                p += np.uint64(2)
+            out_t = out[t]
+            p = u((blk * n_out + o0) * 2)
+            for o in range(u(o0), u(o1)):  # unsigned: no negative-index branches per row
+                out_t[o] += _row16(flat, p, table) * sflat[o * n_s + s]
+                p += u(2)
 
 
 @njit(nogil=True, fastmath=True, inline="always")

@@ -57,6 +57,16 @@ FORMATS = list(itertools.product((2, 4, 8), (1, 2), ("fp16", "int8"), (None, 128
 FORMATS += [(8, 3, "int8", 128, "row"), (3, 1, "fp16", None, "row")]  # ~3 bits (the benchmark's), an odd d
 
 
+@pytest.mark.parametrize("bits", [2, 4, 7])
+def test_lut_kernel_fewer_codebook_bits(bits):
+    layer = random_vq(bits=bits, d=4, m=2, scales="group")
+    for b in (1, 9, cpu_lut.LUT_MAX_BATCH + 1):
+        x = torch.randn(b, layer.in_features)
+        assert kernels.explain(layer, x).path == "cpu_lut"
+        with torch.no_grad():
+            assert rel_err(layer(x), layer._reference_linear(x)) < FP32_TOL
+
+
 @pytest.mark.parametrize("d,m,cb,gs,scales", FORMATS)
 def test_lut_kernel_matches_reference_fp32(d, m, cb, gs, scales):
     layer = random_vq(d=d, m=m, cb=cb, gs=gs, scales=scales, bias=(d + m) % 2 == 0)  # half with bias
