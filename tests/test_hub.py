@@ -427,3 +427,44 @@ def test_vqlib_command_info_download_upload(hub_env, tmp_path, capsys):
         assert vqlib_main(args) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def _image_case():
+    tok = tiny_tokenizer(seed=4)
+    x = random_images(2, seed=5)
+    return tok, lambda m: m(x).reconstruction, lambda repo, **kw: ImageTokenizer.from_pretrained(repo, **kw)
+
+
+def _audio_case():
+    tok = audio_tokenizer(seed=4)
+    wave = torch.randn(1, 1, 400, generator=torch.Generator().manual_seed(5))
+    return tok, lambda m: m(wave).reconstruction, lambda repo, **kw: AudioTokenizer.from_pretrained(repo, **kw)
+
+
+def _compressed_case():
+    model, _ = compress(make_net(), VQConfig(**FAST_VQ), progress=False)
+    x = torch.randn(2, 16, generator=torch.Generator().manual_seed(5))
+    return model, lambda m: m(x), lambda repo, **kw: load_compressed(repo, make_net, **kw)
+
+
+@pytest.mark.parametrize("case", [_image_case, _audio_case, _compressed_case], ids=["image", "audio", "compressed"])
+def test_every_kind_second_load_from_cache_and_hf_hub_offline(hub_env, monkeypatch, case):
+    from huggingface_hub import constants
+
+    model, run, load = case()
+    repo = f"me/cache-{case.__name__.strip('_')}"
+    if isinstance(model, Net):
+        push_to_hub(model, repo)
+    else:
+        model.push_to_hub(repo)
+    sha = hub_env.repos[repo].refs["main"]
+    with torch.no_grad():
+        expected = run(model)
+        assert torch.equal(run(load(repo)), expected)
+        sent = sum(1 for m, p in hub_env.requests if m == "GET" and "/api/" not in p)
+        assert load(repo).hub_commit == sha  # second call: only the revision/tree look-ups, no file bytes
+        assert sum(1 for m, p in hub_env.requests if m == "GET" and "/api/" not in p) == sent
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        n = len(hub_env.requests)
+        offline = load(repo)
+        assert len(hub_env.requests) == n and offline.hub_commit == sha and torch.equal(run(offline), expected)
