@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import run_training_cli
-
 from vqlib.models import ImageTokenizer
 from vqlib.training.cli import main
 

@@ -6,10 +6,9 @@ import json
 import pytest
 import torch
 from image_helpers import random_images, tiny_tokenizer
+from vqlib.models import ImageTokenizer, hub
 
-import vqlib.models.hub as hub
 from vqlib import FSQ, ResidualVQ, VectorQuantize
-from vqlib.models import ImageTokenizer
 
 
 def trained(tok: ImageTokenizer, steps: int = 2) -> ImageTokenizer:
@@ -182,7 +181,6 @@ def test_push_to_hub_uploads_saved_folder(monkeypatch):
 
 def test_frozen_codebook_factory_round_trip_needs_no_codebook_file(tmp_path):
     from safetensors.torch import save_file
-
     from vqlib.models import frozen_codebook_quantizer
 
     features = torch.randn(40, 12)
@@ -207,15 +205,21 @@ def test_frozen_codebook_factory_round_trip_needs_no_codebook_file(tmp_path):
 
 
 # -- through a fake Hub on 127.0.0.1 (tests/hub_server.py): huggingface_hub's real download/upload code ---------
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
+import os
+import subprocess
+import sys
 
-from hub_server import FakeHub  # noqa: E402
-from torch import nn  # noqa: E402
+from hub_server import FakeHub
+from torch import nn
+from vqlib.models.audio_tokenizer import AudioTokenizer
 
-from vqlib.compress import VQConfig, compress, load_compressed, push_to_hub, save_compressed  # noqa: E402
-from vqlib.models.audio_tokenizer import AudioTokenizer  # noqa: E402
+from vqlib.compress import (
+    VQConfig,
+    compress,
+    load_compressed,
+    push_to_hub,
+    save_compressed,
+)
 
 FAST_VQ = dict(algorithm="data_free", vector_dim=4, codebook_bits=4, kmeans_iters=5, finetune_steps=0)
 
@@ -330,6 +334,7 @@ def test_compressed_model_push_pull_revision_offline(hub_env, tmp_path):
     assert len(hub_env.requests) == n
 
     from huggingface_hub import ModelCard
+
     from vqlib.cards import card_metrics
 
     card = ModelCard.load(tmp_path / "c" / "README.md")

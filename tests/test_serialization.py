@@ -8,11 +8,10 @@ import torch
 from image_helpers import tiny_tokenizer
 from safetensors.torch import save_file
 from torch import nn
+from vqlib.models import ImageTokenizer, hub
 
-import vqlib.models.hub as hub
 from vqlib import serialization as ser
 from vqlib.compress import load_compressed
-from vqlib.models import ImageTokenizer
 
 
 def test_write_folder_is_all_or_nothing(tmp_path):

@@ -26,8 +26,9 @@ import argparse
 import csv
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 CONFIG_NAMES = ("config.yaml", "config.yml")
 METRICS_NAME = "val_metrics.json"

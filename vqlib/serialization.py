@@ -25,9 +25,10 @@ import shutil
 import struct
 import tempfile
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -63,9 +64,10 @@ def state_for_safetensors(model: nn.Module) -> dict[str, Tensor]:
 
 
 def save_safetensors(state: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors import torch as st  # looked up at call time: tests replace st.save_file
+    import safetensors.torch
 
-    st.save_file(state, str(path), metadata=metadata)
+    # save_file looked up at call time: tests replace it to simulate a failing disk
+    safetensors.torch.save_file(state, str(path), metadata=metadata)
 
 
 def _fsync(path: Path) -> None:
