@@ -84,7 +84,7 @@ def plan_tiles(path: str, batch: int, n: int, nv: int, dp: int, device: torch.de
                elem_bytes: int = 2) -> TilePlan:
     """Default tiles for ``path`` (shape-based only, so a captured graph replays the same launch).
     ``sms`` (streaming multiprocessors) defaults to the device's; 1 on CPU (interpreter).
-    ``elem_bytes`` 4 (float32 activations) halves the large GEMM tiles, which spill registers otherwise."""
+    ``elem_bytes`` 4 (float32 activations) shrinks the large GEMM tiles, which spill registers otherwise."""
     if path == "gemv":
         block_b = _pow2(batch)
         cols = 128 if block_b <= 2 else 64  # bound the (B, N, K) product held in registers
@@ -97,8 +97,8 @@ def plan_tiles(path: str, batch: int, n: int, nv: int, dp: int, device: torch.de
         block_b = 32 if batch <= 32 else 64 if batch <= 64 else 128
         plan = TilePlan(block_b, 128, max(1, 32 // dp), num_warps=8 if block_b == 128 else 4, num_stages=3,
                         swap_ab=block_b <= 32)
-        if elem_bytes > 2:
-            plan = replace(plan, block_b=min(block_b, 64), block_n=64, num_warps=4)
+        if elem_bytes > 2:  # float32: an IEEE fp32 dot runs on FMA units with large register tiles
+            plan = replace(plan, block_b=min(block_b, 32), block_n=64, num_warps=4, swap_ab=False)
     elif path == "dequant":
         return TilePlan(1, 32, max(1, 64 // dp))
     else:
