@@ -305,6 +305,19 @@ def machine() -> dict:
                 triton=__import__("triton").__version__, cuda=torch.version.cuda, python=platform.python_version())
 
 
+def write_json(args, info: dict, copy_gbps: float, start: float, rows: list[dict], not_run: list[str]) -> dict:
+    from vqlib.kernels import triton_vq as tv
+
+    for r in rows:
+        r["copy_fraction_fused"] = r["gbps_fused"] / copy_gbps
+    result = dict(machine=info, copy_gbps=copy_gbps, seconds=time.perf_counter() - start, not_run=not_run,
+                  dequant_matmul_min_batch=tv.DEQUANT_MATMUL_MIN_BATCH, gemv_max_batch=tv.GEMV_MAX_BATCH,
+                  measured_crossover=crossovers(rows), targets=targets(rows, copy_gbps * 1e9), rows=rows,
+                  command=" ".join(sys.argv))
+    Path(f"{args.out}.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     configs = plan(args)
@@ -329,22 +342,18 @@ def main(argv=None) -> int:
     # the shape of the batch-1 target first, so a budget stop drops the least important groups
     groups = sorted(dict.fromkeys((c.shape, c.fmt, c.dtype) for c in configs),
                     key=lambda g: (args.dtypes.index(g[2]), args.formats.index(g[1]), g[0] != "8192x8192", args.shapes.index(g[0])))
-    for shape, fmt, dt in groups:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for i, (shape, fmt, dt) in enumerate(groups):
         if time.perf_counter() - start > args.budget_s:
             skipped.append("/".join((shape, fmt, dt)))
             continue
         rows += measure_group(shape, fmt, dt, args.batches, l2, args.reps)
-    for r in rows:
-        r["copy_fraction_fused"] = r["gbps_fused"] / copy_gbps
-    result = dict(machine=info, copy_gbps=copy_gbps, seconds=time.perf_counter() - start, skipped_over_budget=skipped,
-                  dequant_matmul_min_batch=tv.DEQUANT_MATMUL_MIN_BATCH, gemv_max_batch=tv.GEMV_MAX_BATCH,
-                  measured_crossover=crossovers(rows), targets=targets(rows, copy_gbps * 1e9), rows=rows,
-                  command=" ".join(sys.argv))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.out}.json").write_text(json.dumps(result, indent=1))
+        # written after every group: a run killed by an outer timeout still leaves its numbers
+        result = write_json(args, info, copy_gbps, start, rows, skipped + ["/".join(g) for g in groups[i + 1:]])
+    result = write_json(args, info, copy_gbps, start, rows, skipped)
     note = plot(rows, Path(f"{args.out}.png"))
     print(f"\n{info['gpu']}: copy {copy_gbps:.0f} GB/s; {len(rows)} rows in {result['seconds']:.0f} s; "
-          f"skipped (budget): {skipped or 'none'}")
+          f"not run (time budget): {skipped or 'none'}")
     print("measured crossover (decode-then-cuBLAS faster from batch):", json.dumps(result["measured_crossover"]))
     for t in result["targets"]:
         print(f"  {'MET ' if t['met'] else 'MISS'} {t['target']:<32} {t['shape']:>11} {t['fmt']:>7} {t['dtype']}: {t['value']}")
