@@ -61,6 +61,9 @@ class Decision:
     path: str  # a kernel name, or "reference"
     reason: str
     kernel: Kernel | None = field(default=None, compare=False, repr=False)
+    # True when a kernel for this device could not take the call: a slow path the user should hear about.
+    # False for deliberate choices (the switch, a cached dense weight, autograd) and for a kernel.
+    fallback: bool = False
 
 
 _KERNELS: list[Kernel] = []
@@ -100,11 +103,23 @@ def _env_choice() -> tuple[str, set[str] | None]:
     return "list", {name.strip() for name in raw.split(",") if name.strip()}
 
 
+def _deliberate_reference(layer: nn.Module, x: Tensor) -> str | None:
+    """Why the reference path is the right one for this call, whatever kernels exist (None: ask the kernels)."""
+    if _env_choice()[0] == REFERENCE:
+        return f"{ENV_SWITCH}=reference forces the reference path"
+    if getattr(layer, "weight_cache", None) is not None:
+        return "the layer holds a dequantized weight cache (cache_dequantized_weight): F.linear on it"
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters())):
+        return "gradients are needed and the kernels have no backward; the reference path is differentiable"
+    return None
+
+
 def explain(layer: nn.Module, x: Tensor) -> Decision:
     """Which path ``layer(x)`` takes and why (does not run anything)."""
-    mode, allowed = _env_choice()
-    if mode == REFERENCE:
-        return Decision(REFERENCE, f"{ENV_SWITCH}=reference forces the reference path")
+    deliberate = _deliberate_reference(layer, x)
+    if deliberate is not None:
+        return Decision(REFERENCE, deliberate)
+    _, allowed = _env_choice()
     candidates = registered_kernels(type(layer).__name__, x.device.type)
     if not candidates:
         return Decision(REFERENCE, f"no {type(layer).__name__} kernel is registered for device type {x.device.type!r}")
@@ -121,7 +136,7 @@ def explain(layer: nn.Module, x: Tensor) -> Decision:
             # Say why the faster (higher-priority) kernels declined, so the choice is explained.
             return Decision(kernel.name, "; ".join([*reasons, f"{kernel.name}: format and input supported"]), kernel)
         reasons.append(f"{kernel.name}: {why_not}")
-    return Decision(REFERENCE, "; ".join(reasons))
+    return Decision(REFERENCE, "; ".join(reasons), fallback=True)
 
 
 def _format_key(layer: nn.Module) -> tuple:
@@ -141,7 +156,7 @@ def _log_once(layer: nn.Module, x: Tensor, decision: Decision) -> None:
         return
     _LOGGED.add(key)
     message = f"{type(layer).__name__} on {x.device} ({x.dtype}, {layer.extra_repr()}): {decision.path} ({decision.reason})"
-    if decision.path == REFERENCE and registered_kernels(type(layer).__name__, x.device.type) and _env_choice()[0] != REFERENCE:
+    if decision.fallback:
         warnings.warn(f"vqlib.kernels: falling back to the slow reference path: {message}", RuntimeWarning, stacklevel=3)
     logger.info(message)
 

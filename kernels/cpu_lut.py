@@ -182,10 +182,6 @@ def supports(layer, x: Tensor) -> str | None:
         return f"vector_dim={layer.vector_dim}, num_codebooks={layer.num_codebooks} not covered (d<=16, M<=4)"
     if layer.scale_granularity == "group" and (layer.scale_group_size // layer.vector_dim * layer.num_codebooks) % QB:
         return f"scale groups of {layer.scale_group_size} columns hold a number of codes that is not a multiple of {QB}"
-    if layer.weight_cache is not None:
-        return "the layer holds a dequantized weight cache (F.linear on it is the fastest path)"
-    if torch.is_grad_enabled() and x.requires_grad:
-        return "input requires grad (the kernel has no backward; the reference path is differentiable)"
     return None
 
 

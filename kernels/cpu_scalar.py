@@ -81,10 +81,6 @@ def supports(layer, x: Tensor) -> str | None:
         return f"input dtype {x.dtype} not covered (float32, bfloat16, float16)"
     if x.shape[-1] != layer.in_features:
         return f"input has {x.shape[-1]} features, the layer expects {layer.in_features}"
-    if layer.weight_cache is not None:
-        return "the layer holds a dequantized weight cache (F.linear on it is the fastest path)"
-    if torch.is_grad_enabled() and x.requires_grad:
-        return "input requires grad (the kernel has no backward; the reference path is differentiable)"
     return None
 
 

@@ -65,8 +65,6 @@ def format_reason(layer: nn.Module, x: Tensor) -> str | None:
         return f"input shape {tuple(x.shape)} does not end in in_features={layer.in_features}"
     if layer.codes.device != x.device:
         return f"layer on {layer.codes.device}, input on {x.device}"
-    if getattr(layer, "weight_cache", None) is not None:
-        return "a dense weight is cached (cache_dequantized_weight): the reference path uses it"
     if layer.vector_dim > MAX_VECTOR_DIM:
         return f"vector_dim={layer.vector_dim} above {MAX_VECTOR_DIM}"
     n = tokens(x)

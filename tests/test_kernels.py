@@ -95,3 +95,21 @@ def test_build_failure_disables_kernel_with_one_warning(isolated_registry):
 def test_register_rejects_non_kernel(isolated_registry):
     with pytest.raises(TypeError, match="expected a vqlib.kernels.Kernel"):
         kernels.register_kernel(lambda x, layer: x)
+
+
+def test_deliberate_reference_choices_do_not_warn(isolated_registry, recwarn):
+    kernels.register_kernel(_fake("k", 1.0))
+    layer, x = _layer(), torch.randn(2, 8)
+    layer.cache_dequantized_weight(torch.float32)
+    decision = kernels.explain(layer, x)
+    assert decision.path == "reference" and "weight cache" in decision.reason and not decision.fallback
+    layer.cache_dequantized_weight(None)
+    x.requires_grad_(True)
+    decision = kernels.explain(layer, x)
+    assert decision.path == "reference" and "gradients" in decision.reason
+    out = layer(x)
+    out.sum().backward()  # the reference path is differentiable
+    assert x.grad is not None and x.grad.shape == x.shape
+    with torch.no_grad():
+        assert kernels.explain(layer, x).path == "k"
+    assert not [w for w in recwarn if "reference path" in str(w.message)]
