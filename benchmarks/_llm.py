@@ -86,7 +86,9 @@ def reference_text() -> str:
     return "\n\n".join(topics[k].strip() for k in sorted(topics))
 
 
-def split_tokens(ids: Tensor, eval_chunks: int, calibration_chunks: int, seq_len: int = SEQ_LEN) -> tuple[Tensor, Tensor]:
+def split_tokens(
+    ids: Tensor, eval_chunks: int, calibration_chunks: int, seq_len: int = SEQ_LEN
+) -> tuple[Tensor, Tensor]:
     """1-D token ids -> (eval (eval_chunks, seq_len) from the end, calibration (calibration_chunks, seq_len) from the start)."""
     n_eval, n_cal = eval_chunks * seq_len, calibration_chunks * seq_len
     if n_eval + n_cal > ids.numel():

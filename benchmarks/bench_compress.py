@@ -308,9 +308,11 @@ def run_minilm(names, batch_size, seed):
     evaluation = tokenize(tokenizer, EVALUATION_TEXTS, 32)
     reference = embed(model, evaluation)
     base_linear, base_model = linear_bytes(model), model_bytes(model)
-    print(f"MiniLM-L6 fp32: linear layers {base_linear / 2**20:.2f} MiB, whole model {base_model / 2**20:.2f} MiB; "
-          f"{len(CALIBRATION_TEXTS)} calibration / {len(EVALUATION_TEXTS)} evaluation sentences; "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"MiniLM-L6 fp32: linear layers {base_linear / 2**20:.2f} MiB, whole model {base_model / 2**20:.2f} MiB; "
+        f"{len(CALIBRATION_TEXTS)} calibration / {len(EVALUATION_TEXTS)} evaluation sentences; "
+        f"torch threads {torch.get_num_threads()}"
+    )
     header = f"{'method':26s} {'target':>6s} {'bits/w':>7s} {'mean cos':>9s} {'min cos':>8s} {'linear MiB':>10s} {'model MiB':>9s} {'time s':>7s}"
     print(header)
     print("-" * len(header))
@@ -323,10 +325,21 @@ def run_minilm(names, batch_size, seed):
         m, report = compress(m, cfg, calibration=calib)
         seconds = time.perf_counter() - t0
         cos = (embed(m, evaluation) * reference).sum(-1)
-        row = (name, target, report.bits_per_weight, float(cos.mean()), float(cos.min()),
-               linear_bytes(m) / 2**20, report.model_bytes_after / 2**20, seconds)
+        row = (
+            name,
+            target,
+            report.bits_per_weight,
+            float(cos.mean()),
+            float(cos.min()),
+            linear_bytes(m) / 2**20,
+            report.model_bytes_after / 2**20,
+            seconds,
+        )
         rows.append(row)
-        print(f"{row[0]:26s} {row[1]:6d} {row[2]:7.3f} {row[3]:9.4f} {row[4]:8.4f} {row[5]:10.2f} {row[6]:9.2f} {row[7]:7.1f}", flush=True)
+        print(
+            f"{row[0]:26s} {row[1]:6d} {row[2]:7.3f} {row[3]:9.4f} {row[4]:8.4f} {row[5]:10.2f} {row[6]:9.2f} {row[7]:7.1f}",
+            flush=True,
+        )
     return rows
 
 
@@ -348,8 +361,11 @@ def run_layer(size, tokens, seed):
         m = torch.nn.Sequential(copy.deepcopy(layer))
         t0 = time.perf_counter()
         _, report = compress(m, VQConfig(seed=seed, **fields), calibration=calib)
-        print(f"{name:22s} {time.perf_counter() - t0:7.1f} s  {report.bits_per_weight:.3f} bits/w  "
-              f"rel. output error {report.layers[0].relative_error:.4f}", flush=True)
+        print(
+            f"{name:22s} {time.perf_counter() - t0:7.1f} s  {report.bits_per_weight:.3f} bits/w  "
+            f"rel. output error {report.layers[0].relative_error:.4f}",
+            flush=True,
+        )
 
 
 def main(argv=None):

@@ -23,8 +23,8 @@ import argparse
 import time
 
 import torch
-
 from _common import machine_description, setup_threads
+
 from vqlib.compress import VQConfig
 from vqlib.compress.calibrated import gptq_vq
 

@@ -33,17 +33,20 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_average, machine_description, setup_threads  # noqa: E402
+from vqlib.kernels import cpu_lut  # noqa: E402
 
 from vqlib import kernels  # noqa: E402
 from vqlib.compress import VQConfig, VQLinear, compress  # noqa: E402
-from vqlib.kernels import cpu_lut  # noqa: E402
 
 CHAIN_BYTES = 48 << 20  # > 32 MiB L3
 REPS = 5
 SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (4096, 11008), (11008, 4096)]  # (in, out)
 BATCHES = [1, 2, 4, 8, 32, 256]
-FORMATS = {"d4 1x8 g128": dict(vector_dim=4, num_codebooks=1), "d8 2x8": dict(vector_dim=8, num_codebooks=2),
-           "d4 2x8": dict(vector_dim=4, num_codebooks=2)}
+FORMATS = {
+    "d4 1x8 g128": dict(vector_dim=4, num_codebooks=1),
+    "d8 2x8": dict(vector_dim=8, num_codebooks=2),
+    "d4 2x8": dict(vector_dim=4, num_codebooks=2),
+}
 
 
 def chain_len(layer_bytes: int, cap: int = 64) -> int:
@@ -92,7 +95,9 @@ def dense_rows(n_in: int, n_out: int, batch: int, reference_ok: bool) -> list[tu
     return rows
 
 
-def vq_rows(n_in: int, n_out: int, batch: int, fmt_names: list[str], reference_ok: bool) -> list[tuple[str, float, int]]:
+def vq_rows(
+    n_in: int, n_out: int, batch: int, fmt_names: list[str], reference_ok: bool
+) -> list[tuple[str, float, int]]:
     rows = []
     x = torch.randn(batch, n_in)
     for name in fmt_names:
@@ -103,7 +108,9 @@ def vq_rows(n_in: int, n_out: int, batch: int, fmt_names: list[str], reference_o
         rows.append((f"vqlib {name}", time_chain(lambda layer: layer(x), layers), probe.storage_bytes()))
         if reference_ok and name == fmt_names[0]:
             ref = layers[:2]
-            rows.append((f"reference {name}", time_chain(lambda layer: layer._reference_linear(x), ref), probe.storage_bytes()))
+            rows.append(
+                (f"reference {name}", time_chain(lambda layer: layer._reference_linear(x), ref), probe.storage_bytes())
+            )
         del layers
     return rows
 
@@ -121,12 +128,17 @@ def layer_table(args) -> None:
             for batch in batches:
                 reference_ok = batch <= 8 and (n_in * n_out <= 1 << 22 or batch == 1)
                 with torch.no_grad():
-                    rows = dense_rows(n_in, n_out, batch, reference_ok) + vq_rows(n_in, n_out, batch, fmt_names, reference_ok)
+                    rows = dense_rows(n_in, n_out, batch, reference_ok) + vq_rows(
+                        n_in, n_out, batch, fmt_names, reference_ok
+                    )
                 fp32 = rows[0][1]
                 int8 = rows[2][1]
                 for method, sec, nbytes in rows:
-                    print(f"| {n_in}x{n_out} | {batch} | {method} | {sec * 1e3:.3f} | {fp32 / sec:.2f} | "
-                          f"{int8 / sec:.2f} | {nbytes / sec / 1e9:.1f} |", flush=True)
+                    print(
+                        f"| {n_in}x{n_out} | {batch} | {method} | {sec * 1e3:.3f} | {fp32 / sec:.2f} | "
+                        f"{int8 / sec:.2f} | {nbytes / sec / 1e9:.1f} |",
+                        flush=True,
+                    )
 
 
 def smollm2_model():
@@ -147,8 +159,15 @@ def tiny_model():
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=2048, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256)
+    config = transformers.LlamaConfig(
+        vocab_size=2048,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+    )
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -166,13 +185,18 @@ def tokens_per_second(model, new_tokens: int) -> float:
 def end_to_end(args) -> None:
     make = smollm2_model if args.llm == "smollm2" else tiny_model
     new_tokens = 16 if args.quick else args.new_tokens
-    variants = [("fp32", None), ("int8 dynamic", "int8"),
-                ("vqlib ~2 bit (d4 1x8 g128)", dict(vector_dim=4, num_codebooks=1)),
-                ("vqlib ~3 bit (d8 3x8 g128)", dict(vector_dim=8, num_codebooks=3))]
+    variants = [
+        ("fp32", None),
+        ("int8 dynamic", "int8"),
+        ("vqlib ~2 bit (d4 1x8 g128)", dict(vector_dim=4, num_codebooks=1)),
+        ("vqlib ~3 bit (d8 3x8 g128)", dict(vector_dim=8, num_codebooks=3)),
+    ]
     for threads in args.threads:
         setup_threads(threads)
-        print(f"\n## End to end ({args.llm}), greedy, batch 1, {new_tokens} new tokens, {threads} thread(s), "
-              f"load average {load_average():.2f}")
+        print(
+            f"\n## End to end ({args.llm}), greedy, batch 1, {new_tokens} new tokens, {threads} thread(s), "
+            f"load average {load_average():.2f}"
+        )
         print("| model | bits/weight (compressed linears) | tokens/s | x fp32 |")
         print("|---|---|---|---|")
         base = None

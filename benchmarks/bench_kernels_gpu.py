@@ -25,12 +25,13 @@ not) and a PNG plot are written to ``--out``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -104,8 +105,10 @@ def print_plan(configs: list[Config], l2_bytes: int) -> None:
             continue
         seen.add(key)
         vb, db = vq_bytes(in_f, out_f, c.fmt), in_f * out_f * 2
-        print(f"  {c.shape:>11} {c.fmt:>7}: {8 * vb / (in_f * out_f):.3f} bits/weight, {vb / 1e6:7.1f} MB "
-              f"(x{copies_for(vb, l2_bytes)} copies) vs dense {db / 1e6:7.1f} MB (x{copies_for(db, l2_bytes)})")
+        print(
+            f"  {c.shape:>11} {c.fmt:>7}: {8 * vb / (in_f * out_f):.3f} bits/weight, {vb / 1e6:7.1f} MB "
+            f"(x{copies_for(vb, l2_bytes)} copies) vs dense {db / 1e6:7.1f} MB (x{copies_for(db, l2_bytes)})"
+        )
 
 
 # ---- measurement (GPU only) -------------------------------------------------------------------
@@ -151,7 +154,7 @@ def copy_bandwidth(reps: int = 10) -> float:
     n = 2 * 2**30
     src = torch.empty(n, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    seconds = time_graph([lambda: dst.copy_(src)], reps)
+    seconds = time_graph([functools.partial(dst.copy_, src)], reps)
     del src, dst
     return 2 * n / seconds
 
@@ -178,12 +181,29 @@ def measure_group(shape: str, fmt: str, dtype_name: str, batches: list[int], l2:
         t_deq = time_graph([op(layer, "dequant_matmul") for layer in layers], reps)
         auto = "fused" if batch < tv.DEQUANT_MATMUL_MIN_BATCH else "dequant"
         t_auto = t_fused if auto == "fused" else t_deq
-        rows.append(dict(shape=shape, fmt=fmt, dtype=dtype_name, batch=batch, fused_path=fused_path,
-                         vq_bytes=vb, dense_bytes=db, copies_vq=len(layers), copies_dense=len(dense),
-                         t_dense_us=t_dense * 1e6, t_fused_us=t_fused * 1e6, t_dequant_us=t_deq * 1e6,
-                         auto=auto, t_auto_us=t_auto * 1e6, speedup_auto=t_dense / t_auto,
-                         speedup_fused=t_dense / t_fused, speedup_dequant=t_dense / t_deq,
-                         gbps_fused=vb / t_fused / 1e9, gbps_dense=db / t_dense / 1e9))
+        rows.append(
+            dict(
+                shape=shape,
+                fmt=fmt,
+                dtype=dtype_name,
+                batch=batch,
+                fused_path=fused_path,
+                vq_bytes=vb,
+                dense_bytes=db,
+                copies_vq=len(layers),
+                copies_dense=len(dense),
+                t_dense_us=t_dense * 1e6,
+                t_fused_us=t_fused * 1e6,
+                t_dequant_us=t_deq * 1e6,
+                auto=auto,
+                t_auto_us=t_auto * 1e6,
+                speedup_auto=t_dense / t_auto,
+                speedup_fused=t_dense / t_fused,
+                speedup_dequant=t_dense / t_deq,
+                gbps_fused=vb / t_fused / 1e9,
+                gbps_dense=db / t_dense / 1e9,
+            )
+        )
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
     del layers, dense
     torch.cuda.empty_cache()
@@ -216,12 +236,23 @@ def targets(rows: list[dict], copy_gbps: float) -> list[dict]:
             checks.append(dict(r=r, what="batch 1 speed-up >= 4x", value=r["speedup_auto"], met=r["speedup_auto"] >= 4))
             checks.append(dict(r=r, what="batch 1 >= 60% copy bandwidth", value=frac, met=frac >= 0.6))
         if r["batch"] == 16:
-            checks.append(dict(r=r, what="batch 16 speed-up >= 2x", value=r["speedup_auto"], met=r["speedup_auto"] >= 2))
+            checks.append(
+                dict(r=r, what="batch 16 speed-up >= 2x", value=r["speedup_auto"], met=r["speedup_auto"] >= 2)
+            )
         if r["batch"] == 1024:
             ratio = r["t_auto_us"] / r["t_dense_us"]
             checks.append(dict(r=r, what="batch 1024 time <= 1.1x dense", value=ratio, met=ratio <= 1.1))
-    return [dict(shape=c["r"]["shape"], fmt=c["r"]["fmt"], dtype=c["r"]["dtype"], target=c["what"],
-                 value=round(c["value"], 3), met=bool(c["met"])) for c in checks]
+    return [
+        dict(
+            shape=c["r"]["shape"],
+            fmt=c["r"]["fmt"],
+            dtype=c["r"]["dtype"],
+            target=c["what"],
+            value=round(c["value"], 3),
+            met=bool(c["met"]),
+        )
+        for c in checks
+    ]
 
 
 def plot_pil(rows: list[dict], path: Path) -> str | None:
@@ -256,8 +287,11 @@ def plot_pil(rows: list[dict], path: Path) -> str | None:
         for b in batches:
             draw.text((xy(b, 2**lo)[0] - 8, box[3] + 5), str(b), fill="black")
         for k, fmt in enumerate(fmts):
-            pts = [xy(r["batch"], r["speedup_auto"]) for r in sorted(rows, key=lambda r: r["batch"])
-                   if (r["dtype"], r["shape"], r["fmt"]) == (dt, shape, fmt)]
+            pts = [
+                xy(r["batch"], r["speedup_auto"])
+                for r in sorted(rows, key=lambda r: r["batch"])
+                if (r["dtype"], r["shape"], r["fmt"]) == (dt, shape, fmt)
+            ]
             if len(pts) > 1:
                 draw.line(pts, fill=colours[k % 4], width=2)
             draw.text((box[0] + 5, box[1] + 5 + 12 * k), fmt, fill=colours[k % 4])
@@ -273,18 +307,30 @@ def plot(rows: list[dict], path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return plot_pil(rows, path)
-    shapes = sorted({r["shape"] for r in rows}, key=SHAPES.index if all(s in SHAPES for s in {r["shape"] for r in rows}) else str)
+    shapes = sorted(
+        {r["shape"] for r in rows}, key=SHAPES.index if all(s in SHAPES for s in {r["shape"] for r in rows}) else str
+    )
     dtypes = sorted({r["dtype"] for r in rows})
     fig, axes = plt.subplots(len(dtypes), len(shapes), figsize=(4 * len(shapes), 3.4 * len(dtypes)), squeeze=False)
     for i, dt in enumerate(dtypes):
         for j, shape in enumerate(shapes):
             ax = axes[i][j]
             for fmt in sorted({r["fmt"] for r in rows}):
-                sel = sorted((r for r in rows if (r["shape"], r["dtype"], r["fmt"]) == (shape, dt, fmt)), key=lambda r: r["batch"])
+                sel = sorted(
+                    (r for r in rows if (r["shape"], r["dtype"], r["fmt"]) == (shape, dt, fmt)),
+                    key=lambda r: r["batch"],
+                )
                 if sel:
-                    line = ax.plot([r["batch"] for r in sel], [r["speedup_auto"] for r in sel], marker="o", label=f"{fmt} auto")
-                    ax.plot([r["batch"] for r in sel], [r["speedup_fused"] for r in sel], ls=":", color=line[0].get_color(),
-                            label=f"{fmt} fused")
+                    line = ax.plot(
+                        [r["batch"] for r in sel], [r["speedup_auto"] for r in sel], marker="o", label=f"{fmt} auto"
+                    )
+                    ax.plot(
+                        [r["batch"] for r in sel],
+                        [r["speedup_fused"] for r in sel],
+                        ls=":",
+                        color=line[0].get_color(),
+                        label=f"{fmt} fused",
+                    )
             ax.axhline(1.0, color="k", lw=0.8)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log", base=2)
@@ -300,9 +346,16 @@ def plot(rows: list[dict], path: Path) -> str | None:
 
 def machine() -> dict:
     props = torch.cuda.get_device_properties(0)
-    return dict(gpu=props.name, sms=props.multi_processor_count, memory_gb=round(props.total_memory / 1e9, 1),
-                l2_bytes=getattr(props, "L2_cache_size", None), torch=torch.__version__,
-                triton=__import__("triton").__version__, cuda=torch.version.cuda, python=platform.python_version())
+    return dict(
+        gpu=props.name,
+        sms=props.multi_processor_count,
+        memory_gb=round(props.total_memory / 1e9, 1),
+        l2_bytes=getattr(props, "L2_cache_size", None),
+        torch=torch.__version__,
+        triton=__import__("triton").__version__,
+        cuda=torch.version.cuda,
+        python=platform.python_version(),
+    )
 
 
 def write_json(args, info: dict, copy_gbps: float, start: float, rows: list[dict], not_run: list[str]) -> dict:
@@ -310,10 +363,18 @@ def write_json(args, info: dict, copy_gbps: float, start: float, rows: list[dict
 
     for r in rows:
         r["copy_fraction_fused"] = r["gbps_fused"] / copy_gbps
-    result = dict(machine=info, copy_gbps=copy_gbps, seconds=time.perf_counter() - start, not_run=not_run,
-                  dequant_matmul_min_batch=tv.DEQUANT_MATMUL_MIN_BATCH, gemv_max_batch=tv.GEMV_MAX_BATCH,
-                  measured_crossover=crossovers(rows), targets=targets(rows, copy_gbps * 1e9), rows=rows,
-                  command=" ".join(sys.argv))
+    result = dict(
+        machine=info,
+        copy_gbps=copy_gbps,
+        seconds=time.perf_counter() - start,
+        not_run=not_run,
+        dequant_matmul_min_batch=tv.DEQUANT_MATMUL_MIN_BATCH,
+        gemv_max_batch=tv.GEMV_MAX_BATCH,
+        measured_crossover=crossovers(rows),
+        targets=targets(rows, copy_gbps * 1e9),
+        rows=rows,
+        command=" ".join(sys.argv),
+    )
     Path(f"{args.out}.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -340,8 +401,10 @@ def main(argv=None) -> int:
     print(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write)", flush=True)
     rows, skipped = [], []
     # the shape of the batch-1 target first, so a budget stop drops the least important groups
-    groups = sorted(dict.fromkeys((c.shape, c.fmt, c.dtype) for c in configs),
-                    key=lambda g: (args.dtypes.index(g[2]), args.formats.index(g[1]), g[0] != "8192x8192", args.shapes.index(g[0])))
+    groups = sorted(
+        dict.fromkeys((c.shape, c.fmt, c.dtype) for c in configs),
+        key=lambda g: (args.dtypes.index(g[2]), args.formats.index(g[1]), g[0] != "8192x8192", args.shapes.index(g[0])),
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for i, (shape, fmt, dt) in enumerate(groups):
         if time.perf_counter() - start > args.budget_s:
@@ -349,14 +412,18 @@ def main(argv=None) -> int:
             continue
         rows += measure_group(shape, fmt, dt, args.batches, l2, args.reps)
         # written after every group: a run killed by an outer timeout still leaves its numbers
-        result = write_json(args, info, copy_gbps, start, rows, skipped + ["/".join(g) for g in groups[i + 1:]])
+        result = write_json(args, info, copy_gbps, start, rows, skipped + ["/".join(g) for g in groups[i + 1 :]])
     result = write_json(args, info, copy_gbps, start, rows, skipped)
     note = plot(rows, Path(f"{args.out}.png"))
-    print(f"\n{info['gpu']}: copy {copy_gbps:.0f} GB/s; {len(rows)} rows in {result['seconds']:.0f} s; "
-          f"not run (time budget): {skipped or 'none'}")
+    print(
+        f"\n{info['gpu']}: copy {copy_gbps:.0f} GB/s; {len(rows)} rows in {result['seconds']:.0f} s; "
+        f"not run (time budget): {skipped or 'none'}"
+    )
     print("measured crossover (decode-then-cuBLAS faster from batch):", json.dumps(result["measured_crossover"]))
     for t in result["targets"]:
-        print(f"  {'MET ' if t['met'] else 'MISS'} {t['target']:<32} {t['shape']:>11} {t['fmt']:>7} {t['dtype']}: {t['value']}")
+        print(
+            f"  {'MET ' if t['met'] else 'MISS'} {t['target']:<32} {t['shape']:>11} {t['fmt']:>7} {t['dtype']}: {t['value']}"
+        )
     print(f"wrote {args.out}.json" + (f" and {args.out}.png" if note is None else f" ({note})"))
     return 0
 

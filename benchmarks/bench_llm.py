@@ -123,7 +123,9 @@ def uniform_vq_bits(ref, bits) -> float:
 
     total, weights = 0.0, 0
     for lin in decoder_linears(ref).values():
-        layer = VQLinear(lin.in_features, lin.out_features, bias=False, codebook_dtype="int8", device="meta", **VQ_FORMATS[bits])
+        layer = VQLinear(
+            lin.in_features, lin.out_features, bias=False, codebook_dtype="int8", device="meta", **VQ_FORMATS[bits]
+        )
         total += 8 * layer.storage_bytes()
         weights += lin.weight.numel()
     return total / weights
@@ -133,7 +135,9 @@ def run_rtn(ref, bits, cal):
     from vqlib.compress import VQConfig, compress
 
     model = copy.deepcopy(ref)
-    cfg = VQConfig(algorithm="scalar_rtn", scalar_bits=bits, scalar_group_size=SCALAR_GROUP, include_modules=["*.layers.*"])
+    cfg = VQConfig(
+        algorithm="scalar_rtn", scalar_bits=bits, scalar_group_size=SCALAR_GROUP, include_modules=["*.layers.*"]
+    )
     model, report = compress(model, cfg)
     return model, {r.name: (r.num_weights, r.bits_per_weight) for r in report.compressed}, f"g{SCALAR_GROUP}"
 
@@ -217,8 +221,16 @@ def print_table(rows):
     for r in rows:
         rel = "" if r["ppl_vs_fp32"] is None else f"{100 * r['ppl_vs_fp32']:+.1f}%"
         lines.append(
-            (r["method"] + ("" if r["bits"] is None else f" {r['bits']}b"), r["note"], f"{r['linear_bits']:.3f}",
-             f"{r['model_bits']:.3f}", f"{r['model_mib']:.1f}", f"{r['ppl']:.2f}", rel, f"{r['seconds']:.1f}")
+            (
+                r["method"] + ("" if r["bits"] is None else f" {r['bits']}b"),
+                r["note"],
+                f"{r['linear_bits']:.3f}",
+                f"{r['model_bits']:.3f}",
+                f"{r['model_mib']:.1f}",
+                f"{r['ppl']:.2f}",
+                rel,
+                f"{r['seconds']:.1f}",
+            )
         )
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
     for i, line in enumerate(lines):
@@ -253,8 +265,11 @@ def main(argv=None):
     ref, tok = load_smollm2()
     ev, cal_ids = eval_and_calibration_ids(tok, args.eval_chunks, args.calibration_chunks)
     cal = calibration_batches(cal_ids, batch_size=8)
-    print(f"SmolLM2-135M-Instruct fp32; eval {tuple(ev.shape)} tokens, calibration {tuple(cal_ids.shape)}; "
-          f"{args.threads} threads; load {open('/proc/loadavg').read().split()[:3]}", flush=True)
+    print(
+        f"SmolLM2-135M-Instruct fp32; eval {tuple(ev.shape)} tokens, calibration {tuple(cal_ids.shape)}; "
+        f"{args.threads} threads; load {open('/proc/loadavg').read().split()[:3]}",
+        flush=True,
+    )
     fp32_ppl = perplexity(ref, ev)
     rows = []
     for method in args.methods:

@@ -80,7 +80,11 @@ def build_quantizer(lib: str, variant: str, dim: int, size: int, estimator: str,
             )
         else:
             q = vqlib.VectorQuantize(
-                dim, size, reparam="simvq", codebook_update="gradient", commitment_weight=0.25,
+                dim,
+                size,
+                reparam="simvq",
+                codebook_update="gradient",
+                commitment_weight=0.25,
                 gradient_estimator=estimator,
             )
             cb = q.codebooks[0]
@@ -94,7 +98,11 @@ def build_quantizer(lib: str, variant: str, dim: int, size: int, estimator: str,
     rotation = estimator == "rotation"
     if variant == "ema":
         q = vqpt.VectorQuantize(
-            dim=dim, codebook_size=size, decay=0.99, commitment_weight=0.25, kmeans_init=False,
+            dim=dim,
+            codebook_size=size,
+            decay=0.99,
+            commitment_weight=0.25,
+            kmeans_init=False,
             rotation_trick=rotation,
         )
         with torch.no_grad():
@@ -213,20 +221,46 @@ def effective_cap_gb(args: argparse.Namespace) -> float:
 def run_child(args: argparse.Namespace, lib: str, variant: str, size: int, indices_out: str) -> dict:
     cap = effective_cap_gb(args)
     if cap != args.mem_limit_gb:
-        print(f"  note: cap lowered to {cap} GB (only {mem_available_bytes() / GB:.1f} GB free on the machine)", flush=True)
+        print(
+            f"  note: cap lowered to {cap} GB (only {mem_available_bytes() / GB:.1f} GB free on the machine)",
+            flush=True,
+        )
     cmd = [
-        sys.executable, os.path.abspath(__file__), "--worker",
-        "--lib", lib, "--variant", variant, "--size", str(size),
-        "--dim", str(args.dim), "--tokens", str(args.tokens), "--steps", str(args.steps),
-        "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", args.device,
-        "--estimator", args.estimator, "--seed", str(args.seed), "--mem-limit-gb", str(cap),
-        "--indices-out", indices_out,
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        "--lib",
+        lib,
+        "--variant",
+        variant,
+        "--size",
+        str(size),
+        "--dim",
+        str(args.dim),
+        "--tokens",
+        str(args.tokens),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--threads",
+        str(args.threads),
+        "--device",
+        args.device,
+        "--estimator",
+        args.estimator,
+        "--seed",
+        str(args.seed),
+        "--mem-limit-gb",
+        str(cap),
+        "--indices-out",
+        indices_out,
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return dict(json.loads(line[len("RESULT "):]), cap=cap)
+            return dict(json.loads(line[len("RESULT ") :]), cap=cap)
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     # A child killed by the kernel (SIGKILL, rc -9) ran out of memory outside our cap.
     status = "oom" if proc.returncode in (-9, 137) else "error"
@@ -276,7 +310,8 @@ def main(args: argparse.Namespace) -> None:
                     else:
                         what = f"{r['status']} under the {r.get('cap')} GB cap: {r.get('error')}"
                     print(
-                        f"  {variant:5s} K={size:<7d} {lib:5s} {what}, load {fmt(r.get('load_before'), '.1f')}", flush=True
+                        f"  {variant:5s} K={size:<7d} {lib:5s} {what}, load {fmt(r.get('load_before'), '.1f')}",
+                        flush=True,
                     )
                 if "vqlib" in pair and "vqpt" in pair:
                     pair["agree"] = index_agreement(pair["vqlib"], pair["vqpt"])
@@ -286,7 +321,9 @@ def main(args: argparse.Namespace) -> None:
 
 def print_table(rows, args: argparse.Namespace) -> None:
     print()
-    print("| variant | K | vqlib s/step | vqpt s/step | speedup | vqlib peak GB | vqpt peak GB | memory ratio | index agreement |")
+    print(
+        "| variant | K | vqlib s/step | vqpt s/step | speedup | vqlib peak GB | vqpt peak GB | memory ratio | index agreement |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     verdicts = []
     for variant, size, pair in rows:
@@ -303,8 +340,14 @@ def print_table(rows, args: argparse.Namespace) -> None:
         if variant != "ema" or a is None or b is None:
             continue
         if size == TARGET_SIZE:
-            verdicts.append(f"speedup at {size} >= {TARGET_SPEEDUP:g}x: " + _verdict(speedup, speedup is not None and speedup >= TARGET_SPEEDUP, f"{fmt(speedup, '.1f')}x"))
-            verdicts.append(f"peak memory at {size} <= 1/8 of vqpt: " + _verdict(ratio, ratio is not None and ratio <= TARGET_MEMORY_RATIO, f"ratio {fmt(ratio, '.3f')}"))
+            verdicts.append(
+                f"speedup at {size} >= {TARGET_SPEEDUP:g}x: "
+                + _verdict(speedup, speedup is not None and speedup >= TARGET_SPEEDUP, f"{fmt(speedup, '.1f')}x")
+            )
+            verdicts.append(
+                f"peak memory at {size} <= 1/8 of vqpt: "
+                + _verdict(ratio, ratio is not None and ratio <= TARGET_MEMORY_RATIO, f"ratio {fmt(ratio, '.3f')}")
+            )
         if size == OOM_SIZE:
             ok = a["status"] == "ok" and b["status"] == "oom"
             verdicts.append(
@@ -338,8 +381,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=2, help="timed steps after warm-up")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--estimator", choices=["rotation", "ste"], default="rotation",
-                   help="gradient estimator on both sides (vector-quantize-pytorch defaults to the rotation trick)")
+    p.add_argument(
+        "--estimator",
+        choices=["rotation", "ste"],
+        default="rotation",
+        help="gradient estimator on both sides (vector-quantize-pytorch defaults to the rotation trick)",
+    )
     p.add_argument("--mem-limit-gb", type=float, default=18.0, help="RLIMIT_DATA per CPU child; 0 = none")
     p.add_argument("--seed", type=int, default=0)
     # child-only flags

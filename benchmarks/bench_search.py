@@ -50,7 +50,9 @@ def main(argv=None) -> None:
     faiss.omp_set_num_threads(args.threads)
     print(f"machine: {machine_description()}; faiss {faiss.__version__}")
     print("best of", args.repeats, "calls, milliseconds\n")
-    print("| codes | dim | queries | vqlib torch blocked | Faiss default | Faiss as vqlib calls it | default / vqlib | same indices |")
+    print(
+        "| codes | dim | queries | vqlib torch blocked | Faiss default | Faiss as vqlib calls it | default / vqlib | same indices |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---|")
     g = torch.Generator().manual_seed(0)
     for k in args.codebook_sizes:

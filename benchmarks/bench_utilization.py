@@ -43,8 +43,23 @@ from _common import machine_description, setup_threads  # noqa: E402
 
 # Real photographs only (no synthetic test patterns); grayscale ones are replicated to RGB.
 SKIMAGE_PHOTOS = (
-    "astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "page", "text",
-    "hubble_deep_field", "immunohistochemistry", "retina", "brick", "grass", "gravel", "cell", "clock",
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "camera",
+    "coins",
+    "moon",
+    "page",
+    "text",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "brick",
+    "grass",
+    "gravel",
+    "cell",
+    "clock",
 )
 HELD_OUT_FRACTION = 0.25
 TARGET_USAGE = 0.95
@@ -113,16 +128,22 @@ class Autoencoder(nn.Module):
     def __init__(self, quantizer: nn.Module, latent_dim: int, width: int = 64):
         super().__init__()
         self.encoder = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1), nn.GELU(),
-            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(2 * width, 2 * width, 4, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(3, width, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(2 * width, 2 * width, 4, stride=2, padding=1),
+            nn.GELU(),
             nn.Conv2d(2 * width, latent_dim, 1),
         )
         self.quantizer = quantizer
         self.decoder = nn.Sequential(
-            nn.Conv2d(latent_dim, 2 * width, 3, padding=1), nn.GELU(),
-            nn.ConvTranspose2d(2 * width, 2 * width, 4, stride=2, padding=1), nn.GELU(),
-            nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(latent_dim, 2 * width, 3, padding=1),
+            nn.GELU(),
+            nn.ConvTranspose2d(2 * width, 2 * width, 4, stride=2, padding=1),
+            nn.GELU(),
+            nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1),
+            nn.GELU(),
             nn.Conv2d(width, 3, 3, padding=1),
         )
 
@@ -138,7 +159,9 @@ def make_quantizer(variant: str, args: argparse.Namespace) -> nn.Module:
     if variant == "plain":
         return VectorQuantize(args.latent_dim, args.codebook_size, codebook_update="ema", **common)
     if variant == "simvq":
-        return VectorQuantize(args.latent_dim, args.codebook_size, reparam="simvq", codebook_update="gradient", **common)
+        return VectorQuantize(
+            args.latent_dim, args.codebook_size, reparam="simvq", codebook_update="gradient", **common
+        )
     raise ValueError(f"variant must be 'plain' or 'simvq', got {variant!r}")
 
 
@@ -154,7 +177,11 @@ def train(variant: str, args: argparse.Namespace, train_data: CropSampler) -> tu
     groups = [{"params": other_params, "lr": args.lr, "weight_decay": 0.0}]
     if codebook_params:
         groups.append(
-            {"params": codebook_params, "lr": args.lr * args.codebook_lr_mult, "weight_decay": args.codebook_weight_decay}
+            {
+                "params": codebook_params,
+                "lr": args.lr * args.codebook_lr_mult,
+                "weight_decay": args.codebook_weight_decay,
+            }
         )
     opt = torch.optim.AdamW(groups)
     gen = torch.Generator().manual_seed(args.seed)  # same data order for every variant
@@ -246,7 +273,9 @@ def main(args: argparse.Namespace) -> None:
     photos = load_photos()
     train_data = CropSampler(photos, args.crop, held_out=False)
     eval_regions = CropSampler(photos, args.crop, held_out=True).regions
-    eval_tokens = len(FLIPS) * sum(((r.shape[1] - dy) // 4) * ((r.shape[2] - dx) // 4) for r in eval_regions for dy, dx in OFFSETS)
+    eval_tokens = len(FLIPS) * sum(
+        ((r.shape[1] - dy) // 4) * ((r.shape[2] - dx) // 4) for r in eval_regions for dy, dx in OFFSETS
+    )
     tokens_per_crop = (args.crop // 4) ** 2
     print(f"machine: {machine_description()}")
     print(

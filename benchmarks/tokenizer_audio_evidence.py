@@ -58,9 +58,13 @@ def print_curve(metrics_csv: Path, levels: list[int]) -> None:
         return
     rows = [r for r in csv.DictReader(metrics_csv.open()) if r.get("val/mel_distance")]
     print("\nduring training (validation every val_check_interval steps):")
-    print(f"{'step':>6} " + " ".join(f"{'mel@' + str(n):>9} {'SI-SDR@' + str(n):>10}" for n in levels) + f" {'usage':>6}")
+    print(
+        f"{'step':>6} " + " ".join(f"{'mel@' + str(n):>9} {'SI-SDR@' + str(n):>10}" for n in levels) + f" {'usage':>6}"
+    )
     for r in rows:
-        cells = " ".join(f"{float(r[f'val/mel_distance_nq{n}']):>9.4f} {float(r[f'val/si_sdr_nq{n}']):>10.2f}" for n in levels)
+        cells = " ".join(
+            f"{float(r[f'val/mel_distance_nq{n}']):>9.4f} {float(r[f'val/si_sdr_nq{n}']):>10.2f}" for n in levels
+        )
         print(f"{int(r['step']) + 1:>6} {cells} {float(r['val/usage_mean']):>6.3f}")
 
 
@@ -99,16 +103,20 @@ def main(argv: list[str] | None = None) -> None:
     print("\n=== audio tokenizer evidence ===")
     print(f"command: python benchmarks/{command}")
     print(f"config: {ns.config}; steps: {cli.trainer.global_step}; training wall time: {train_seconds:.0f} s")
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads"
+    )
     print(f"log dir: {cli.trainer.logger.log_dir if cli.trainer.logger else ns.out}")
     print_table("untrained (step 0), held-out synthetic validation clips:", before)
     print_table(f"trained ({cli.trainer.global_step} steps), held-out synthetic validation clips:", after)
     if cli.trainer.logger is not None:
         print_curve(Path(cli.trainer.logger.log_dir) / "metrics.csv", levels)
     lo, hi = levels[0], levels[-1]
-    print(f"\nSI-SDR gain from {lo} to {hi} levels: {after[hi]['si_sdr'] - after[lo]['si_sdr']:+.2f} dB; "
-          f"mel distance change: {after[hi]['mel_distance'] - after[lo]['mel_distance']:+.4f}")
+    print(
+        f"\nSI-SDR gain from {lo} to {hi} levels: {after[hi]['si_sdr'] - after[lo]['si_sdr']:+.2f} dB; "
+        f"mel distance change: {after[hi]['mel_distance'] - after[lo]['mel_distance']:+.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -53,9 +53,8 @@ def final_validation(log_dir: Path) -> dict[str, float]:
 
 
 def run_variant(name: str, args: argparse.Namespace, out: Path) -> dict[str, float]:
-    from vqlib.training.cli import run_cli
-
     import yaml
+    from vqlib.training.cli import run_cli
 
     cfg = yaml.safe_load(Path(args.config).read_text())
     q = cfg["model"]["init_args"]["tokenizer"]["init_args"]["quantizer"]["init_args"]
@@ -142,7 +141,11 @@ def main() -> None:
         results = {name: run_variant(name, args, out) for name in names}
 
     print()
-    mode = f"{len(names)} processes x {max(1, args.threads // len(names))} thread(s)" if args.parallel else f"{args.threads} thread(s)"
+    mode = (
+        f"{len(names)} processes x {max(1, args.threads // len(names))} thread(s)"
+        if args.parallel
+        else f"{args.threads} thread(s)"
+    )
     print(f"machine: {machine_description()}; {mode}")
     print(f"config: {args.config}; steps: {args.max_steps or 'from config'}")
     header = (f"{'variant':<8} {'codes':>7} {'steps':>6} {'PSNR dB':>8} {'SSIM':>7} {'usage':>7} {'perplexity':>10} "

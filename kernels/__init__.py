@@ -155,9 +155,13 @@ def _log_once(layer: nn.Module, x: Tensor, decision: Decision) -> None:
     if key in _LOGGED:
         return
     _LOGGED.add(key)
-    message = f"{type(layer).__name__} on {x.device} ({x.dtype}, {layer.extra_repr()}): {decision.path} ({decision.reason})"
+    message = (
+        f"{type(layer).__name__} on {x.device} ({x.dtype}, {layer.extra_repr()}): {decision.path} ({decision.reason})"
+    )
     if decision.fallback:
-        warnings.warn(f"vqlib.kernels: falling back to the slow reference path: {message}", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"vqlib.kernels: falling back to the slow reference path: {message}", RuntimeWarning, stacklevel=3
+        )
     logger.info(message)
 
 
@@ -189,8 +193,11 @@ def reset_dispatch_log() -> None:
 
 def _register_builtin_kernels() -> None:
     """Import the kernel modules that register themselves; each guards its own optional dependency."""
-    from . import cpu_lut, cpu_scalar  # noqa: F401  (CPU: numba is imported on first run; its absence fails loudly there)
-    from . import triton_vq  # noqa: F401  (CUDA: registers only when triton and a GPU are present)
+    from . import (  # noqa: F401  (CPU: numba is imported on first run; its absence fails loudly there)
+        cpu_lut,
+        cpu_scalar,
+        triton_vq,  # noqa: F401  (CUDA: registers only when triton and a GPU are present)
+    )
 
 
 _register_builtin_kernels()

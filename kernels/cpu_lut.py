@@ -39,7 +39,6 @@ the reference path with one loud warning.
 
 from __future__ import annotations
 
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -142,7 +141,9 @@ def prepare(layer) -> Prepared:
     if values.shape[2] < 256:  # B < 8: zero entries that no code selects keep one table layout
         values = torch.nn.functional.pad(values, (0, 0, 0, 256 - values.shape[2]))
     g = values.shape[0]
-    group_of_vec = torch.arange(n_vec) * d // layer.group_size if layer.group_size else torch.zeros(n_vec, dtype=torch.long)
+    group_of_vec = (
+        torch.arange(n_vec) * d // layer.group_size if layer.group_size else torch.zeros(n_vec, dtype=torch.long)
+    )
     qcb = (group_of_vec[:, None] * m + torch.arange(m)[None, :]).reshape(nq).to(torch.int32)
     if layer.scales is None:
         scales, sgq = torch.ones(layer.out_features, 1), nq
@@ -228,7 +229,9 @@ def _lut_chunk(mod, p: Prepared, xp, out, r0, r1):
 
 
 def _dequant_chunk(mod, p: Prepared, buf, base, r0, r1):
-    mod.dequant_rows(p.codes.reshape(-1), p.cbf, p.qcb, p.m_books, p.d, p.scales, p.svec, p.n_vec, base + r0, base + r1, buf[r0:])
+    mod.dequant_rows(
+        p.codes.reshape(-1), p.cbf, p.qcb, p.m_books, p.d, p.scales, p.svec, p.n_vec, base + r0, base + r1, buf[r0:]
+    )
 
 
 def _blas(mod, p: Prepared, xp: np.ndarray, out: Tensor, n_out: int) -> None:

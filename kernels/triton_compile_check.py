@@ -28,8 +28,15 @@ from . import triton_vq_jit as jit
 from .triton_vq import DEQUANT_MATMUL_MIN_BATCH, GEMV_MAX_BATCH
 from .triton_vq_ops import _pow2, dequantize_launches, linear_launches, plan_tiles
 
-_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.uint8: "u8",
-         torch.int8: "i8", torch.int16: "i16", torch.int32: "i32"}
+_TYPE = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.uint8: "u8",
+    torch.int8: "i8",
+    torch.int16: "i16",
+    torch.int32: "i32",
+}
 # (name, vector_dim, num_codebooks, codebook_bits, group_size, codebook_dtype, scale_granularity)
 FORMATS = [
     ("d8_2x8", 8, 2, 8, None, "fp16", "row"),
@@ -88,12 +95,18 @@ def _ptxas_stats(ptx: str, arch: int) -> dict:
         path = Path(tmp) / "k.ptx"
         path.write_text(ptx)
         arch_flag = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-        res = subprocess.run([get_ptxas().path, "-v", f"--gpu-name={arch_flag}", str(path), "-o", str(Path(tmp) / "k.o")],
-                             capture_output=True, text=True)
+        res = subprocess.run(
+            [get_ptxas().path, "-v", f"--gpu-name={arch_flag}", str(path), "-o", str(Path(tmp) / "k.o")],
+            capture_output=True,
+            text=True,
+        )
     text = res.stdout + res.stderr
     regs = re.search(r"Used (\d+) registers", text)
     spill = re.search(r"(\d+) bytes spill stores", text)
-    return {"registers": int(regs.group(1)) if regs else None, "spill_store_bytes": int(spill.group(1)) if spill else None}
+    return {
+        "registers": int(regs.group(1)) if regs else None,
+        "spill_store_bytes": int(spill.group(1)) if spill else None,
+    }
 
 
 def compile_launch(launch, arch: int) -> dict:
@@ -101,19 +114,25 @@ def compile_launch(launch, arch: int) -> dict:
     sig, constexprs, attrs = _signature(fn, launch.args, launch.meta)
     options = {k: launch.meta[k] for k in ("num_warps", "num_stages") if k in launch.meta}
     start = time.perf_counter()
-    compiled = triton.compile(triton.compiler.ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
-                              options=options)
+    compiled = triton.compile(
+        triton.compiler.ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32), options=options
+    )
     ptx = compiled.asm["ptx"]
     return {
-        "kernel": launch.kernel, "compile_s": round(time.perf_counter() - start, 2),
-        "shared_bytes": compiled.metadata.shared, **_ptxas_stats(ptx, arch),
+        "kernel": launch.kernel,
+        "compile_s": round(time.perf_counter() - start, 2),
+        "shared_bytes": compiled.metadata.shared,
+        **_ptxas_stats(ptx, arch),
         "v4_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)),
         "v2_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v2", ptx)),
         # with num_stages > 1 the pipeliner turns the gathers into async copies to shared memory
         "cp_async_16B": len(re.findall(r"cp\.async\.\w+\.shared\.global[^;]*, 0x10,", ptx)),
         "cp_async_other": len(re.findall(r"cp\.async\.\w+\.shared\.global[^;]*, 0x[48],", ptx)),
-        "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)), "mma_sync": len(re.findall(r"mma\.sync", ptx)),
-        "constexprs": {k: v for k, v in constexprs.items() if k.startswith("BLOCK") or k in ("SPLIT", "SPLIT_K", "IEEE")},
+        "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
+        "mma_sync": len(re.findall(r"mma\.sync", ptx)),
+        "constexprs": {
+            k: v for k, v in constexprs.items() if k.startswith("BLOCK") or k in ("SPLIT", "SPLIT_K", "IEEE")
+        },
         **options,
     }
 
@@ -133,15 +152,27 @@ def planned_launches(quick: bool, sms: int, exotic: bool = False):
                     if path is None:
                         yield fmt[0], dtype, batch, dequantize_launches(*args[:4], None, *args[6:], dtype)[1]
                         continue
-                    plan = plan_tiles(path, batch, out_f, args[0].shape[1], _pow2(fmt[1]), x.device, sms=sms,
-                                      elem_bytes=x.element_size())
+                    plan = plan_tiles(
+                        path,
+                        batch,
+                        out_f,
+                        args[0].shape[1],
+                        _pow2(fmt[1]),
+                        x.device,
+                        sms=sms,
+                        elem_bytes=x.element_size(),
+                    )
                     yield fmt[0], dtype, batch, linear_launches(x, *args, path, plan=plan)[1]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (80 A100, 89 L4/4090, 90 H100/H200)")
-    parser.add_argument("--sms", type=int, default=132, help="multiprocessors assumed by the split-K plan (H100 SXM/H200: 132)")
+    parser.add_argument(
+        "--arch", type=int, default=90, help="compute capability x10 (80 A100, 89 L4/4090, 90 H100/H200)"
+    )
+    parser.add_argument(
+        "--sms", type=int, default=132, help="multiprocessors assumed by the split-K plan (H100 SXM/H200: 132)"
+    )
     parser.add_argument("--quick", action="store_true", help="two formats, one shape")
     parser.add_argument("--exotic", action="store_true", help="the rarer formats (odd d, M=3, B=10/12, ...) and fp32")
     parser.add_argument("--json", type=Path, help="write the per-variant results here")
@@ -155,10 +186,21 @@ def main(argv=None) -> int:
                 continue
             seen.add(key)
             try:
-                row = {"format": fmt, "dtype": str(dtype).removeprefix("torch."), "batch": batch, **compile_launch(launch, args.arch)}
+                row = {
+                    "format": fmt,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "batch": batch,
+                    **compile_launch(launch, args.arch),
+                }
             except Exception as exc:  # noqa: BLE001 - report every failing variant, then exit non-zero
                 failures += 1
-                row = {"format": fmt, "dtype": str(dtype), "batch": batch, "kernel": launch.kernel, "error": f"{type(exc).__name__}: {str(exc)[-600:]}"}
+                row = {
+                    "format": fmt,
+                    "dtype": str(dtype),
+                    "batch": batch,
+                    "kernel": launch.kernel,
+                    "error": f"{type(exc).__name__}: {str(exc)[-600:]}",
+                }
             rows.append(row)
             print(json.dumps(row), flush=True)
     spills = [r for r in rows if r.get("spill_store_bytes")]

@@ -24,13 +24,23 @@ from torch import Tensor, nn
 
 from vqlib.compress.format import VQLinear, decode_weight, unpack_codes
 
-_SAME = ("in_features", "vector_dim", "num_codebooks", "codebook_bits", "group_size", "codebook_dtype",
-         "scale_granularity", "scale_group_size")
+_SAME = (
+    "in_features",
+    "vector_dim",
+    "num_codebooks",
+    "codebook_bits",
+    "group_size",
+    "codebook_dtype",
+    "scale_granularity",
+    "scale_group_size",
+)
 
 
 def _check_same_format(layers: Sequence[VQLinear]) -> None:
     if not layers or not all(isinstance(layer, VQLinear) for layer in layers):
-        raise TypeError(f"FusedVQLinear: expected a non-empty list of VQLinear, got {[type(l).__name__ for l in layers]}")
+        raise TypeError(
+            f"FusedVQLinear: expected a non-empty list of VQLinear, got {[type(l).__name__ for l in layers]}"
+        )
     first = layers[0].format_spec()
     for i, layer in enumerate(layers[1:], 1):
         spec = layer.format_spec()
@@ -38,7 +48,9 @@ def _check_same_format(layers: Sequence[VQLinear]) -> None:
         if diff:
             raise ValueError(f"FusedVQLinear: layer {i} differs from layer 0 in {diff} (expected one format)")
         if layer.codes.device != layers[0].codes.device:
-            raise ValueError(f"FusedVQLinear: layer {i} is on {layer.codes.device}, layer 0 on {layers[0].codes.device}")
+            raise ValueError(
+                f"FusedVQLinear: layer {i} is on {layer.codes.device}, layer 0 on {layers[0].codes.device}"
+            )
 
 
 class FusedVQLinear(nn.Module):
@@ -68,8 +80,12 @@ class FusedVQLinear(nn.Module):
         if not biased:
             return None
         dtype = biased[0].dtype
-        parts = [l.bias.detach().to(dtype) if l.bias is not None else torch.zeros(l.out_features, dtype=dtype,
-                 device=l.codes.device) for l in layers]
+        parts = [
+            l.bias.detach().to(dtype)
+            if l.bias is not None
+            else torch.zeros(l.out_features, dtype=dtype, device=l.codes.device)
+            for l in layers
+        ]
         return torch.cat(parts)
 
     def format_spec(self) -> dict[str, Any]:
@@ -84,9 +100,16 @@ class FusedVQLinear(nn.Module):
         for i, n in enumerate(self.splits):
             rows = slice(start, start + n)
             scales = None if self.scales is None else self.scales[rows].float()
-            parts.append(decode_weight(unpack_codes(self.codes[rows]), cb[i * g:(i + 1) * g], scales,
-                                       vector_dim=self.vector_dim, group_size=self.group_size,
-                                       scale_group_size=self.scale_group_size if self.scale_granularity == "group" else None))
+            parts.append(
+                decode_weight(
+                    unpack_codes(self.codes[rows]),
+                    cb[i * g : (i + 1) * g],
+                    scales,
+                    vector_dim=self.vector_dim,
+                    group_size=self.group_size,
+                    scale_group_size=self.scale_group_size if self.scale_granularity == "group" else None,
+                )
+            )
             start += n
         return torch.cat(parts)[:, : self.in_features].to(dtype)
 
@@ -105,7 +128,9 @@ class FusedVQLinear(nn.Module):
         return f"in_features={self.in_features}, splits={self.splits}, d={self.vector_dim}, M={self.num_codebooks}, B={self.codebook_bits}"
 
 
-def fuse_projections(parent: nn.Module, names: Sequence[str], fused_name: str, drop_originals: bool = True) -> FusedVQLinear:
+def fuse_projections(
+    parent: nn.Module, names: Sequence[str], fused_name: str, drop_originals: bool = True
+) -> FusedVQLinear:
     """Attach ``parent.<fused_name> = FusedVQLinear([parent.<n> for n in names])`` (and delete the
     originals unless ``drop_originals=False``); the caller's forward then calls the fused module."""
     layers = [getattr(parent, name) for name in names]

@@ -96,8 +96,15 @@ def _gemm_supports(layer: nn.Module, x: Tensor) -> str | None:
 def op_args(layer: nn.Module) -> tuple:
     """A layer's format tensors and integers in ``vqlib::vq_linear`` argument order (after x)."""
     return (
-        layer.codes, layer.codebooks, layer.codebook_scales, layer.scales, layer.bias,
-        getattr(layer, "rowset", None), layer.in_features, layer.vector_dim, layer.group_size or 0,
+        layer.codes,
+        layer.codebooks,
+        layer.codebook_scales,
+        layer.scales,
+        layer.bias,
+        getattr(layer, "rowset", None),
+        layer.in_features,
+        layer.vector_dim,
+        layer.group_size or 0,
         layer.scale_group_size if layer.scale_granularity == "group" else 0,
     )
 
@@ -116,7 +123,9 @@ def kernel_entries(device_type: str = "cuda", layer_type: str = "VQLinear") -> l
     return [
         Kernel(f"triton_vq_gemv{suffix}", layer_type, device_type, _runner("gemv"), _gemv_supports, 30),
         Kernel(f"triton_vq_gemm{suffix}", layer_type, device_type, _runner("gemm"), _gemm_supports, 20),
-        Kernel(f"triton_vq_dequant_matmul{suffix}", layer_type, device_type, _runner("dequant_matmul"), format_reason, 10),
+        Kernel(
+            f"triton_vq_dequant_matmul{suffix}", layer_type, device_type, _runner("dequant_matmul"), format_reason, 10
+        ),
     ]
 
 

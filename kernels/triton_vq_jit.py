@@ -27,11 +27,30 @@ import triton.language as tl
 
 @triton.jit
 def _decode_tile(
-    codes_ptr, cb_ptr, cbs_ptr, sc_ptr, rowset_ptr,
-    n_idx, v_idx, N, NV, V_END, S, G,
-    D: tl.constexpr, DP: tl.constexpr, M: tl.constexpr, KCB: tl.constexpr, CODE16: tl.constexpr,
-    GROUP_VECS: tl.constexpr, HAS_CBS: tl.constexpr, SCALE_MODE: tl.constexpr,
-    SCALE_GROUP_VECS: tl.constexpr, HAS_ROWSET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    codes_ptr,
+    cb_ptr,
+    cbs_ptr,
+    sc_ptr,
+    rowset_ptr,
+    n_idx,
+    v_idx,
+    N,
+    NV,
+    V_END,
+    S,
+    G,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    M: tl.constexpr,
+    KCB: tl.constexpr,
+    CODE16: tl.constexpr,
+    GROUP_VECS: tl.constexpr,
+    HAS_CBS: tl.constexpr,
+    SCALE_MODE: tl.constexpr,
+    SCALE_GROUP_VECS: tl.constexpr,
+    HAS_ROWSET: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     """(BLOCK_N, BLOCK_V, DP) float32 weight vectors, zero outside the layer and for vectors >= V_END
     (the end of this program's K split). NV is the row stride of codes (vectors per row).
@@ -90,19 +109,58 @@ def _tile_columns(v_idx, NV, K_IN, D: tl.constexpr, DP: tl.constexpr, BLOCK_V: t
 
 @triton.jit
 def vq_dequant_kernel(
-    out_ptr, codes_ptr, cb_ptr, cbs_ptr, sc_ptr, rowset_ptr,
-    N, NV, S, G, K_IN,
-    D: tl.constexpr, DP: tl.constexpr, M: tl.constexpr, KCB: tl.constexpr, CODE16: tl.constexpr,
-    GROUP_VECS: tl.constexpr, HAS_CBS: tl.constexpr, SCALE_MODE: tl.constexpr,
-    SCALE_GROUP_VECS: tl.constexpr, HAS_ROWSET: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    out_ptr,
+    codes_ptr,
+    cb_ptr,
+    cbs_ptr,
+    sc_ptr,
+    rowset_ptr,
+    N,
+    NV,
+    S,
+    G,
+    K_IN,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    M: tl.constexpr,
+    KCB: tl.constexpr,
+    CODE16: tl.constexpr,
+    GROUP_VECS: tl.constexpr,
+    HAS_CBS: tl.constexpr,
+    SCALE_MODE: tl.constexpr,
+    SCALE_GROUP_VECS: tl.constexpr,
+    HAS_ROWSET: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     """Dense (N, K_IN) weight in out's dtype (the pad columns are dropped)."""
     n_idx = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     v_idx = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     w = _decode_tile(
-        codes_ptr, cb_ptr, cbs_ptr, sc_ptr, rowset_ptr, n_idx, v_idx, N, NV, NV, S, G,
-        D, DP, M, KCB, CODE16, GROUP_VECS, HAS_CBS, SCALE_MODE, SCALE_GROUP_VECS, HAS_ROWSET, BLOCK_N, BLOCK_V,
+        codes_ptr,
+        cb_ptr,
+        cbs_ptr,
+        sc_ptr,
+        rowset_ptr,
+        n_idx,
+        v_idx,
+        N,
+        NV,
+        NV,
+        S,
+        G,
+        D,
+        DP,
+        M,
+        KCB,
+        CODE16,
+        GROUP_VECS,
+        HAS_CBS,
+        SCALE_MODE,
+        SCALE_GROUP_VECS,
+        HAS_ROWSET,
+        BLOCK_N,
+        BLOCK_V,
     )
     cols, col_ok = _tile_columns(v_idx, NV, K_IN, D, DP, BLOCK_V)
     w2 = tl.reshape(w, (BLOCK_N, BLOCK_V * DP))
@@ -111,8 +169,9 @@ def vq_dequant_kernel(
 
 
 @triton.jit
-def _store_or_partial(acc, out_ptr, part_ptr, bias_ptr, b_idx, n_idx, BATCH, N, pid_k,
-                      HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+def _store_or_partial(
+    acc, out_ptr, part_ptr, bias_ptr, b_idx, n_idx, BATCH, N, pid_k, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr
+):
     """acc (BB, BN) float32: the output (+ bias, cast) when not split, else this split's partial sums."""
     mask = (b_idx[:, None] < BATCH) & (n_idx[None, :] < N)
     if not SPLIT:
@@ -126,12 +185,38 @@ def _store_or_partial(acc, out_ptr, part_ptr, bias_ptr, b_idx, n_idx, BATCH, N, 
 
 @triton.jit
 def vq_gemv_kernel(
-    x_ptr, out_ptr, part_ptr, bias_ptr, codes_ptr, cb_ptr, cbs_ptr, sc_ptr, rowset_ptr,
-    BATCH, N, NV, S, G, K_IN, stride_x, VEC_PER_SPLIT,
-    D: tl.constexpr, DP: tl.constexpr, M: tl.constexpr, KCB: tl.constexpr, CODE16: tl.constexpr,
-    GROUP_VECS: tl.constexpr, HAS_CBS: tl.constexpr, SCALE_MODE: tl.constexpr,
-    SCALE_GROUP_VECS: tl.constexpr, HAS_ROWSET: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, SPLIT: tl.constexpr,
+    x_ptr,
+    out_ptr,
+    part_ptr,
+    bias_ptr,
+    codes_ptr,
+    cb_ptr,
+    cbs_ptr,
+    sc_ptr,
+    rowset_ptr,
+    BATCH,
+    N,
+    NV,
+    S,
+    G,
+    K_IN,
+    stride_x,
+    VEC_PER_SPLIT,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    M: tl.constexpr,
+    KCB: tl.constexpr,
+    CODE16: tl.constexpr,
+    GROUP_VECS: tl.constexpr,
+    HAS_CBS: tl.constexpr,
+    SCALE_MODE: tl.constexpr,
+    SCALE_GROUP_VECS: tl.constexpr,
+    HAS_ROWSET: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    SPLIT: tl.constexpr,
     ITERS,
 ):
     """Small batch on CUDA cores: all BATCH rows (<= BLOCK_B) of x against BLOCK_N weight rows,
@@ -146,8 +231,30 @@ def vq_gemv_kernel(
     for it in range(ITERS):
         v_idx = v_lo + it * BLOCK_V + tl.arange(0, BLOCK_V)
         w = _decode_tile(
-            codes_ptr, cb_ptr, cbs_ptr, sc_ptr, rowset_ptr, n_idx, v_idx, N, NV, v_hi, S, G,
-            D, DP, M, KCB, CODE16, GROUP_VECS, HAS_CBS, SCALE_MODE, SCALE_GROUP_VECS, HAS_ROWSET, BLOCK_N, BLOCK_V,
+            codes_ptr,
+            cb_ptr,
+            cbs_ptr,
+            sc_ptr,
+            rowset_ptr,
+            n_idx,
+            v_idx,
+            N,
+            NV,
+            v_hi,
+            S,
+            G,
+            D,
+            DP,
+            M,
+            KCB,
+            CODE16,
+            GROUP_VECS,
+            HAS_CBS,
+            SCALE_MODE,
+            SCALE_GROUP_VECS,
+            HAS_ROWSET,
+            BLOCK_N,
+            BLOCK_V,
         )
         # round the weight to the activation dtype, as the reference's dense weight is
         w2 = tl.reshape(w.to(x_ptr.dtype.element_ty).to(tl.float32), (BLOCK_N, BLOCK_V * DP))
@@ -163,14 +270,41 @@ def vq_gemv_kernel(
 
 @triton.jit
 def vq_gemm_kernel(
-    x_ptr, out_ptr, part_ptr, bias_ptr, codes_ptr, cb_ptr, cbs_ptr, sc_ptr, rowset_ptr,
-    BATCH, N, NV, S, G, K_IN, stride_x, VEC_PER_SPLIT,
-    D: tl.constexpr, DP: tl.constexpr, M: tl.constexpr, KCB: tl.constexpr, CODE16: tl.constexpr,
-    GROUP_VECS: tl.constexpr, HAS_CBS: tl.constexpr, SCALE_MODE: tl.constexpr,
-    SCALE_GROUP_VECS: tl.constexpr, HAS_ROWSET: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, SPLIT: tl.constexpr,
+    x_ptr,
+    out_ptr,
+    part_ptr,
+    bias_ptr,
+    codes_ptr,
+    cb_ptr,
+    cbs_ptr,
+    sc_ptr,
+    rowset_ptr,
+    BATCH,
+    N,
+    NV,
+    S,
+    G,
+    K_IN,
+    stride_x,
+    VEC_PER_SPLIT,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    M: tl.constexpr,
+    KCB: tl.constexpr,
+    CODE16: tl.constexpr,
+    GROUP_VECS: tl.constexpr,
+    HAS_CBS: tl.constexpr,
+    SCALE_MODE: tl.constexpr,
+    SCALE_GROUP_VECS: tl.constexpr,
+    HAS_ROWSET: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    SPLIT: tl.constexpr,
     ITERS,
-    IEEE: tl.constexpr, SWAP_AB: tl.constexpr,
+    IEEE: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):
     """Tensor cores: a (BLOCK_B, BLOCK_V*DP) activation tile times the decoded (BLOCK_N, BLOCK_V*DP)
     weight tile (decoded in registers, rounded to the activation dtype), float32 accumulation."""
@@ -186,8 +320,30 @@ def vq_gemm_kernel(
     for it in range(ITERS):
         v_idx = v_lo + it * BLOCK_V + tl.arange(0, BLOCK_V)
         w = _decode_tile(
-            codes_ptr, cb_ptr, cbs_ptr, sc_ptr, rowset_ptr, n_idx, v_idx, N, NV, v_hi, S, G,
-            D, DP, M, KCB, CODE16, GROUP_VECS, HAS_CBS, SCALE_MODE, SCALE_GROUP_VECS, HAS_ROWSET, BLOCK_N, BLOCK_V,
+            codes_ptr,
+            cb_ptr,
+            cbs_ptr,
+            sc_ptr,
+            rowset_ptr,
+            n_idx,
+            v_idx,
+            N,
+            NV,
+            v_hi,
+            S,
+            G,
+            D,
+            DP,
+            M,
+            KCB,
+            CODE16,
+            GROUP_VECS,
+            HAS_CBS,
+            SCALE_MODE,
+            SCALE_GROUP_VECS,
+            HAS_ROWSET,
+            BLOCK_N,
+            BLOCK_V,
         )
         w = w.to(x_ptr.dtype.element_ty)
         cols, col_ok = _tile_columns(v_idx, v_hi, K_IN, D, DP, BLOCK_V)
@@ -213,8 +369,9 @@ def vq_gemm_kernel(
 
 
 @triton.jit
-def splitk_reduce_kernel(part_ptr, out_ptr, bias_ptr, BATCH, N, HAS_BIAS: tl.constexpr,
-                         SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+def splitk_reduce_kernel(
+    part_ptr, out_ptr, bias_ptr, BATCH, N, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr
+):
     """out[b, n] = sum over splits (fixed order: deterministic) + bias, cast to out's dtype."""
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = idx < BATCH * N

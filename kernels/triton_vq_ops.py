@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 import triton
 from torch import Tensor
-
 from vqlib.kernels import KernelBuildError
 
 from . import triton_vq_jit as _native_jit
@@ -66,7 +65,9 @@ def _sm_count(device_index: int) -> int:
 def _with_split(plan: TilePlan, row_blocks: int, nv: int, device: torch.device, sms: int | None) -> TilePlan:
     """Split the vector (K) loop so that tall or wide layers still launch enough programs."""
     if sms is None:
-        index = device.index if device.index is not None else torch.cuda.current_device() if device.type == "cuda" else 0
+        index = (
+            device.index if device.index is not None else torch.cuda.current_device() if device.type == "cuda" else 0
+        )
         sms = _sm_count(index) if device.type == "cuda" else 1
     want = math.ceil(PROGRAMS_PER_SM * sms / max(1, row_blocks))
     most = max(1, nv // (plan.block_v * MIN_ITERS_PER_SPLIT))
@@ -80,8 +81,9 @@ def split_plan(plan: TilePlan, split: int, nv: int) -> TilePlan:
     return replace(plan, split_k=math.ceil(nv / per), vec_per_split=per)
 
 
-def plan_tiles(path: str, batch: int, n: int, nv: int, dp: int, device: torch.device, sms: int | None = None,
-               elem_bytes: int = 2) -> TilePlan:
+def plan_tiles(
+    path: str, batch: int, n: int, nv: int, dp: int, device: torch.device, sms: int | None = None, elem_bytes: int = 2
+) -> TilePlan:
     """Default tiles for ``path`` (shape-based only, so a captured graph replays the same launch).
     ``sms`` (streaming multiprocessors) defaults to the device's; 1 on CPU (interpreter).
     ``elem_bytes`` 4 (float32 activations) shrinks the large GEMM tiles, which spill registers otherwise."""
@@ -95,8 +97,9 @@ def plan_tiles(path: str, batch: int, n: int, nv: int, dp: int, device: torch.de
         plan = TilePlan(16, 64, max(1, 64 // dp), num_stages=3, swap_ab=True)
     elif path == "gemm":
         block_b = 32 if batch <= 32 else 64 if batch <= 64 else 128
-        plan = TilePlan(block_b, 128, max(1, 32 // dp), num_warps=8 if block_b == 128 else 4, num_stages=3,
-                        swap_ab=block_b <= 32)
+        plan = TilePlan(
+            block_b, 128, max(1, 32 // dp), num_warps=8 if block_b == 128 else 4, num_stages=3, swap_ab=block_b <= 32
+        )
         if elem_bytes > 2:  # float32: an IEEE fp32 dot runs on FMA units with large register tiles
             plan = replace(plan, block_b=min(block_b, 32), block_n=64, num_warps=4, swap_ab=False)
     elif path == "dequant":
@@ -175,9 +178,16 @@ def _format_meta(codes: Tensor, codebooks: Tensor, codebook_scales, scales, rows
     scale_mode = 0 if scales is None else (1 if sgs == 0 else 2)
     runtime = dict(N=n, NV=nv, S=1 if scales is None else scales.shape[1], G=groups)
     const = dict(
-        D=d, DP=_pow2(d), M=m, KCB=kcb, CODE16=codes.dtype == torch.int16,
-        GROUP_VECS=group_size // d, HAS_CBS=codebook_scales is not None, SCALE_MODE=scale_mode,
-        SCALE_GROUP_VECS=max(1, sgs // d), HAS_ROWSET=rowset is not None,
+        D=d,
+        DP=_pow2(d),
+        M=m,
+        KCB=kcb,
+        CODE16=codes.dtype == torch.int16,
+        GROUP_VECS=group_size // d,
+        HAS_CBS=codebook_scales is not None,
+        SCALE_MODE=scale_mode,
+        SCALE_GROUP_VECS=max(1, sgs // d),
+        HAS_ROWSET=rowset is not None,
     )
     ptrs = [codes, codebooks, _or(codebook_scales, codebooks), _or(scales, codebooks), _or(rowset, codes)]
     return ptrs, runtime, const
@@ -233,9 +243,22 @@ def _interpreter_sandbox():
 _MISSING = object()
 
 
-def dequantize_launches(codes, codebooks, codebook_scales, scales, rowset, in_features, vector_dim, group_size,
-                        scale_group_size, dtype, plan: TilePlan | None = None) -> tuple[Tensor, list[Launch]]:
-    ptrs, runtime, const = _format_meta(codes, codebooks, codebook_scales, scales, rowset, vector_dim, group_size, scale_group_size)
+def dequantize_launches(
+    codes,
+    codebooks,
+    codebook_scales,
+    scales,
+    rowset,
+    in_features,
+    vector_dim,
+    group_size,
+    scale_group_size,
+    dtype,
+    plan: TilePlan | None = None,
+) -> tuple[Tensor, list[Launch]]:
+    ptrs, runtime, const = _format_meta(
+        codes, codebooks, codebook_scales, scales, rowset, vector_dim, group_size, scale_group_size
+    )
     plan = plan or plan_tiles("dequant", 1, runtime["N"], runtime["NV"], const["DP"], codes.device)
     out = torch.empty((runtime["N"], in_features), dtype=dtype, device=codes.device)  # (out, in)
     grid = (triton.cdiv(runtime["N"], plan.block_n), triton.cdiv(runtime["NV"], plan.block_v))
@@ -252,11 +275,26 @@ def dequantize(*args, plan: TilePlan | None = None) -> Tensor:
     return out
 
 
-def linear_launches(x2, codes, codebooks, codebook_scales, scales, bias, rowset, in_features, vector_dim, group_size,
-                    scale_group_size, path: str, plan: TilePlan | None = None) -> tuple[Tensor, list[Launch]]:
+def linear_launches(
+    x2,
+    codes,
+    codebooks,
+    codebook_scales,
+    scales,
+    bias,
+    rowset,
+    in_features,
+    vector_dim,
+    group_size,
+    scale_group_size,
+    path: str,
+    plan: TilePlan | None = None,
+) -> tuple[Tensor, list[Launch]]:
     """x2 (batch, in) with unit last stride -> output (batch, out) and the launches that fill it."""
     batch = x2.shape[0]
-    ptrs, runtime, const = _format_meta(codes, codebooks, codebook_scales, scales, rowset, vector_dim, group_size, scale_group_size)
+    ptrs, runtime, const = _format_meta(
+        codes, codebooks, codebook_scales, scales, rowset, vector_dim, group_size, scale_group_size
+    )
     n, nv = runtime["N"], runtime["NV"]
     plan = plan or plan_tiles(path, batch, n, nv, const["DP"], x2.device, elem_bytes=x2.element_size())
     vps = plan.vec_per_split or math.ceil(nv / plan.block_v) * plan.block_v
@@ -265,14 +303,29 @@ def linear_launches(x2, codes, codebooks, codebook_scales, scales, bias, rowset,
     kernel, grid, extra = _kernel_and_grid(path, plan, batch, n, x2.dtype)
     bias_ptr = _or(bias, codes)
     args = (x2, out, part, bias_ptr, *ptrs, batch, *runtime.values(), in_features, x2.stride(0), vps)
-    meta = dict(**const, HAS_BIAS=bias is not None, BLOCK_B=plan.block_b, BLOCK_N=plan.block_n, BLOCK_V=plan.block_v,
-                SPLIT=plan.split_k > 1, ITERS=vps // plan.block_v, num_warps=plan.num_warps, num_stages=plan.num_stages,
-                **extra)
+    meta = dict(
+        **const,
+        HAS_BIAS=bias is not None,
+        BLOCK_B=plan.block_b,
+        BLOCK_N=plan.block_n,
+        BLOCK_V=plan.block_v,
+        SPLIT=plan.split_k > 1,
+        ITERS=vps // plan.block_v,
+        num_warps=plan.num_warps,
+        num_stages=plan.num_stages,
+        **extra,
+    )
     launches = [Launch(kernel, grid, args, meta)]
     if plan.split_k > 1:
         block = 1024
-        launches.append(Launch("splitk_reduce_kernel", (triton.cdiv(batch * n, block),), (part, out, bias_ptr, batch, n),
-                               dict(HAS_BIAS=bias is not None, SPLIT_K=plan.split_k, BLOCK=block)))
+        launches.append(
+            Launch(
+                "splitk_reduce_kernel",
+                (triton.cdiv(batch * n, block),),
+                (part, out, bias_ptr, batch, n),
+                dict(HAS_BIAS=bias is not None, SPLIT_K=plan.split_k, BLOCK=block),
+            )
+        )
     return out, launches
 
 
@@ -301,43 +354,95 @@ def _kernel_and_grid(path, plan, batch, n, dtype):
     raise ValueError(f"vq_linear: expected path 'gemv', 'gemm' or 'dequant_matmul', got {path!r}")
 
 
-def dequant_matmul(x, codes, codebooks, codebook_scales, scales, bias, rowset, in_features, vector_dim, group_size,
-                   scale_group_size) -> Tensor:
+def dequant_matmul(
+    x, codes, codebooks, codebook_scales, scales, bias, rowset, in_features, vector_dim, group_size, scale_group_size
+) -> Tensor:
     """Decode the dense weight in x's dtype (one kernel), then cuBLAS (large batches)."""
-    weight = dequantize(codes, codebooks, codebook_scales, scales, rowset, in_features, vector_dim, group_size,
-                        scale_group_size, x.dtype)  # (out, in)
+    weight = dequantize(
+        codes,
+        codebooks,
+        codebook_scales,
+        scales,
+        rowset,
+        in_features,
+        vector_dim,
+        group_size,
+        scale_group_size,
+        x.dtype,
+    )  # (out, in)
     return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
 # ---- custom ops --------------------------------------------------------------------------------
 @torch.library.custom_op("vqlib::vq_linear", mutates_args=())
 def vq_linear(
-    x: Tensor, codes: Tensor, codebooks: Tensor, codebook_scales: Tensor | None, scales: Tensor | None,
-    bias: Tensor | None, rowset: Tensor | None, in_features: int, vector_dim: int, group_size: int,
-    scale_group_size: int, path: str,
+    x: Tensor,
+    codes: Tensor,
+    codebooks: Tensor,
+    codebook_scales: Tensor | None,
+    scales: Tensor | None,
+    bias: Tensor | None,
+    rowset: Tensor | None,
+    in_features: int,
+    vector_dim: int,
+    group_size: int,
+    scale_group_size: int,
+    path: str,
 ) -> Tensor:
-    args = (x, codes, codebooks, codebook_scales, scales, bias, rowset, in_features, vector_dim, group_size, scale_group_size)
+    args = (
+        x,
+        codes,
+        codebooks,
+        codebook_scales,
+        scales,
+        bias,
+        rowset,
+        in_features,
+        vector_dim,
+        group_size,
+        scale_group_size,
+    )
     if path == "dequant_matmul":
         return dequant_matmul(*args)
     return fused_linear(*args, path)
 
 
 @vq_linear.register_fake
-def _(x, codes, codebooks, codebook_scales, scales, bias, rowset, in_features, vector_dim, group_size,
-      scale_group_size, path):
+def _(
+    x,
+    codes,
+    codebooks,
+    codebook_scales,
+    scales,
+    bias,
+    rowset,
+    in_features,
+    vector_dim,
+    group_size,
+    scale_group_size,
+    path,
+):
     return x.new_empty((*x.shape[:-1], codes.shape[0]))
 
 
 @torch.library.custom_op("vqlib::vq_dequantize", mutates_args=())
 def vq_dequantize(
-    codes: Tensor, codebooks: Tensor, codebook_scales: Tensor | None, scales: Tensor | None, rowset: Tensor | None,
-    in_features: int, vector_dim: int, group_size: int, scale_group_size: int, dtype: torch.dtype,
+    codes: Tensor,
+    codebooks: Tensor,
+    codebook_scales: Tensor | None,
+    scales: Tensor | None,
+    rowset: Tensor | None,
+    in_features: int,
+    vector_dim: int,
+    group_size: int,
+    scale_group_size: int,
+    dtype: torch.dtype,
 ) -> Tensor:
-    return dequantize(codes, codebooks, codebook_scales, scales, rowset, in_features, vector_dim, group_size,
-                      scale_group_size, dtype)
+    return dequantize(
+        codes, codebooks, codebook_scales, scales, rowset, in_features, vector_dim, group_size, scale_group_size, dtype
+    )
 
 
 @vq_dequantize.register_fake
 def _(codes, codebooks, codebook_scales, scales, rowset, in_features, vector_dim, group_size, scale_group_size, dtype):
     return codes.new_empty((codes.shape[0], in_features), dtype=dtype)
-

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from typing import Literal, Sequence
 
-import torch
 from einops import rearrange
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -58,8 +57,14 @@ class PaddedConv1d(nn.Module):
         # Stride 1 with an even, symmetric padding: let the convolution pad (saves a copy per call).
         self.builtin_padding = not causal and stride == 1 and self.padding_total % 2 == 0
         self.conv = _normed(
-            nn.Conv1d(in_channels, out_channels, kernel_size, stride=stride, dilation=dilation,
-                      padding=self.padding_total // 2 if self.builtin_padding else 0),
+            nn.Conv1d(
+                in_channels,
+                out_channels,
+                kernel_size,
+                stride=stride,
+                dilation=dilation,
+                padding=self.padding_total // 2 if self.builtin_padding else 0,
+            ),
             norm,
         )
 
@@ -113,8 +118,16 @@ class PaddedConvTranspose1d(nn.Module):
 class ResidualUnit(nn.Module):
     """ELU -> dilated conv (k=3) -> ELU -> 1x1 conv, plus identity skip (SEANet/SoundStream)."""
 
-    def __init__(self, channels: int, dilation: int, *, kernel_size: int = 3, compress: int = 2,
-                 causal: bool = False, norm: str = "weight_norm"):
+    def __init__(
+        self,
+        channels: int,
+        dilation: int,
+        *,
+        kernel_size: int = 3,
+        compress: int = 2,
+        causal: bool = False,
+        norm: str = "weight_norm",
+    ):
         super().__init__()
         hidden = max(1, channels // compress)
         self.block = nn.Sequential(

@@ -91,9 +91,7 @@ class MultiScaleMelLoss(nn.Module):
         _check_wave_pair(estimate, reference)
         # Mel filterbanks in float32 even under autocast: log of tiny half-precision values is unstable.
         with torch.autocast(device_type=estimate.device.type, enabled=False):
-            losses = [
-                F.l1_loss(e, r) for e, r in zip(self.log_mels(estimate), self.log_mels(reference))
-            ]
+            losses = [F.l1_loss(e, r) for e, r in zip(self.log_mels(estimate), self.log_mels(reference))]
         return torch.stack(losses).mean()
 
 
@@ -143,8 +141,14 @@ class STFTDiscriminator(nn.Module):
             out_ch = min(filters_scale ** (i + 1) * filters, max_filters)
             convs.append(
                 weight_norm(
-                    nn.Conv2d(in_ch, out_ch, kernel_size, stride=tuple(stride), dilation=(d, 1),
-                              padding=_same_padding(kernel_size, (d, 1)))
+                    nn.Conv2d(
+                        in_ch,
+                        out_ch,
+                        kernel_size,
+                        stride=tuple(stride),
+                        dilation=(d, 1),
+                        padding=_same_padding(kernel_size, (d, 1)),
+                    )
                 )
             )
             in_ch = out_ch
@@ -159,8 +163,13 @@ class STFTDiscriminator(nn.Module):
                 f"STFT discriminator with n_fft={self.n_fft} needs at least {self.n_fft} samples, got {x.shape[-1]}"
             )
         spec = torch.stft(
-            rearrange(x, "b c t -> (b c) t").float(), self.n_fft, self.hop_length, window=self.window,
-            normalized=True, center=False, return_complex=True,
+            rearrange(x, "b c t -> (b c) t").float(),
+            self.n_fft,
+            self.hop_length,
+            window=self.window,
+            normalized=True,
+            center=False,
+            return_complex=True,
         )
         spec = rearrange(spec, "(b c) f t -> b c t f", b=b)
         h = torch.cat([spec.real, spec.imag], dim=1)
@@ -174,8 +183,14 @@ class STFTDiscriminator(nn.Module):
 class MultiScaleSTFTDiscriminator(nn.Module):
     """EnCodec's multi-scale STFT discriminator: one :class:`STFTDiscriminator` per FFT size (hop = n_fft / 4)."""
 
-    def __init__(self, channels: int = 1, n_ffts: Sequence[int] = (1024, 2048, 512), filters: int = 32,
-                 max_filters: int = 1024, filters_scale: int = 1):
+    def __init__(
+        self,
+        channels: int = 1,
+        n_ffts: Sequence[int] = (1024, 2048, 512),
+        filters: int = 32,
+        max_filters: int = 1024,
+        filters_scale: int = 1,
+    ):
         super().__init__()
         self.discriminators = nn.ModuleList(
             STFTDiscriminator(channels, n, n // 4, filters, max_filters, filters_scale) for n in n_ffts
@@ -188,8 +203,14 @@ class MultiScaleSTFTDiscriminator(nn.Module):
 class PeriodDiscriminator(nn.Module):
     """HiFi-GAN period discriminator: fold time into (time / period, period), convolve along the first axis."""
 
-    def __init__(self, period: int, channels: int = 1, widths: Sequence[int] = (32, 128, 512, 1024, 1024),
-                 kernel_size: int = 5, stride: int = 3):
+    def __init__(
+        self,
+        period: int,
+        channels: int = 1,
+        widths: Sequence[int] = (32, 128, 512, 1024, 1024),
+        kernel_size: int = 5,
+        stride: int = 3,
+    ):
         super().__init__()
         self.period = period
         convs = []
@@ -217,8 +238,12 @@ class PeriodDiscriminator(nn.Module):
 class MultiPeriodDiscriminator(nn.Module):
     """HiFi-GAN's multi-period discriminator (periods 2, 3, 5, 7, 11 by default: primes, so they overlap little)."""
 
-    def __init__(self, channels: int = 1, periods: Sequence[int] = (2, 3, 5, 7, 11),
-                 widths: Sequence[int] = (32, 128, 512, 1024, 1024)):
+    def __init__(
+        self,
+        channels: int = 1,
+        periods: Sequence[int] = (2, 3, 5, 7, 11),
+        widths: Sequence[int] = (32, 128, 512, 1024, 1024),
+    ):
         super().__init__()
         self.discriminators = nn.ModuleList(PeriodDiscriminator(p, channels, widths) for p in periods)
 

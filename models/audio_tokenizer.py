@@ -198,7 +198,9 @@ class AudioTokenizer(HubMixin, nn.Module):
         elif wave.ndim == 2:
             wave = wave[None]
         elif wave.ndim != 3:
-            raise ValueError(f"wave: expected (time,), (channels, time) or (batch, channels, time), got {tuple(wave.shape)}")
+            raise ValueError(
+                f"wave: expected (time,), (channels, time) or (batch, channels, time), got {tuple(wave.shape)}"
+            )
         return resample(mix_channels(wave, self.channels), sample_rate, self.sample_rate)
 
     def _check_wave(self, wave: Tensor) -> None:

@@ -19,6 +19,7 @@ features (``vqlib.core.kmeans.kmeans``) — or several, one of which is selected
 from __future__ import annotations
 
 from pathlib import Path
+
 from safetensors import safe_open
 
 from vqlib.core.settings import Distance, GradientEstimator

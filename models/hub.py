@@ -95,7 +95,9 @@ class HubMixin:
             side = 4 * getattr(self, "downsample_factor", 8)
             ch = getattr(self, "in_channels", 3)
             make = f"torch.rand(1, {ch}, {side}, {side}) * 2 - 1  # (batch, channels, H, W) in [-1, 1]"
-            use = "indices = tokenizer.encode(images)        # integer codes\nreconstruction = tokenizer.decode(indices)"
+            use = (
+                "indices = tokenizer.encode(images)        # integer codes\nreconstruction = tokenizer.decode(indices)"
+            )
             var = "images"
         return (
             f"import torch\nfrom vqlib.models import {name}\n\ntokenizer = {name}.from_pretrained({repo_id!r})\n"
@@ -214,8 +216,14 @@ class HubMixin:
             raise TypeError(f"{cls.__name__}.from_pretrained: unexpected arguments {sorted(kwargs)}")
         caller = f"{cls.__name__}.from_pretrained"
         res = ser.resolve_folder(
-            repo_id_or_path, caller=caller, files=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME], revision=revision,
-            cache_dir=cache_dir, force_download=force_download, token=token, local_files_only=local_files_only,
+            repo_id_or_path,
+            caller=caller,
+            files=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME],
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            token=token,
+            local_files_only=local_files_only,
         )
         folder = res.folder
         missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / n).is_file()]
@@ -271,9 +279,7 @@ class HubMixin:
                 parts.append(f"unexpected {len(unexpected)} tensors (e.g. {unexpected[:5]})")
             if mismatched:
                 parts.append(f"{len(mismatched)} shape mismatches (e.g. {mismatched[:5]})")
-            raise ValueError(
-                f"{weights_path} does not match the model built from {CONFIG_NAME}: " + "; ".join(parts)
-            )
+            raise ValueError(f"{weights_path} does not match the model built from {CONFIG_NAME}: " + "; ".join(parts))
         self.load_state_dict(state, strict=True)  # type: ignore[attr-defined]
 
     # -- publish -----------------------------------------------------------------------------------------------
@@ -295,8 +301,13 @@ class HubMixin:
         with tempfile.TemporaryDirectory() as tmp:
             folder = self.save_pretrained(Path(tmp) / "model", repo_id=repo_id, **card_kwargs)
             return ser.push_folder(
-                folder, repo_id, token=token, private=private, revision=revision or branch,
-                commit_message=commit_message, create_pr=create_pr,
+                folder,
+                repo_id,
+                token=token,
+                private=private,
+                revision=revision or branch,
+                commit_message=commit_message,
+                create_pr=create_pr,
             )
 
 

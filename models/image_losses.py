@@ -142,7 +142,7 @@ class LPIPS(nn.Module):
                 "layers) there as safetensors, or set perceptual_weight: 0"
             )
         model = cls()
-        vgg = {k[len("features."):]: v for k, v in load_file(str(files[0])).items() if k.startswith("features.")}
+        vgg = {k[len("features.") :]: v for k, v in load_file(str(files[0])).items() if k.startswith("features.")}
         vgg = {k: v for k, v in vgg.items() if int(k.split(".")[0]) <= cls.SLICE_ENDS[-1]}
         model.features.load_state_dict(vgg, strict=True)
         lin = load_file(str(files[1]))

@@ -72,7 +72,12 @@ class ImageTokenizer(HubMixin, nn.Module):
         ch_mult = tuple(int(m) for m in ch_mult)
         if not ch_mult or min(ch_mult) < 1:
             raise ValueError(f"ch_mult: expected a non-empty sequence of positive ints, got {ch_mult}")
-        for name, value in (("in_channels", in_channels), ("ch", ch), ("z_channels", z_channels), ("norm_groups", norm_groups)):
+        for name, value in (
+            ("in_channels", in_channels),
+            ("ch", ch),
+            ("z_channels", z_channels),
+            ("norm_groups", norm_groups),
+        ):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         check_choice("latent_norm", latent_norm, LatentNorm)
@@ -143,9 +148,7 @@ class ImageTokenizer(HubMixin, nn.Module):
                 "(convert uint8 images with x.float() / 127.5 - 1)"
             )
         if images.ndim != 4 or images.shape[1] != self.in_channels:
-            raise ValueError(
-                f"images: expected shape (batch, {self.in_channels}, H, W), got {tuple(images.shape)}"
-            )
+            raise ValueError(f"images: expected shape (batch, {self.in_channels}, H, W), got {tuple(images.shape)}")
         self.latent_size(tuple(images.shape[-2:]))
         lo, hi = images.aminmax()
         if not (torch.isfinite(lo) and torch.isfinite(hi)):

@@ -73,7 +73,11 @@ class FakeHub:
 
     def file_gets(self, name: str) -> int:
         """How many times a file's bytes were sent (GET on resolve or on the lfs location)."""
-        return sum(1 for m, p in self.requests if m == "GET" and ("/resolve/" in p and p.endswith("/" + name) or p.startswith(f"/lfs/{name}")))
+        return sum(
+            1
+            for m, p in self.requests
+            if m == "GET" and ("/resolve/" in p and p.endswith("/" + name) or p.startswith(f"/lfs/{name}"))
+        )
 
     def resolve(self, repo_id: str, revision: str) -> tuple[str | None, dict[str, bytes] | None, str | None]:
         """(sha, files, error code)."""
@@ -134,14 +138,14 @@ def _handler(hub: FakeHub):
             path = unquote(urlsplit(self.path).path)
             hub.requests.append(("HEAD" if head else "GET", path))
             if path.startswith("/lfs/"):
-                data = hub.blob(path[len("/lfs/"):])
+                data = hub.blob(path[len("/lfs/") :])
                 return self._send(200, data, head=head) if data is not None else self._error("EntryNotFound", head)
             if path.startswith("/api/models/"):
-                return self._api_get(path[len("/api/models/"):])
+                return self._api_get(path[len("/api/models/") :])
             repo_id, tail = _split_repo(path.lstrip("/"))
             if not tail.startswith("resolve/"):
                 return self._error("RepoNotFound", head)
-            revision, _, name = tail[len("resolve/"):].partition("/")
+            revision, _, name = tail[len("resolve/") :].partition("/")
             sha, files, err = hub.resolve(repo_id, revision)
             if err:
                 return self._error(err, head)
@@ -151,8 +155,18 @@ def _handler(hub: FakeHub):
             if name.endswith(LARGE_SUFFIXES):
                 sha256 = hashlib.sha256(data).hexdigest()
                 location = f"http://localhost:{hub.port}/lfs/{sha256}"
-                return self._send(302, b"", {"Location": location, "X-Repo-Commit": sha, "X-Linked-Etag": f'"{sha256}"',
-                                             "X-Linked-Size": len(data), "ETag": f'"{blob_sha1(data)}"'}, head)
+                return self._send(
+                    302,
+                    b"",
+                    {
+                        "Location": location,
+                        "X-Repo-Commit": sha,
+                        "X-Linked-Etag": f'"{sha256}"',
+                        "X-Linked-Size": len(data),
+                        "ETag": f'"{blob_sha1(data)}"',
+                    },
+                    head,
+                )
             self._send(200, data, {"X-Repo-Commit": sha, "ETag": f'"{blob_sha1(data)}"'}, head)
 
         def _api_get(self, rest: str) -> None:
@@ -162,8 +176,9 @@ def _handler(hub: FakeHub):
                 sha, files, err = hub.resolve(repo_id, revision or "main")
                 if err:
                     return self._error(err)
-                return self._json({"id": repo_id, "sha": sha, "private": False,
-                                   "siblings": [{"rfilename": n} for n in sorted(files)]})
+                return self._json(
+                    {"id": repo_id, "sha": sha, "private": False, "siblings": [{"rfilename": n} for n in sorted(files)]}
+                )
             if kind == "tree":
                 sha, files, err = hub.resolve(repo_id, revision)
                 if err:
@@ -187,11 +202,13 @@ def _handler(hub: FakeHub):
                 return self._json({"errors": [], "warnings": []})
             if path == "/api/repos/create":
                 req = json.loads(body)
-                repo_id = f"{req.get('organization') or 'user'}/{req['name']}" if "/" not in req["name"] else req["name"]
+                repo_id = (
+                    f"{req.get('organization') or 'user'}/{req['name']}" if "/" not in req["name"] else req["name"]
+                )
                 if repo_id not in hub.repos:
                     hub.commit(repo_id, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"})
                 return self._json({"url": f"{hub.endpoint}/{repo_id}", "name": repo_id, "id": repo_id})
-            repo_id, tail = _split_repo(path[len("/api/models/"):])
+            repo_id, tail = _split_repo(path[len("/api/models/") :])
             kind, _, revision = tail.partition("/")
             if kind == "branch":
                 repo = hub.repos[repo_id]
@@ -199,8 +216,14 @@ def _handler(hub: FakeHub):
                 return self._json({})
             if kind == "preupload":
                 files = json.loads(body)["files"]
-                return self._json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
-                                             for f in files]})
+                return self._json(
+                    {
+                        "files": [
+                            {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
+                            for f in files
+                        ]
+                    }
+                )
             if kind == "commit":
                 added = {}
                 for line in body.decode().splitlines():
@@ -208,8 +231,9 @@ def _handler(hub: FakeHub):
                     if item["key"] == "file":
                         added[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
                 sha = hub.commit(repo_id, added, branch=revision)
-                return self._json({"commitUrl": f"{hub.endpoint}/{repo_id}/commit/{sha}", "commitOid": sha,
-                                   "pullRequestUrl": None})
+                return self._json(
+                    {"commitUrl": f"{hub.endpoint}/{repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None}
+                )
             self._error("RepoNotFound")
 
     return Handler

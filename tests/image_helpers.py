@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+from vqlib.models.image_tokenizer import ImageTokenizer
 
 from vqlib import VectorQuantize
-from vqlib.models.image_tokenizer import ImageTokenizer
 
 
 def tiny_tokenizer(quantizer=None, *, ch_mult=(1, 2, 2), seed: int = 0, **kwargs) -> ImageTokenizer:

@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-
 from vqlib.models.audio_losses import (
     CombinedDiscriminator,
     MultiPeriodDiscriminator,
@@ -126,10 +125,12 @@ def test_feature_matching_relative_and_detached():
 
 def test_discriminator_learns_to_separate_tones_from_noise():
     torch.manual_seed(0)
-    disc = CombinedDiscriminator([
-        MultiScaleSTFTDiscriminator(1, n_ffts=(128,), filters=4),
-        MultiPeriodDiscriminator(1, periods=(2, 3), widths=(4, 8)),
-    ])
+    disc = CombinedDiscriminator(
+        [
+            MultiScaleSTFTDiscriminator(1, n_ffts=(128,), filters=4),
+            MultiPeriodDiscriminator(1, periods=(2, 3), widths=(4, 8)),
+        ]
+    )
     opt = torch.optim.Adam(disc.parameters(), lr=1e-2)
     real, fake = sines(4, 1024, seed=1), 0.3 * torch.randn(4, 1, 1024)
     first = None

@@ -4,17 +4,34 @@ import math
 import pytest
 import torch
 import torchaudio
-
-from vqlib import ResidualVQ
 from vqlib.models.audio_tokenizer import AudioTokenizer, mix_channels
 
+from vqlib import ResidualVQ
 
-def tiny_tokenizer(channels: int = 1, *, sample_rate: int = 8000, levels: int = 4, codes: int = 32,
-                   dropout: float = 0.0, causal: bool = False, channel_first: bool = True, seed: int = 0) -> AudioTokenizer:
+
+def tiny_tokenizer(
+    channels: int = 1,
+    *,
+    sample_rate: int = 8000,
+    levels: int = 4,
+    codes: int = 32,
+    dropout: float = 0.0,
+    causal: bool = False,
+    channel_first: bool = True,
+    seed: int = 0,
+) -> AudioTokenizer:
     torch.manual_seed(seed)
     rvq = ResidualVQ(8, codes, levels, quantizer_dropout=dropout, channel_first=channel_first, seed=seed)
-    return AudioTokenizer(rvq, sample_rate=sample_rate, channels=channels, n_filters=2, ratios=[4, 2],
-                          residual_dilations=[1, 3], lstm_layers=1, causal=causal)
+    return AudioTokenizer(
+        rvq,
+        sample_rate=sample_rate,
+        channels=channels,
+        n_filters=2,
+        ratios=[4, 2],
+        residual_dilations=[1, 3],
+        lstm_layers=1,
+        causal=causal,
+    )
 
 
 def sine(freq: float, seconds: float, sample_rate: int) -> torch.Tensor:
@@ -30,8 +47,9 @@ def test_bitrate_and_frame_rate_maths():
     assert tok.bitrate(8) == pytest.approx(6.0)
     assert [tok.bitrate(n) for n in (2, 4, 8, 16)] == pytest.approx([1.5, 3.0, 6.0, 12.0])
     assert tok.bitrate() == pytest.approx(24.0)
-    tok16 = AudioTokenizer(ResidualVQ(8, 256, 8, channel_first=True), sample_rate=16000, ratios=[8, 5, 4, 2],
-                           n_filters=1, lstm_layers=0)
+    tok16 = AudioTokenizer(
+        ResidualVQ(8, 256, 8, channel_first=True), sample_rate=16000, ratios=[8, 5, 4, 2], n_filters=1, lstm_layers=0
+    )
     assert tok16.bitrate(2) == pytest.approx(50 * 2 * 8 / 1000)
     for bad in (0, 33, 1.5, True):
         with pytest.raises(ValueError, match="num_quantizers"):

@@ -20,8 +20,12 @@ def test_templates_come_from_the_package():
 def test_tokenizer_card_parses_and_holds_the_logged_metrics(tmp_path):
     logged = {"val/psnr": 23.25, "val/ssim": 0.625, "val/usage": 0.5, "val/bits_per_image": 96.0, "loss": 1.0}
     folder = tiny_tokenizer().save_pretrained(
-        tmp_path / "tok", repo_id="me/tok", metrics=logged, train_config="trainer:\n  max_steps: 3",
-        dataset="someone/images", license="apache-2.0",
+        tmp_path / "tok",
+        repo_id="me/tok",
+        metrics=logged,
+        train_config="trainer:\n  max_steps: 3",
+        dataset="someone/images",
+        license="apache-2.0",
     )
     card = ModelCard.load(folder / "README.md")
     assert card.data.library_name == "vqlib" and card.data.license == "apache-2.0"
@@ -39,12 +43,23 @@ def test_tokenizer_card_parses_and_holds_the_logged_metrics(tmp_path):
 
 def test_audio_metrics_pick_the_full_bitrate():
     picked = cards.tokenizer_metrics(
-        {"val/si_sdr": 4.0, "val/mel_distance": 1.5, "val/usage_mean": 0.9, "val/bitrate_kbps_nq1": 1.5,
-         "val/bitrate_kbps_nq8": 12.0, "val/bitrate_kbps_nq2": 3.0, "val/psnr": float("nan")},
+        {
+            "val/si_sdr": 4.0,
+            "val/mel_distance": 1.5,
+            "val/usage_mean": 0.9,
+            "val/bitrate_kbps_nq1": 1.5,
+            "val/bitrate_kbps_nq8": 12.0,
+            "val/bitrate_kbps_nq2": 3.0,
+            "val/psnr": float("nan"),
+        },
         audio=True,
     )
-    assert {k: v for k, (_, v) in picked.items()} == {"mel_distance": 1.5, "si_sdr": 4.0, "codebook_usage": 0.9,
-                                                      "bitrate_kbps": 12.0}
+    assert {k: v for k, (_, v) in picked.items()} == {
+        "mel_distance": 1.5,
+        "si_sdr": 4.0,
+        "codebook_usage": 0.9,
+        "bitrate_kbps": 12.0,
+    }
 
 
 FACTORY = textwrap.dedent(
@@ -64,10 +79,31 @@ def test_vqlib_compress_writes_the_card_from_its_report(tmp_path, monkeypatch, c
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "eval.json").write_text(json.dumps({"perplexity": 12.5}))
     out = tmp_path / "out"
-    code = compress_main(["card_factory:make_model", str(out), "--algorithm", "data_free", "--vector-dim", "4",
-                          "--codebook-bits", "4", "--kmeans-iters", "3", "--skip-modules", "4", "--quiet",
-                          "--report-json", str(tmp_path / "report.json"), "--metrics-json", str(tmp_path / "eval.json"),
-                          "--base-model", "someone/base", "--license", "mit"])
+    code = compress_main(
+        [
+            "card_factory:make_model",
+            str(out),
+            "--algorithm",
+            "data_free",
+            "--vector-dim",
+            "4",
+            "--codebook-bits",
+            "4",
+            "--kmeans-iters",
+            "3",
+            "--skip-modules",
+            "4",
+            "--quiet",
+            "--report-json",
+            str(tmp_path / "report.json"),
+            "--metrics-json",
+            str(tmp_path / "eval.json"),
+            "--base-model",
+            "someone/base",
+            "--license",
+            "mit",
+        ]
+    )
     printed = capsys.readouterr()
     assert code == 0, printed.err
     report = json.loads((tmp_path / "report.json").read_text())

@@ -62,7 +62,7 @@ def fitted(tmp_path_factory):
 
 def test_fit_ends_with_what_the_run_left_behind(fitted):
     out = (fitted / "fit_stdout.txt").read_text()
-    summary = out[out.index("vqlib-train fit: finished at step 3"):]
+    summary = out[out.index("vqlib-train fit: finished at step 3") :]
     saved = json.loads((fitted / "val_metrics.json").read_text())
     assert saved["step"] == 3 and 0 < saved["metrics"]["val/usage"] <= 1
     assert "  val/psnr" in summary and f"{saved['metrics']['val/psnr']:.6g}" in summary

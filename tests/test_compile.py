@@ -14,7 +14,9 @@ QUANTIZERS = {
     "vq_cosine_rotation": lambda: VectorQuantize(16, 64, distance="cosine", gradient_estimator="rotation"),
     "simvq": lambda: VectorQuantize(16, 64, reparam="simvq", codebook_update="gradient"),
     "rvq": lambda: ResidualVQ(16, 64, 3, quantizer_dropout=0.5),
-    "rvq_simvq_rotation": lambda: ResidualVQ(16, 64, 3, reparam="simvq", codebook_update="gradient", gradient_estimator="rotation"),
+    "rvq_simvq_rotation": lambda: ResidualVQ(
+        16, 64, 3, reparam="simvq", codebook_update="gradient", gradient_estimator="rotation"
+    ),
     "fsq": lambda: FSQ([8, 5, 5, 5], dim=16),
     "lfq": lambda: LFQ(dim=16, codebook_size=256),
 }

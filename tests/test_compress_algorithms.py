@@ -51,7 +51,11 @@ def test_data_free_error_drops_with_codebook_bits_and_additive_codebooks():
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(96, 128, generator=gen)
     errors = {}
-    for name, fields in {"1x4": dict(codebook_bits=4), "1x6": dict(codebook_bits=6), "2x6": dict(codebook_bits=6, num_codebooks=2)}.items():
+    for name, fields in {
+        "1x4": dict(codebook_bits=4),
+        "1x6": dict(codebook_bits=6),
+        "2x6": dict(codebook_bits=6, num_codebooks=2),
+    }.items():
         cfg = VQConfig(algorithm="data_free", vector_dim=4, kmeans_iters=15, **fields)
         p = quantize_data_free(w, cfg, seed=0)
         q = decode_weight(p.codes, p.codebooks, p.scales, vector_dim=4, group_size=None, scale_group_size=None)
@@ -73,8 +77,14 @@ def test_gptq_vq_without_correlation_reduces_to_nearest_assignment():
 
 
 def _layer_output_error(parts, w, h, cfg):
-    q = decode_weight(parts.codes, parts.codebooks, parts.scales, vector_dim=cfg.vector_dim,
-                      group_size=cfg.group_size, scale_group_size=None)[:, : w.shape[1]]
+    q = decode_weight(
+        parts.codes,
+        parts.codebooks,
+        parts.scales,
+        vector_dim=cfg.vector_dim,
+        group_size=cfg.group_size,
+        scale_group_size=None,
+    )[:, : w.shape[1]]
     return output_error(q, w, h) / output_error(torch.zeros_like(w), w, h)
 
 
@@ -92,14 +102,23 @@ def test_error_feedback_and_finetune_lower_the_output_error():
     assert tuned < 0.97 * gptq
 
 
-@pytest.mark.parametrize("fields", [dict(group_size=16), dict(scale_granularity="group", scale_group_size=16),
-                                    dict(codebook_dtype="int8", num_codebooks=2), dict(scale_granularity="none")])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(group_size=16),
+        dict(scale_granularity="group", scale_group_size=16),
+        dict(codebook_dtype="int8", num_codebooks=2),
+        dict(scale_granularity="none"),
+    ],
+)
 def test_calibrated_format_variants_beat_data_free(fields):
     cfg = VQConfig(algorithm="calibrated", **{**SMALL, **fields})
     batches = correlated_batches()
     errs = {}
     for algorithm in ("data_free", "calibrated"):
-        model, report = compress(make_block(), VQConfig(**{**cfg.to_dict(), "algorithm": algorithm}), calibration=batches)
+        model, report = compress(
+            make_block(), VQConfig(**{**cfg.to_dict(), "algorithm": algorithm}), calibration=batches
+        )
         errs[algorithm] = sum(r.relative_error for r in report.compressed)
         assert all(r.error_kind == "output" for r in report.compressed)
     assert errs["calibrated"] < errs["data_free"]
@@ -185,7 +204,9 @@ def test_padded_tokens_are_left_out_of_the_hessian():
 
 def test_scalar_rtn_and_vq_reported_in_the_same_table():
     batches = correlated_batches()
-    _, report = compress(make_block(), VQConfig(algorithm="scalar_rtn", scalar_bits=3, scalar_group_size=16), calibration=batches)
+    _, report = compress(
+        make_block(), VQConfig(algorithm="scalar_rtn", scalar_bits=3, scalar_group_size=16), calibration=batches
+    )
     assert {r.method for r in report.compressed} == {"scalar_rtn"}
     assert all(math.isclose(r.bits_per_weight, 3 + 24 / 16) for r in report.compressed)
     text = report.table()
@@ -219,8 +240,13 @@ def test_filters_skip_names_types_sizes_and_multihead_attention():
     torch.manual_seed(0)
     net = Net()
     ids = torch.randint(0, 10, (2, 16))
-    cfg = VQConfig(algorithm="data_free", **{**SMALL, "finetune_steps": 0}, skip_modules=["lm_head", "body.q"],
-                   skip_types=["Nothing"], min_weights=1025)
+    cfg = VQConfig(
+        algorithm="data_free",
+        **{**SMALL, "finetune_steps": 0},
+        skip_modules=["lm_head", "body.q"],
+        skip_types=["Nothing"],
+        min_weights=1025,
+    )
     net, report = compress(net, cfg, calibration=[ids])
     status = {r.name: (r.status, r.reason) for r in report.layers}
     assert status["lm_head"] == ("skipped", "matched by skip_modules")

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from vqlib.compress import VQConfig, VQLinear, compress
-from vqlib.compress.allocation import _hull, allocate_formats, choose, layer_bits
+from vqlib.compress.allocation import _hull, allocate_formats, choose
 
 FAST = dict(kmeans_iters=3, finetune_steps=0)
 
@@ -49,11 +49,15 @@ def test_budget_is_met_and_never_exceeded(target):
 def test_salience_moves_bits_to_the_sensitive_layer():
     model = make()
     layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    plain = allocate_formats(model, layers, VQConfig(algorithm="calibrated", target_bits_per_weight=2.6, **FAST), batches())
+    plain = allocate_formats(
+        model, layers, VQConfig(algorithm="calibrated", target_bits_per_weight=2.6, **FAST), batches()
+    )
     assert plain.bits_per_weight <= 2.6
     with torch.no_grad():  # down's inputs get much larger (its weights do not): its errors weigh more
         model.mid.bias.fill_(5.0)
-    louder = allocate_formats(model, layers, VQConfig(algorithm="calibrated", target_bits_per_weight=2.6, **FAST), batches())
+    louder = allocate_formats(
+        model, layers, VQConfig(algorithm="calibrated", target_bits_per_weight=2.6, **FAST), batches()
+    )
     assert louder.bits_per_weight <= 2.6
     assert louder.bits["down"] > plain.bits["down"] and louder.bits["up"] <= plain.bits["up"]
 

@@ -18,8 +18,13 @@ CFG = dict(vector_dim=4, codebook_bits=4, group_size=None, kmeans_iters=6, finet
 def tiny_llama(seed=0):
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=101, max_position_embeddings=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=101,
+        max_position_embeddings=64,
     )
     return transformers.LlamaForCausalLM(config).eval()
 

@@ -10,7 +10,6 @@ import torch
 from vqlib.compress import VQLinear, load_compressed
 from vqlib.compress.cli import main
 
-
 FACTORY = textwrap.dedent(
     """
     import torch
@@ -42,8 +41,19 @@ def factory(tmp_path, monkeypatch):
 
 def test_factory_with_flags(tmp_path, factory, capsys):
     out = tmp_path / "out"
-    code = main(["toy_factory:make_model", str(out), "--calibration", "toy_factory:make_batches",
-                 "--skip-modules", "4", *FAST, "--report-json", str(tmp_path / "report.json")])
+    code = main(
+        [
+            "toy_factory:make_model",
+            str(out),
+            "--calibration",
+            "toy_factory:make_batches",
+            "--skip-modules",
+            "4",
+            *FAST,
+            "--report-json",
+            str(tmp_path / "report.json"),
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "[########################] 3/3" in captured.err  # per-layer progress bar
@@ -59,13 +69,31 @@ def test_factory_with_flags(tmp_path, factory, capsys):
 def test_config_file_overridden_by_flags(tmp_path, factory, capsys):
     (tmp_path / "cfg.yaml").write_text("algorithm: data_free\nvector_dim: 8\ncodebook_bits: 4\ngroup_size: 16\n")
     out = tmp_path / "out"
-    code = main(["toy_factory:make_model", str(out), "--config", str(tmp_path / "cfg.yaml"), "--vector-dim", "4",
-                 "--group-size", "none", "--kmeans-iters", "5", "--quiet"])
+    code = main(
+        [
+            "toy_factory:make_model",
+            str(out),
+            "--config",
+            str(tmp_path / "cfg.yaml"),
+            "--vector-dim",
+            "4",
+            "--group-size",
+            "none",
+            "--kmeans-iters",
+            "5",
+            "--quiet",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert captured.err == ""  # --quiet: no progress bar
     saved = json.loads((out / "config.json").read_text())["quantization_config"]["compress_config"]
-    assert (saved["algorithm"], saved["vector_dim"], saved["codebook_bits"], saved["group_size"]) == ("data_free", 4, 4, None)
+    assert (saved["algorithm"], saved["vector_dim"], saved["codebook_bits"], saved["group_size"]) == (
+        "data_free",
+        4,
+        4,
+        None,
+    )
 
 
 @pytest.mark.parametrize(
@@ -75,8 +103,21 @@ def test_config_file_overridden_by_flags(tmp_path, factory, capsys):
         (["no_such_module_xyz:f", "OUT"], "cannot import 'no_such_module_xyz'"),
         (["not-a-folder", "OUT"], "neither an existing folder"),
         (["toy_factory:make_model", "OUT"], "needs calibration batches"),
-        (["toy_factory:make_model", "OUT", "--algorithm", "data_free", "--vector-dim", "3", "--group-size", "none",
-          "--pad", "error"], "not divisible"),
+        (
+            [
+                "toy_factory:make_model",
+                "OUT",
+                "--algorithm",
+                "data_free",
+                "--vector-dim",
+                "3",
+                "--group-size",
+                "none",
+                "--pad",
+                "error",
+            ],
+            "not divisible",
+        ),
         (["toy_factory:make_model", "OUT", "--codebook-bits", "20"], "codebook_bits"),
     ],
 )
@@ -109,8 +150,19 @@ def test_hugging_face_folder_with_calibration_text(tmp_path, capsys):
     transformers.BertModel(config).save_pretrained(src)
     (tmp_path / "calib.txt").write_text("The cat sat on the mat.\nQuantization keeps models small.\n\nA third line.\n")
     out = tmp_path / "out"
-    code = main([str(src), str(out), "--calibration-text", str(tmp_path / "calib.txt"), *FAST, "--dtype", "bfloat16",
-                 "--skip-modules", "pooler.*"])
+    code = main(
+        [
+            str(src),
+            str(out),
+            "--calibration-text",
+            str(tmp_path / "calib.txt"),
+            *FAST,
+            "--dtype",
+            "bfloat16",
+            "--skip-modules",
+            "pooler.*",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "encoder.layer.0.attention.self.query" in captured.out

@@ -11,7 +11,6 @@ from vqlib.compress.format import decode_weight, pack_codes, unpack_codes
 from vqlib.compress.scalar import pack_bits, rtn_quantize, unpack_bits
 
 
-
 def _layer(**kw):
     args = dict(vector_dim=2, num_codebooks=1, codebook_bits=2, bias=True)
     args.update(kw)
@@ -21,7 +20,9 @@ def _layer(**kw):
 def test_dequantize_matches_hand_computed_weight():
     layer = _layer(num_codebooks=2)
     # codebooks (G=1, M=2, K=4, d=2)
-    layer.codebooks.copy_(torch.tensor([[[[1, 2], [3, 4], [5, 6], [7, 8]], [[0.5, 0], [0, 0.5], [1, 1], [-1, -1]]]]).half())
+    layer.codebooks.copy_(
+        torch.tensor([[[[1, 2], [3, 4], [5, 6], [7, 8]], [[0.5, 0], [0, 0.5], [1, 1], [-1, -1]]]]).half()
+    )
     layer.codes.copy_(torch.tensor([[[0, 1], [3, 3]], [[2, 0], [1, 2]]], dtype=torch.uint8))
     layer.scales.copy_(torch.tensor([[2.0], [0.5]]).half())
     expected = torch.tensor(
@@ -38,8 +39,15 @@ def test_dequantize_matches_hand_computed_weight():
 
 def test_groups_int8_codebooks_and_group_scales():
     layer = VQLinear(
-        8, 1, vector_dim=2, codebook_bits=1, group_size=4, codebook_dtype="int8",
-        scale_granularity="group", scale_group_size=2, bias=False,
+        8,
+        1,
+        vector_dim=2,
+        codebook_bits=1,
+        group_size=4,
+        codebook_dtype="int8",
+        scale_granularity="group",
+        scale_group_size=2,
+        bias=False,
     )
     assert tuple(layer.codebooks.shape) == (2, 1, 2, 2) and layer.codebooks.dtype == torch.int8
     assert tuple(layer.codebook_scales.shape) == (2, 1) and tuple(layer.scales.shape) == (1, 4)

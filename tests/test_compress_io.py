@@ -9,7 +9,6 @@ from torch import nn
 import vqlib.compress.io as vio
 from vqlib.compress import FORMAT_VERSION, ScalarLinear, VQConfig, VQLinear, compress, load_compressed, save_compressed
 
-
 FAST = dict(vector_dim=4, codebook_bits=4, kmeans_iters=5, finetune_steps=0)
 
 

@@ -56,7 +56,9 @@ def test_minilm_two_bit_calibrated_vq_and_round_trip(tmp_path):
     calibration = [dict(tokenizer(CALIBRATION[i : i + 4], padding=True, return_tensors="pt")) for i in range(0, 16, 4)]
     evaluation = dict(tokenizer(EVALUATION, padding=True, return_tensors="pt"))
     reference = _embed(model, evaluation)
-    cfg = VQConfig(algorithm="calibrated", vector_dim=8, num_codebooks=2, group_size=None, kmeans_iters=5, finetune_steps=0)
+    cfg = VQConfig(
+        algorithm="calibrated", vector_dim=8, num_codebooks=2, group_size=None, kmeans_iters=5, finetune_steps=0
+    )
     compressed, report = compress(copy.deepcopy(model), cfg, calibration=calibration)
     assert len(report.compressed) == 37 and not report.skipped  # 6 x (q, k, v, o, up, down) + pooler
     assert 2.0 < report.bits_per_weight < 2.3

@@ -34,7 +34,9 @@ def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
         "cos": VectorQuantize(16, 64, distance="cosine", dead_code_window=2, seed=rank),
         "rvq": ResidualVQ(16, 32, 3, kmeans_init=True, dead_code_window=2, quantizer_dropout=0.5, seed=0),
         # torch.compile around a quantizer whose forward all-reduces, gathers and broadcasts codebook state
-        "compiled": torch.compile(VectorQuantize(16, 64, kmeans_init=True, dead_code_window=2, seed=rank), backend="aot_eager"),
+        "compiled": torch.compile(
+            VectorQuantize(16, 64, kmeans_init=True, dead_code_window=2, seed=rank), backend="aot_eager"
+        ),
     }
     for step in range(6):
         x = torch.randn(300 + 50 * rank, 16) * (1 + rank)

@@ -2,13 +2,26 @@
 (Hugging Face calls are replaced by fakes: no network)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from hub_server import FakeHub
 from image_helpers import random_images, tiny_tokenizer
+from torch import nn
 from vqlib.models import ImageTokenizer, hub
+from vqlib.models.audio_tokenizer import AudioTokenizer
 
 from vqlib import FSQ, ResidualVQ, VectorQuantize
+from vqlib.compress import (
+    VQConfig,
+    compress,
+    load_compressed,
+    push_to_hub,
+    save_compressed,
+)
 
 
 def trained(tok: ImageTokenizer, steps: int = 2) -> ImageTokenizer:
@@ -24,8 +37,15 @@ def trained(tok: ImageTokenizer, steps: int = 2) -> ImageTokenizer:
     [
         lambda: VectorQuantize(8, 32, kmeans_init=True, seed=0),
         lambda: VectorQuantize(8, 64, codebook_update="gradient", reparam="simvq"),
-        lambda: VectorQuantize(8, 16, codebook_update="gradient", reparam="projector",
-                               init_codebook=torch.randn(16, 12), codebook_dim=4, heads=2),
+        lambda: VectorQuantize(
+            8,
+            16,
+            codebook_update="gradient",
+            reparam="projector",
+            init_codebook=torch.randn(16, 12),
+            codebook_dim=4,
+            heads=2,
+        ),
         lambda: ResidualVQ(8, 16, 3),
         lambda: FSQ([5, 4, 3], dim=8),
     ],
@@ -205,21 +225,6 @@ def test_frozen_codebook_factory_round_trip_needs_no_codebook_file(tmp_path):
 
 
 # -- through a fake Hub on 127.0.0.1 (tests/hub_server.py): huggingface_hub's real download/upload code ---------
-import os
-import subprocess
-import sys
-
-from hub_server import FakeHub
-from torch import nn
-from vqlib.models.audio_tokenizer import AudioTokenizer
-
-from vqlib.compress import (
-    VQConfig,
-    compress,
-    load_compressed,
-    push_to_hub,
-    save_compressed,
-)
 
 FAST_VQ = dict(algorithm="data_free", vector_dim=4, codebook_bits=4, kmeans_iters=5, finetune_steps=0)
 
@@ -319,8 +324,15 @@ def make_net():
 def test_compressed_model_push_pull_revision_offline(hub_env, tmp_path):
     cfg = VQConfig(**FAST_VQ)
     model, report = compress(make_net(), cfg, progress=False)
-    save_compressed(model, tmp_path / "c", config=cfg, report=report, push_to_hub=True, repo_id="me/net",
-                    metrics={"perplexity": 9.25})
+    save_compressed(
+        model,
+        tmp_path / "c",
+        config=cfg,
+        report=report,
+        push_to_hub=True,
+        repo_id="me/net",
+        metrics={"perplexity": 9.25},
+    )
     sha1 = hub_env.repos["me/net"].refs["main"]
     model2, _ = compress(make_net(), VQConfig(**{**FAST_VQ, "codebook_bits": 3}), progress=False)
     sha2 = push_to_hub(model2, "me/net", commit_message="3 bits").oid
@@ -426,9 +438,11 @@ def test_vqlib_command_info_download_upload(hub_env, tmp_path, capsys):
 
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "pytorch_model.bin").write_bytes(b"x")
-    for args, message in [(["info", "me/absent"], "could not be fetched"),
-                          (["upload", str(tmp_path / "bad"), "me/x"], "only pickle checkpoint"),
-                          (["download", str(tmp_path / "c")], "is a local path")]:
+    for args, message in [
+        (["info", "me/absent"], "could not be fetched"),
+        (["upload", str(tmp_path / "bad"), "me/x"], "only pickle checkpoint"),
+        (["download", str(tmp_path / "c")], "is a local path"),
+    ]:
         assert vqlib_main(args) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err

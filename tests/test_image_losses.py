@@ -4,7 +4,6 @@ and LPIPS only from local safetensors files (random weights here: the maths and 
 import pytest
 import torch
 from safetensors.torch import save_file
-
 from vqlib.models.image_losses import (
     LPIPS,
     ImageTokenizerLoss,

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 from image_helpers import random_images, tiny_tokenizer
+from vqlib.models import ImageTokenizer
 
 from vqlib import FSQ, LFQ, ResidualVQ, VectorQuantize
-from vqlib.models import ImageTokenizer
 
 
 @pytest.mark.parametrize("ch_mult,factor", [((1, 2, 2), 4), ((1, 1, 2, 2), 8), ((1, 1, 2, 2, 2), 16)])

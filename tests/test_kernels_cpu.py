@@ -17,10 +17,11 @@ import torch
 
 pytest.importorskip("numba", reason="numba is not installed (a core dependency of vqlib)")
 
+from vqlib.kernels import cpu_lut, cpu_scalar  # noqa: E402
+
 from vqlib import kernels  # noqa: E402
 from vqlib.compress import VQLinear  # noqa: E402
 from vqlib.compress.scalar import ScalarLinear  # noqa: E402
-from vqlib.kernels import cpu_lut, cpu_scalar  # noqa: E402
 
 FP32_TOL = 2e-5
 BF16_TOL = 2e-2
@@ -29,8 +30,17 @@ BATCHES = (1, 3, 8, 9, cpu_lut.LUT_MAX_BATCH + 1)  # the last one takes the dequ
 
 def random_vq(in_f=251, out_f=17, *, d=4, m=1, gs=128, cb="int8", scales="row", bias=True, bits=8, seed=0):
     torch.manual_seed(seed)
-    layer = VQLinear(in_f, out_f, vector_dim=d, num_codebooks=m, codebook_bits=bits, group_size=gs,
-                     codebook_dtype=cb, scale_granularity=scales, bias=bias)
+    layer = VQLinear(
+        in_f,
+        out_f,
+        vector_dim=d,
+        num_codebooks=m,
+        codebook_bits=bits,
+        group_size=gs,
+        codebook_dtype=cb,
+        scale_granularity=scales,
+        bias=bias,
+    )
     if cb == "int8":
         layer.codebooks.random_(-127, 128)
         layer.codebook_scales.uniform_(0.002, 0.02)
@@ -176,7 +186,12 @@ CACHE_SCRIPT = textwrap.dedent(
 def test_numba_cache_is_written_then_reused(tmp_path):
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
     source = os.path.join(os.path.dirname(kernels.__file__), "cpu_vq_numba.py")
-    run = lambda: subprocess.run([sys.executable, "-c", CACHE_SCRIPT, source], env=env, capture_output=True, text=True, timeout=240)  # noqa: E731
+
+    def run():
+        return subprocess.run(
+            [sys.executable, "-c", CACHE_SCRIPT, source], env=env, capture_output=True, text=True, timeout=240
+        )  # noqa: E731
+
     first = run()
     assert first.returncode == 0, first.stderr
     assert first.stdout.split() == ["0", "1"]  # compiled
@@ -192,9 +207,16 @@ def test_generate_with_kernel_matches_reference(monkeypatch):
     from vqlib.compress import VQConfig, compress
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      pad_token_id=0)
+    config = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
     model = transformers.LlamaForCausalLM(config).eval()
     model, report = compress(model, VQConfig(algorithm="data_free", group_size=64, kmeans_iters=2, finetune_steps=0))
     assert report.compressed

@@ -14,11 +14,12 @@ import torch
 
 pytest.importorskip("triton")
 
-from vqlib import kernels  # noqa: E402
-from vqlib.compress import VQLinear  # noqa: E402
 from vqlib.kernels import triton_vq as tv  # noqa: E402
 from vqlib.kernels import triton_vq_ops as ops  # noqa: E402
 from vqlib.kernels.triton_fused import FusedVQLinear, fuse_projections  # noqa: E402
+
+from vqlib import kernels  # noqa: E402
+from vqlib.compress import VQLinear  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -27,16 +28,41 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 # not, in_features not a multiple of d (padding) nor of any block.
 FORMATS = {
     "d8_2x8_row_pad": dict(in_features=61, out_features=70, vector_dim=8, num_codebooks=2, codebook_bits=8),
-    "d4_1x8_g16_int8_groupscale": dict(in_features=45, out_features=33, vector_dim=4, codebook_bits=8, group_size=16,
-                                       codebook_dtype="int8", scale_granularity="group", scale_group_size=8),
-    "d8_1x16_noscale_nobias": dict(in_features=40, out_features=19, vector_dim=8, codebook_bits=16,
-                                   scale_granularity="none", bias=False),
-    "d3_3x10_g6_int8": dict(in_features=20, out_features=23, vector_dim=3, num_codebooks=3, codebook_bits=10,
-                            group_size=6, codebook_dtype="int8"),
-    "d4_2x8_g128_int8": dict(in_features=300, out_features=24, vector_dim=4, num_codebooks=2, codebook_bits=8,
-                             group_size=128, codebook_dtype="int8", bias_dtype=torch.float16),
-    "d1_1x4_groupscale": dict(in_features=9, out_features=5, vector_dim=1, codebook_bits=4,
-                              scale_granularity="group", scale_group_size=4),
+    "d4_1x8_g16_int8_groupscale": dict(
+        in_features=45,
+        out_features=33,
+        vector_dim=4,
+        codebook_bits=8,
+        group_size=16,
+        codebook_dtype="int8",
+        scale_granularity="group",
+        scale_group_size=8,
+    ),
+    "d8_1x16_noscale_nobias": dict(
+        in_features=40, out_features=19, vector_dim=8, codebook_bits=16, scale_granularity="none", bias=False
+    ),
+    "d3_3x10_g6_int8": dict(
+        in_features=20,
+        out_features=23,
+        vector_dim=3,
+        num_codebooks=3,
+        codebook_bits=10,
+        group_size=6,
+        codebook_dtype="int8",
+    ),
+    "d4_2x8_g128_int8": dict(
+        in_features=300,
+        out_features=24,
+        vector_dim=4,
+        num_codebooks=2,
+        codebook_bits=8,
+        group_size=128,
+        codebook_dtype="int8",
+        bias_dtype=torch.float16,
+    ),
+    "d1_1x4_groupscale": dict(
+        in_features=9, out_features=5, vector_dim=1, codebook_bits=4, scale_granularity="group", scale_group_size=4
+    ),
 }
 REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # of max |reference|
 
@@ -92,8 +118,17 @@ def test_decode_is_bit_exact(name):
     assert torch.equal(y4, (w.t() + bias)[:4])
 
 
-CASES = [(name, batch, path, split) for name in FORMATS for batch, path, split in
-         [(1, "gemv", 2), (3, "gemv", 1), (17, "gemm", 2), (64, "gemm", 1), (3, "dequant_matmul", 1)]]
+CASES = [
+    (name, batch, path, split)
+    for name in FORMATS
+    for batch, path, split in [
+        (1, "gemv", 2),
+        (3, "gemv", 1),
+        (17, "gemm", 2),
+        (64, "gemm", 1),
+        (3, "dequant_matmul", 1),
+    ]
+]
 
 
 @pytest.mark.parametrize("name,batch,path,split", CASES, ids=[f"{c[0]}-b{c[1]}-{c[2]}-s{c[3]}" for c in CASES])
@@ -120,8 +155,11 @@ def test_leading_dims_and_strided_input():
 def test_custom_op_schema_and_fake():
     layer = make_layer("d4_1x8_g16_int8_groupscale")
     x = torch.randn(3, layer.in_features)
-    torch.library.opcheck(torch.ops.vqlib.vq_linear.default, (x, *tv.op_args(layer), "gemm"),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.vqlib.vq_linear.default,
+        (x, *tv.op_args(layer), "gemm"),
+        test_utils=("test_schema", "test_faketensor"),
+    )
     args = (*tv.op_args(layer)[:4], None, *tv.op_args(layer)[6:], torch.float16)
     torch.library.opcheck(torch.ops.vqlib.vq_dequantize.default, args, test_utils=("test_schema", "test_faketensor"))
 
@@ -141,8 +179,15 @@ def cpu_registry(monkeypatch):
 def test_dispatch_by_tokens_is_explained(cpu_registry, monkeypatch):
     layer = make_layer("d8_2x8_row_pad")
     path = {n: kernels.explain(layer, torch.randn(n, layer.in_features)).path for n in (1, 4, 5, 64, 255, 256, 1024)}
-    assert path == {1: "triton_vq_gemv", 4: "triton_vq_gemv", 5: "triton_vq_gemm", 64: "triton_vq_gemm",
-                    255: "triton_vq_gemm", 256: "triton_vq_dequant_matmul", 1024: "triton_vq_dequant_matmul"}
+    assert path == {
+        1: "triton_vq_gemv",
+        4: "triton_vq_gemv",
+        5: "triton_vq_gemm",
+        64: "triton_vq_gemm",
+        255: "triton_vq_gemm",
+        256: "triton_vq_dequant_matmul",
+        1024: "triton_vq_dequant_matmul",
+    }
     assert "GEMV_MAX_BATCH=4" in tv._gemv_supports(layer, torch.randn(5, layer.in_features))
     assert "DEQUANT_MATMUL_MIN_BATCH=256" in tv._gemm_supports(layer, torch.randn(256, layer.in_features))
     decision = kernels.explain(layer, torch.randn(2, layer.in_features, dtype=torch.float64))
@@ -238,7 +283,9 @@ def test_fused_projections_equal_separate_layers(cpu_registry):
     assert kernels.explain(fused, x).path == "triton_vq_gemv_fused"
     for y, ref in zip(fused(x), refs):  # through the registry
         assert_matches(y, ref)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fused._reference_linear(x).split(fused.splits, -1), refs))
+    assert all(
+        torch.allclose(a, b, atol=1e-5) for a, b in zip(fused._reference_linear(x).split(fused.splits, -1), refs)
+    )
 
 
 def test_fuse_projections_attaches_and_checks_format():
@@ -270,8 +317,13 @@ def test_vqlib_works_without_triton():
         "from vqlib.kernels import triton_vq\nassert triton_vq.unavailable_reason() == 'triton is not installed'\n"
         "layer = VQLinear(8, 3, vector_dim=4)\nprint(tuple(layer(torch.randn(2, 8)).shape))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "VQLINEAR_KERNELS": "auto"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "VQLINEAR_KERNELS": "auto"},
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "(2, 3)"
 
@@ -281,8 +333,13 @@ def test_vqlib_works_without_triton():
 # run short enough for benchmarks/gpu_check.sh)
 GPU_CASES = [(name, dtype) for name in FORMATS for dtype in (torch.float16, torch.bfloat16)]
 GPU_CASES.append(("d8_2x8_row_pad", torch.float32))
-EXPECTED_PATH = {1: "triton_vq_gemv", 3: "triton_vq_gemv", 17: "triton_vq_gemm", 64: "triton_vq_gemm",
-                 300: "triton_vq_dequant_matmul"}
+EXPECTED_PATH = {
+    1: "triton_vq_gemv",
+    3: "triton_vq_gemv",
+    17: "triton_vq_gemm",
+    64: "triton_vq_gemm",
+    300: "triton_vq_dequant_matmul",
+}
 
 
 @pytest.mark.gpu

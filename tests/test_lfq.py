@@ -40,7 +40,9 @@ def test_index_is_sign_bits_most_significant_first():
     all_codes = q.indices_to_codes(torch.arange(16))
     assert torch.unique(all_codes, dim=0).shape[0] == 16 and set(all_codes.unique().tolist()) == {-1.0, 1.0}
     # codebook_scale scales the codes.
-    assert torch.equal(LFQ(4, 16, codebook_scale=0.5).decode(torch.tensor([0b1000])), torch.tensor([[0.5, -0.5, -0.5, -0.5]]))
+    assert torch.equal(
+        LFQ(4, 16, codebook_scale=0.5).decode(torch.tensor([0b1000])), torch.tensor([[0.5, -0.5, -0.5, -0.5]])
+    )
 
 
 def test_indices_unique_per_distinct_code():
@@ -69,7 +71,7 @@ def _brute_force_entropies(z, temperature):
     k = z.shape[1]
     bits = (torch.arange(2**k)[:, None] >> torch.arange(k - 1, -1, -1)) & 1
     codes = bits.float() * 2 - 1
-    probs = (-torch.cdist(z, codes) ** 2 / temperature).softmax(dim=-1)
+    probs = (-(torch.cdist(z, codes) ** 2) / temperature).softmax(dim=-1)
     per_sample = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean()
     avg = probs.mean(0)
     return per_sample, -(avg * avg.clamp_min(1e-30).log()).sum()
@@ -93,8 +95,14 @@ def _usage_after_entropy_training(diversity_weight, spherical, entropy_group_bit
     """Start collapsed (a large bias puts every token on one code) and train project_in on the entropy loss."""
     torch.manual_seed(0)
     q = LFQ(
-        16, 2**8, entropy_weight=1.0, commitment_weight=0.0, diversity_weight=diversity_weight,
-        spherical=spherical, entropy_group_bits=entropy_group_bits, temperature=temperature,
+        16,
+        2**8,
+        entropy_weight=1.0,
+        commitment_weight=0.0,
+        diversity_weight=diversity_weight,
+        spherical=spherical,
+        entropy_group_bits=entropy_group_bits,
+        temperature=temperature,
     )
     with torch.no_grad():
         q.project_in.bias.fill_(2.0)

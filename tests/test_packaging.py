@@ -50,8 +50,13 @@ def test_installed_packages_import_from_the_namespace():
 
 
 def test_model_card_templates_ship_in_the_wheel_and_load_from_it(wheel_names, wheel_path):
-    for name in ("vqlib/model_cards/__init__.py", "vqlib/model_cards/tokenizer_card.md",
-                 "vqlib/model_cards/compressed_card.md", "vqlib/cards.py", "vqlib/serialization.py"):
+    for name in (
+        "vqlib/model_cards/__init__.py",
+        "vqlib/model_cards/tokenizer_card.md",
+        "vqlib/model_cards/compressed_card.md",
+        "vqlib/cards.py",
+        "vqlib/serialization.py",
+    ):
         assert name in wheel_names, name
     # Read them as vqlib.cards does (importlib.resources) from the wheel itself, in a fresh interpreter whose
     # only vqlib is the wheel (a bare vqlib package stands in so that torch is not imported).

@@ -36,8 +36,12 @@ def test_write_folder_is_all_or_nothing(tmp_path):
 
 @pytest.mark.parametrize(
     "version, message",
-    [("1", "positive integer, got '1'"), (True, "positive integer, got True"), (0, "positive integer"),
-     (3, "format version 3, newer than this vqlib supports \\(2\\).*vqlib 9.9.*upgrade vqlib")],
+    [
+        ("1", "positive integer, got '1'"),
+        (True, "positive integer, got True"),
+        (0, "positive integer"),
+        (3, "format version 3, newer than this vqlib supports \\(2\\).*vqlib 9.9.*upgrade vqlib"),
+    ],
 )
 def test_format_version_checks(version, message):
     with pytest.raises(ValueError, match=message):
@@ -69,8 +73,11 @@ def test_truncated_and_corrupt_safetensors(tmp_path):
     good = path.read_bytes()
     assert ser.load_safetensors(path, "cpu", "load")["b"].shape == (3, 4)
     header_len = int.from_bytes(good[:8], "little")
-    for cut, message in [(4, "not even the 8-byte"), (8 + header_len // 2, "header says"),
-                         (len(good) - 1, f"{len(good) - 1} bytes, its header describes {len(good)} bytes")]:
+    for cut, message in [
+        (4, "not even the 8-byte"),
+        (8 + header_len // 2, "header says"),
+        (len(good) - 1, f"{len(good) - 1} bytes, its header describes {len(good)} bytes"),
+    ]:
         path.write_bytes(good[:cut])
         with pytest.raises(ValueError, match=f"truncated.*{message}|{message}"):
             ser.load_safetensors(path, "cpu", "load")

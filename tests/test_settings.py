@@ -19,8 +19,12 @@ def test_vector_quantize_lists_every_setting_with_the_same_default():
 
 
 def test_flat_keywords_and_settings_object_build_the_same_quantizer():
-    settings = CodebookSettings(distance="cosine", codebook_update="gradient", gradient_estimator="rotation", usage_window=5)
-    a = VectorQuantize(8, 16, distance="cosine", codebook_update="gradient", gradient_estimator="rotation", usage_window=5)
+    settings = CodebookSettings(
+        distance="cosine", codebook_update="gradient", gradient_estimator="rotation", usage_window=5
+    )
+    a = VectorQuantize(
+        8, 16, distance="cosine", codebook_update="gradient", gradient_estimator="rotation", usage_window=5
+    )
     b = VectorQuantize.from_settings(8, 16, settings)
     assert a.settings == b.settings == settings and a.config == b.config
     assert a.codebooks[0].settings is a.settings

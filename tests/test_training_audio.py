@@ -11,12 +11,12 @@ from cli_helpers import run_training_cli
 sf = pytest.importorskip("soundfile", reason="soundfile (train extra) reads and writes audio files")
 import lightning as L  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
-
-from vqlib import ResidualVQ  # noqa: E402
 from vqlib.models import AudioTokenizer  # noqa: E402
 from vqlib.training.audio import AudioTokenizerModule  # noqa: E402
 from vqlib.training.audio_data import AudioFolderDataModule, SynthAudioDataModule, SynthAudioDataset  # noqa: E402
 from vqlib.training.audio_synth import TRAIN_SPLIT, VAL_SPLIT, synthesize_clip  # noqa: E402
+
+from vqlib import ResidualVQ  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "training" / "configs"
 
@@ -50,15 +50,27 @@ def test_synth_clips_have_pitched_content():
 
 
 def test_synth_datamodule():
-    dm = SynthAudioDataModule(sample_rate=8000, segment_seconds=0.25, val_segment_seconds=0.5,
-                              num_train_clips=6, num_val_clips=3, batch_size=4)
+    dm = SynthAudioDataModule(
+        sample_rate=8000,
+        segment_seconds=0.25,
+        val_segment_seconds=0.5,
+        num_train_clips=6,
+        num_val_clips=3,
+        batch_size=4,
+    )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch.shape == (4, 1, 2000) and batch.dtype == torch.float32
     val = next(iter(dm.val_dataloader()))
     assert val.shape == (3, 1, 4000)
-    dm2 = SynthAudioDataModule(sample_rate=8000, segment_seconds=0.25, val_segment_seconds=0.5,
-                               num_train_clips=6, num_val_clips=3, batch_size=4)
+    dm2 = SynthAudioDataModule(
+        sample_rate=8000,
+        segment_seconds=0.25,
+        val_segment_seconds=0.5,
+        num_train_clips=6,
+        num_val_clips=3,
+        batch_size=4,
+    )
     dm2.setup("fit")
     assert torch.equal(next(iter(dm2.val_dataloader())), val)
     with pytest.raises(IndexError):
@@ -91,7 +103,9 @@ def audio_folder(tmp_path):
 
 
 def test_folder_skips_corrupt_files_and_logs_them(audio_folder, caplog):
-    dm = AudioFolderDataModule(str(audio_folder), sample_rate=16000, segment_seconds=0.25, val_fraction=0.25, batch_size=2)
+    dm = AudioFolderDataModule(
+        str(audio_folder), sample_rate=16000, segment_seconds=0.25, val_fraction=0.25, batch_size=2
+    )
     with caplog.at_level(logging.WARNING, logger="vqlib.training.audio_data"):
         dm.setup("fit")
     assert [p.name for p, _ in dm.skipped_files] == ["broken.wav"]
@@ -188,25 +202,53 @@ def tiny_module(sample_rate: int = 8000, **kw) -> AudioTokenizerModule:
     torch.manual_seed(0)
     tok = AudioTokenizer(
         ResidualVQ(8, 16, 4, quantizer_dropout=0.5, kmeans_init=True, channel_first=True),
-        sample_rate=sample_rate, n_filters=2, ratios=[4, 2], residual_dilations=[1, 3], lstm_layers=0,
+        sample_rate=sample_rate,
+        n_filters=2,
+        ratios=[4, 2],
+        residual_dilations=[1, 3],
+        lstm_layers=0,
     )
-    args = dict(lr=3e-3, disc_start_step=2, stft_discriminator_ffts=[128, 64], stft_filters=4, mpd_periods=[2, 3],
-                mpd_widths=[4, 8], mel_windows=[32, 64, 128], mel_bands=[5, 10, 20], eval_num_quantizers=[1, 4])
+    args = dict(
+        lr=3e-3,
+        disc_start_step=2,
+        stft_discriminator_ffts=[128, 64],
+        stft_filters=4,
+        mpd_periods=[2, 3],
+        mpd_widths=[4, 8],
+        mel_windows=[32, 64, 128],
+        mel_bands=[5, 10, 20],
+        eval_num_quantizers=[1, 4],
+    )
     args.update(kw)
     return AudioTokenizerModule(tok, **args)
 
 
 def tiny_data(**kw) -> SynthAudioDataModule:
-    args = dict(sample_rate=8000, segment_seconds=0.05, val_segment_seconds=0.1, num_train_clips=16, num_val_clips=4,
-                batch_size=4)
+    args = dict(
+        sample_rate=8000,
+        segment_seconds=0.05,
+        val_segment_seconds=0.1,
+        num_train_clips=16,
+        num_val_clips=4,
+        batch_size=4,
+    )
     args.update(kw)
     return SynthAudioDataModule(**args)
 
 
 def tiny_trainer(root: Path, max_steps: int, **kw) -> L.Trainer:
-    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=CSVLogger(str(root)),
-                     default_root_dir=str(root), enable_progress_bar=False, enable_model_summary=False,
-                     log_every_n_steps=1, num_sanity_val_steps=0, **kw)
+    return L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(str(root)),
+        default_root_dir=str(root),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        num_sanity_val_steps=0,
+        **kw,
+    )
 
 
 def test_tiny_fit_logs_metrics_writes_wavs_and_resumes_exactly(tmp_path):
@@ -313,8 +355,20 @@ def test_configs_instantiate(name, monkeypatch):
 
     monkeypatch.setattr("sys.argv", ["vqlib-train"])
     # The GPU recipe's trainer settings are swapped for CPU ones here; model and data come from the file.
-    cpu = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
-           "--trainer.precision", "32", "--trainer.logger", "false", "--trainer.callbacks", "null"]
+    cpu = [
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "1",
+        "--trainer.strategy",
+        "auto",
+        "--trainer.precision",
+        "32",
+        "--trainer.logger",
+        "false",
+        "--trainer.callbacks",
+        "null",
+    ]
     cli = run_cli(["--config", str(CONFIGS / name), *cpu], run=False)
     module, data = cli.model, cli.datamodule
     assert isinstance(module, AudioTokenizerModule)

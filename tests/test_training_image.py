@@ -10,12 +10,12 @@ import pytest
 import torch
 from image_helpers import tiny_tokenizer
 from PIL import Image
-
-from vqlib import VectorQuantize
 from vqlib.models.image_losses import ImageTokenizerLoss
 from vqlib.training import EmbeddedImageDataModule, ImageFolderDataModule, ImageTokenizerModule
 from vqlib.training.image_data import EpochShuffleSampler, to_rgb
 from vqlib.training.metrics import CodebookUsageTracker, psnr, ssim
+
+from vqlib import VectorQuantize
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -155,8 +155,15 @@ def test_psnr_and_ssim_against_references():
     assert torch.allclose(psnr(a, b), -10 * torch.log10(mse))
     ours = ssim(a, b)
     for i in range(2):
-        ref = structural_similarity(a[i].permute(1, 2, 0).numpy(), b[i].permute(1, 2, 0).numpy(), channel_axis=2,
-                                    data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+        ref = structural_similarity(
+            a[i].permute(1, 2, 0).numpy(),
+            b[i].permute(1, 2, 0).numpy(),
+            channel_axis=2,
+            data_range=1.0,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+        )
         assert ours[i].item() == pytest.approx(ref, abs=1e-5)
     assert torch.allclose(ssim(a, a), torch.ones(2))
 
@@ -167,10 +174,12 @@ def test_codebook_usage_over_many_batches():
     t.update(torch.tensor([[3, 1], [-1, 1]]), has_level_axis=True)  # -1: a dropped level, ignored
     stats = t.compute()
     assert torch.allclose(stats["usage"], torch.tensor([0.2, 0.2]))
+
     # level 0 counts {0: 2, 3: 1}; level 1 counts {1: 3, 2: 1}
     def perplexity(counts):
         p = torch.tensor(counts, dtype=torch.float64) / sum(counts)
         return torch.exp(-(p * p.log()).sum()).item()
+
     assert stats["perplexity"][0].item() == pytest.approx(perplexity([2, 1]))
     assert stats["perplexity"][1].item() == pytest.approx(perplexity([3, 1]))
 
@@ -245,7 +254,9 @@ def test_resume_restores_ema_state_exactly_and_continues_bit_identically(tmp_pat
 
 
 def test_learning_rate_warmup_and_cosine_decay():
-    module = ImageTokenizerModule(tiny_tokenizer(), learning_rate=1.0, warmup_steps=10, lr_decay="cosine", min_lr_ratio=0.1)
+    module = ImageTokenizerModule(
+        tiny_tokenizer(), learning_rate=1.0, warmup_steps=10, lr_decay="cosine", min_lr_ratio=0.1
+    )
     module.trainer = L.Trainer(max_steps=110, logger=False, enable_progress_bar=False, enable_model_summary=False)
     assert module.generator_lr(0) == pytest.approx(0.1)
     assert module.generator_lr(9) == pytest.approx(1.0)

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
 from torch.nn import functional as F
-
 from vqlib.models.audio_losses import (
     AdversarialLoss,
     CombinedDiscriminator,
@@ -42,6 +41,7 @@ from vqlib.models.audio_losses import (
     si_sdr,
 )
 from vqlib.models.audio_tokenizer import AudioTokenizer
+
 from vqlib.validation import check_choice
 
 from .audio_data import AudioFolderDataModule, SynthAudioDataModule, SynthAudioDataset
@@ -115,7 +115,9 @@ class AudioTokenizerModule(LightningModule):
         self.mel_loss = MultiScaleMelLoss(tokenizer.sample_rate, mel_windows, list(mel_bands))
         discriminators = []
         if stft_discriminator_ffts:
-            discriminators.append(MultiScaleSTFTDiscriminator(tokenizer.channels, stft_discriminator_ffts, stft_filters))
+            discriminators.append(
+                MultiScaleSTFTDiscriminator(tokenizer.channels, stft_discriminator_ffts, stft_filters)
+            )
         if mpd_periods:
             discriminators.append(MultiPeriodDiscriminator(tokenizer.channels, mpd_periods, mpd_widths))
         self.discriminator = CombinedDiscriminator(discriminators) if discriminators else None
@@ -163,7 +165,7 @@ class AudioTokenizerModule(LightningModule):
         hp = self.hparams
         wave = self._check_batch(batch)
         optimizers = self.optimizers()
-        opt_g, opt_d = (optimizers if isinstance(optimizers, list) else (optimizers, None))
+        opt_g, opt_d = optimizers if isinstance(optimizers, list) else (optimizers, None)
         adversarial = self.discriminator is not None and self.global_step >= hp.disc_start_step
 
         out = self.tokenizer(wave)

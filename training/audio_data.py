@@ -36,7 +36,6 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-
 from vqlib.models.audio_tokenizer import mix_channels, resample
 
 from .audio_synth import TRAIN_SPLIT, VAL_SPLIT, synthesize_clip
@@ -50,7 +49,9 @@ def _soundfile():
     try:
         import soundfile
     except ImportError as e:  # pragma: no cover - soundfile is in the train extra
-        raise ImportError("reading audio files needs soundfile: pip install 'vqlib[train]' (or pip install soundfile)") from e
+        raise ImportError(
+            "reading audio files needs soundfile: pip install 'vqlib[train]' (or pip install soundfile)"
+        ) from e
     return soundfile
 
 
@@ -78,15 +79,18 @@ def _probe(path: Path, channels: int) -> AudioFileInfo:
     return AudioFileInfo(path, int(info.frames), int(info.samplerate), int(info.channels))
 
 
-def read_segment(info: AudioFileInfo, start_seconds: float, num_samples: int, sample_rate: int, channels: int) -> Tensor:
+def read_segment(
+    info: AudioFileInfo, start_seconds: float, num_samples: int, sample_rate: int, channels: int
+) -> Tensor:
     """``num_samples`` samples at ``sample_rate`` starting at ``start_seconds`` (zero-padded past the end),
     as float32 (channels, num_samples)."""
     sf = _soundfile()
     start = int(round(start_seconds * info.sample_rate))
     # A few extra source samples so the resampler's output covers the whole segment.
     frames = math.ceil(num_samples * info.sample_rate / sample_rate) + 2
-    data = sf.read(str(info.path), start=start, frames=min(frames, max(0, info.frames - start)),
-                   dtype="float32", always_2d=True)[0]
+    data = sf.read(
+        str(info.path), start=start, frames=min(frames, max(0, info.frames - start)), dtype="float32", always_2d=True
+    )[0]
     wave = torch.from_numpy(np.ascontiguousarray(data.T))
     wave = resample(mix_channels(wave, channels), info.sample_rate, sample_rate)[..., :num_samples]
     if wave.shape[-1] < num_samples:
@@ -95,8 +99,18 @@ def read_segment(info: AudioFileInfo, start_seconds: float, num_samples: int, sa
 
 
 class _FolderSegments(Dataset):
-    def __init__(self, files: list[AudioFileInfo], num_samples: int, sample_rate: int, channels: int,
-                 *, train: bool, items: int | None = None, segments_per_file: int = 1, strict: bool = False):
+    def __init__(
+        self,
+        files: list[AudioFileInfo],
+        num_samples: int,
+        sample_rate: int,
+        channels: int,
+        *,
+        train: bool,
+        items: int | None = None,
+        segments_per_file: int = 1,
+        strict: bool = False,
+    ):
         self.files, self.num_samples, self.sample_rate, self.channels = files, num_samples, sample_rate, channels
         self.train, self.strict, self.segments_per_file = train, strict, segments_per_file
         self.length = (items or len(files)) if train else len(files) * segments_per_file
@@ -189,7 +203,9 @@ class AudioFolderDataModule(LightningDataModule):
             raise NotADirectoryError(f"audio data folder {self.root} is not a folder")
         files = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in self.extensions)
         if not files:
-            raise ValueError(f"audio data folder {self.root} holds no audio files (looked for {', '.join(self.extensions)})")
+            raise ValueError(
+                f"audio data folder {self.root} holds no audio files (looked for {', '.join(self.extensions)})"
+            )
         return files
 
     def setup(self, stage: str | None = None) -> None:
@@ -220,29 +236,68 @@ class AudioFolderDataModule(LightningDataModule):
     def train_dataset(self) -> Dataset:
         # At least one full batch per epoch even from a handful of files (train batches drop the last partial one).
         items = self.train_items_per_epoch or max(len(self.train_files), self.batch_size)
-        return _FolderSegments(self.train_files, self.segment_samples, self.sample_rate, self.channels, train=True,
-                               items=items, strict=self.strict)
+        return _FolderSegments(
+            self.train_files,
+            self.segment_samples,
+            self.sample_rate,
+            self.channels,
+            train=True,
+            items=items,
+            strict=self.strict,
+        )
 
     def val_dataset(self) -> Dataset:
-        return _FolderSegments(self.val_files, self.val_segment_samples, self.sample_rate, self.channels,
-                               train=False, segments_per_file=self.val_segments_per_file, strict=self.strict)
+        return _FolderSegments(
+            self.val_files,
+            self.val_segment_samples,
+            self.sample_rate,
+            self.channels,
+            train=False,
+            segments_per_file=self.val_segments_per_file,
+            strict=self.strict,
+        )
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_dataset(), batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            self.train_dataset(),
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_dataset(), batch_size=self.batch_size, shuffle=False,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            self.val_dataset(),
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
 
 class SynthAudioDataset(Dataset):
     """``num_clips`` synthesised clips of one split; clip i is always the same (see :mod:`.audio_synth`).
     Clips are cached after their first synthesis (per worker process)."""
 
-    def __init__(self, num_clips: int, num_samples: int, sample_rate: int, channels: int = 1, *, seed: int = 0,
-                 split: int = TRAIN_SPLIT, cache: bool = True):
-        self.num_clips, self.num_samples, self.sample_rate, self.channels = num_clips, num_samples, sample_rate, channels
+    def __init__(
+        self,
+        num_clips: int,
+        num_samples: int,
+        sample_rate: int,
+        channels: int = 1,
+        *,
+        seed: int = 0,
+        split: int = TRAIN_SPLIT,
+        cache: bool = True,
+    ):
+        self.num_clips, self.num_samples, self.sample_rate, self.channels = (
+            num_clips,
+            num_samples,
+            sample_rate,
+            channels,
+        )
         self.seed, self.split, self.cache = seed, split, cache
         self._cache: dict[int, Tensor] = {}
 
@@ -301,12 +356,23 @@ class SynthAudioDataModule(LightningDataModule):
         self.val_set = SynthAudioDataset(self.num_val_clips, self.val_segment_samples, split=VAL_SPLIT, **common)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            self.val_set,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
 
 __all__ = ["AudioFolderDataModule", "AudioFileInfo", "SynthAudioDataModule", "SynthAudioDataset", "read_segment"]

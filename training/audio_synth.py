@@ -97,8 +97,9 @@ def _sweep(n: int, sr: int, rng: np.random.Generator) -> np.ndarray:
     return _harmonic_stack(f0, amps / np.sqrt(num_harmonics), sr, rng) * _adsr(n, sr, rng)
 
 
-def synthesize_clip(seed: int, index: int, num_samples: int, sample_rate: int, channels: int = 1,
-                    split: int = TRAIN_SPLIT) -> np.ndarray:
+def synthesize_clip(
+    seed: int, index: int, num_samples: int, sample_rate: int, channels: int = 1, split: int = TRAIN_SPLIT
+) -> np.ndarray:
     """One clip as float32 ``(channels, num_samples)``; the same arguments always give the same clip."""
     if channels not in (1, 2):
         raise ValueError(f"channels: expected 1 (mono) or 2 (stereo), got {channels}")

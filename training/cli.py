@@ -136,7 +136,11 @@ def run_metrics(ckpt_path: Path, config_path: Path) -> tuple[dict[str, float], i
 
 def write_run_summary(trainer) -> str:
     """After ``fit``: save the final validation metrics beside the logs and say what the run left behind."""
-    metrics = {k: v for k, v in ((k, _number(v)) for k, v in trainer.callback_metrics.items()) if k.startswith("val/") and v is not None}
+    metrics = {
+        k: v
+        for k, v in ((k, _number(v)) for k, v in trainer.callback_metrics.items())
+        if k.startswith("val/") and v is not None
+    }
     # The logger's own log_dir: Trainer.log_dir is a collective under DDP and this runs on rank 0 only.
     logger = trainer.logger
     log_dir = Path((getattr(logger, "log_dir", None) if logger is not None else None) or trainer.default_root_dir)
@@ -155,7 +159,9 @@ def write_run_summary(trainer) -> str:
             lines.append(f"{what}: {log_dir / sub}")
     if ckpt:
         lines.append(f"checkpoint: {ckpt}")
-        lines.append(f"export it:  vqlib-train export --ckpt_path {ckpt} --out exported_tokenizer [--repo-id OWNER/NAME --push-to-hub]")
+        lines.append(
+            f"export it:  vqlib-train export --ckpt_path {ckpt} --out exported_tokenizer [--repo-id OWNER/NAME --push-to-hub]"
+        )
     else:
         lines.append("no checkpoint was saved (add a ModelCheckpoint callback to export the tokenizer)")
     return "\n".join(lines)
@@ -208,8 +214,13 @@ def export_with_card(
     data_cfg = (yaml.safe_load(config_path.read_text()) or {}).get("data") or {}
     dataset = dataset or (data_cfg.get("class_path") if isinstance(data_cfg, dict) else None)
     folder = tokenizer.save_pretrained(
-        out, repo_id=repo_id or str(Path(out).resolve()), push_to_hub=push_to_hub, metrics=metrics,
-        train_config=config_path.read_text(encoding="utf-8"), dataset=dataset, license=license,
+        out,
+        repo_id=repo_id or str(Path(out).resolve()),
+        push_to_hub=push_to_hub,
+        metrics=metrics,
+        train_config=config_path.read_text(encoding="utf-8"),
+        dataset=dataset,
+        license=license,
     )
     from vqlib.cards import tokenizer_metrics
 
@@ -234,8 +245,14 @@ def export_main(argv: Sequence[str]) -> int:
     if ns.push_to_hub and not ns.repo_id:
         raise ValueError("--push-to-hub needs --repo-id OWNER/NAME")
     folder, metrics, source = export_with_card(
-        ns.ckpt_path, ns.out, ns.config, repo_id=ns.repo_id, push_to_hub=ns.push_to_hub, license=ns.license,
-        dataset=ns.dataset, metrics_file=ns.metrics,
+        ns.ckpt_path,
+        ns.out,
+        ns.config,
+        repo_id=ns.repo_id,
+        push_to_hub=ns.push_to_hub,
+        license=ns.license,
+        dataset=ns.dataset,
+        metrics_file=ns.metrics,
     )
     print(f"exported tokenizer to {folder}")
     if metrics:

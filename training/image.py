@@ -18,14 +18,13 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
-
 from vqlib.models.image_losses import ImageTokenizerLoss
 from vqlib.models.image_tokenizer import ImageTokenizer
+
 from vqlib.validation import check_choice
 
 from .common import log_folder, step_without_counting, weight_decay_groups
 from .metrics import CodebookUsageTracker, psnr, ssim
-
 
 LrDecay = Literal["none", "cosine"]
 
@@ -117,7 +116,10 @@ class ImageTokenizerModule(LightningModule):
         opt_g = adam(groups, self.learning_rate)
         if self.loss.discriminator is None:
             return opt_g
-        return [opt_g, adam(weight_decay_groups(self.loss.discriminator.parameters(), self.weight_decay), self.disc_learning_rate)]
+        return [
+            opt_g,
+            adam(weight_decay_groups(self.loss.discriminator.parameters(), self.weight_decay), self.disc_learning_rate),
+        ]
 
     def generator_lr(self, step: int) -> float:
         """Learning rate of the generator at ``step``: linear warm-up, then constant or cosine decay."""
@@ -146,7 +148,9 @@ class ImageTokenizerModule(LightningModule):
         disc_active = self.loss.discriminator_active(step)
         if disc_active:
             self.toggle_optimizer(opt_g)  # discriminator params take no gradient from the generator loss
-        g_loss, g_logs = self.loss.generator_loss(images, out.reconstruction, out.quantizer_loss, step, self.tokenizer.last_layer)
+        g_loss, g_logs = self.loss.generator_loss(
+            images, out.reconstruction, out.quantizer_loss, step, self.tokenizer.last_layer
+        )
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(g_loss)
         if self.gradient_clip is not None:
@@ -187,7 +191,9 @@ class ImageTokenizerModule(LightningModule):
         if min(images.shape[-2:]) >= 11:
             metrics[f"{prefix}/ssim"] = ssim(real01, rec01).mean()
         for key, value in metrics.items():
-            self.log(key, value, on_epoch=True, on_step=False, sync_dist=True, batch_size=b, prog_bar=key.endswith("psnr"))
+            self.log(
+                key, value, on_epoch=True, on_step=False, sync_dist=True, batch_size=b, prog_bar=key.endswith("psnr")
+            )
         self.usage.update(out.indices, has_level_axis=self.tokenizer.quantizer.code_axis)
         # A few images from every batch, so that the grid spans the whole validation set.
         taken = sum(r.shape[0] for r, _ in self._logged)

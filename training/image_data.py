@@ -363,7 +363,9 @@ class EmbeddedImageDataModule(LightningDataModule):
     ):
         super().__init__()
         val_photos = list(val_photos)
-        train_photos = [p for p in EMBEDDED_PHOTOS if p not in val_photos] if train_photos is None else list(train_photos)
+        train_photos = (
+            [p for p in EMBEDDED_PHOTOS if p not in val_photos] if train_photos is None else list(train_photos)
+        )
         for name in train_photos + val_photos:
             if name not in EMBEDDED_PHOTOS:
                 raise ValueError(f"unknown embedded photo {name!r}; available: {', '.join(EMBEDDED_PHOTOS)}")
@@ -390,7 +392,9 @@ class EmbeddedImageDataModule(LightningDataModule):
         for name in names:
             img = Image.fromarray(load_embedded_photo(name)).convert("RGB")
             if self.scale != 1:
-                img = img.resize((round(img.width * self.scale), round(img.height * self.scale)), Image.Resampling.LANCZOS)
+                img = img.resize(
+                    (round(img.width * self.scale), round(img.height * self.scale)), Image.Resampling.LANCZOS
+                )
             if min(img.size) < self.crop_size:
                 img = resize_shorter_side(img, self.crop_size)
             photos.append(to_tensor(img))

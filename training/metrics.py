@@ -27,7 +27,9 @@ def ssim(a: Tensor, b: Tensor, data_range: float = 1.0, window_size: int = 11, s
     statistics over the valid region (matches ``skimage.metrics.structural_similarity(gaussian_weights=True,
     use_sample_covariance=False)``)."""
     if a.shape != b.shape or a.ndim != 4:
-        raise ValueError(f"ssim: expected two (b, c, h, w) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"ssim: expected two (b, c, h, w) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     if min(a.shape[-2:]) < window_size:
         raise ValueError(f"ssim: images must be at least {window_size}x{window_size}, got {tuple(a.shape[-2:])}")
     a, b = a.float(), b.float()

@@ -117,13 +117,19 @@ def render(
         base_model=base_model,
         datasets=[dataset] if dataset and "/" in dataset else None,  # only Hub dataset ids are metadata
         model_name=model_name,
-        eval_results=_eval_results(metrics, task_type, dataset or "custom", dataset_name or dataset or "validation split")
+        eval_results=_eval_results(
+            metrics, task_type, dataset or "custom", dataset_name or dataset or "validation split"
+        )
         if metrics
         else None,
     )
     return ModelCard.from_template(
-        data, template_str=template(template_name), model_name=model_name, metrics_table=_table(metrics),
-        base_model=base_model, **fields,
+        data,
+        template_str=template(template_name),
+        model_name=model_name,
+        metrics_table=_table(metrics),
+        base_model=base_model,
+        **fields,
     )
 
 

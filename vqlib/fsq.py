@@ -57,9 +57,7 @@ class FSQ(ImplicitCodebookQuantizer):
                 raise ValueError(f"FSQ: expected every level to be an integer >= 2, got levels[{i}] = {level!r}")
         codebook_size = math.prod(levels)
         if codebook_size > _INT64_MAX:
-            raise ValueError(
-                f"FSQ: expected prod(levels) <= 2**63 - 1 so indices fit in int64, got {codebook_size}"
-            )
+            raise ValueError(f"FSQ: expected prod(levels) <= 2**63 - 1 so indices fit in int64, got {codebook_size}")
         if dim is not None and dim < 1:
             raise ValueError(f"FSQ: expected dim >= 1 or None, got {dim}")
         if not eps >= 0:

@@ -29,7 +29,9 @@ def describe(config: dict[str, Any]) -> tuple[str, int | None]:
         return f"compressed model ({config.get('model_type') or 'custom architecture'})", quant.get("format_version")
     if config.get("library") == "vqlib" and "model_type" in config:
         return f"tokenizer ({config['model_type']})", config.get("format_version")
-    raise ValueError("config.json is not a vqlib model (no library: vqlib and no quantization_config quant_method vqlib)")
+    raise ValueError(
+        "config.json is not a vqlib model (no library: vqlib and no quantization_config quant_method vqlib)"
+    )
 
 
 def bits_per_weight(folder: Path, quant: dict[str, Any]) -> float | None:
@@ -60,18 +62,24 @@ def _files(res: ser.Resolved, token: Any) -> list[tuple[str, int]]:
 
 
 def info(target: str, revision: str | None, token: Any = None) -> str:
-    res = ser.resolve_folder(target, caller="vqlib info", files=[ser.CONFIG_NAME, ser.CARD_NAME], revision=revision,
-                             token=token)
+    res = ser.resolve_folder(
+        target, caller="vqlib info", files=[ser.CONFIG_NAME, ser.CARD_NAME], revision=revision, token=token
+    )
     config = ser.read_json_config(res.folder, "vqlib info")
     kind, version = describe(config)
-    lines = [f"{target}" + (f" @ {res.commit}" if res.commit else ""), f"kind:           {kind}",
-             f"format version: {version}"]
+    lines = [
+        f"{target}" + (f" @ {res.commit}" if res.commit else ""),
+        f"kind:           {kind}",
+        f"format version: {version}",
+    ]
     quant = config.get("quantization_config")
     if isinstance(quant, dict):
         bpw = bits_per_weight(res.folder, quant)
-        lines.append(f"compressed:     {len(quant.get('modules', {}))} layers"
-                     + (f", {bpw:.3f} bits per weight" if bpw is not None else "")
-                     + f"; uncompressed linear layers: {len(quant.get('uncompressed_modules', []))}")
+        lines.append(
+            f"compressed:     {len(quant.get('modules', {}))} layers"
+            + (f", {bpw:.3f} bits per weight" if bpw is not None else "")
+            + f"; uncompressed linear layers: {len(quant.get('uncompressed_modules', []))}"
+        )
         lines.append(f"config:         {json.dumps(quant.get('compress_config', {}), sort_keys=True)}")
     else:
         lines.append(f"config:         {json.dumps(config.get('init_args', {}), sort_keys=True)[:400]}")
@@ -107,13 +115,22 @@ def upload(folder: str, repo: str, ns: argparse.Namespace) -> str:
     size, expected = ser.safetensors_size(path / ser.WEIGHTS_NAME) if (path / ser.WEIGHTS_NAME).is_file() else (0, 1)
     if size < expected:
         raise ValueError(f"{path / ser.WEIGHTS_NAME} is missing or truncated; nothing uploaded")
-    commit = ser.push_folder(path, repo, token=ns.token, private=ns.private, revision=ns.revision,
-                             commit_message=ns.commit_message, create_pr=ns.create_pr)
+    commit = ser.push_folder(
+        path,
+        repo,
+        token=ns.token,
+        private=ns.private,
+        revision=ns.revision,
+        commit_message=ns.commit_message,
+        create_pr=ns.create_pr,
+    )
     return f"uploaded {folder} to {repo}: {getattr(commit, 'commit_url', commit)}"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vqlib", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="vqlib", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="describe a saved vqlib model (folder or Hub repo)")
     p.add_argument("target")
@@ -144,7 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(upload(ns.folder, ns.repo, ns))
     except Exception as exc:  # one line, exit 2: the CLI's contract
-        print(f"vqlib {ns.command}: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        print(
+            f"vqlib {ns.command}: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+            file=sys.stderr,
+        )
         return 2
     return 0
 

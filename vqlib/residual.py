@@ -77,7 +77,11 @@ class ResidualVQ(Quantizer):
         self.project_out = nn.Linear(inner, dim) if inner != dim else nn.Identity()
         self.levels = nn.ModuleList(
             VectorQuantize.from_settings(
-                inner, codebook_size, settings, init_codebook=init_codebook, check_finite=False,
+                inner,
+                codebook_size,
+                settings,
+                init_codebook=init_codebook,
+                check_finite=False,
                 seed=derive_seed(seed, "level", i),
             )  # fmt: skip
             for i in range(1 if shared_codebook else num_quantizers)
@@ -144,7 +148,9 @@ class ResidualVQ(Quantizer):
     def decode(self, indices: Tensor) -> Tensor:
         """indices (*tokens, n) with 1 <= n <= num_quantizers, the first n levels (trailing -1 = unused level)."""
         if not isinstance(indices, Tensor) or indices.ndim < 1:
-            raise ValueError(f"indices: expected shape (*tokens, n_levels), got {getattr(indices, 'shape', type(indices))}")
+            raise ValueError(
+                f"indices: expected shape (*tokens, n_levels), got {getattr(indices, 'shape', type(indices))}"
+            )
         n = indices.shape[-1]
         if not 1 <= n <= self.num_quantizers:
             raise ValueError(f"indices: expected 1..{self.num_quantizers} levels on the last axis, got {n}")

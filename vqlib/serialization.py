@@ -134,7 +134,9 @@ def text_writer(text: str) -> Callable[[Path], None]:
 def read_json_config(folder: Path, caller: str) -> dict[str, Any]:
     path = folder / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{caller}: {path} is missing; a vqlib model folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise FileNotFoundError(
+            f"{caller}: {path} is missing; a vqlib model folder holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -61,7 +61,9 @@ def check_finite(x: Tensor, name: str = "input") -> None:
         )
 
 
-def check_indices(indices: Tensor, codebook_size: int, name: str = "indices", *, allow_negative_one: bool = False) -> None:
+def check_indices(
+    indices: Tensor, codebook_size: int, name: str = "indices", *, allow_negative_one: bool = False
+) -> None:
     """Check that code indices are integers in ``[0, codebook_size)``."""
     if not isinstance(indices, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of integer code indices, got {type(indices).__name__}")

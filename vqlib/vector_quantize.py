@@ -111,14 +111,14 @@ class VectorQuantize(Quantizer):
         self.project_out = nn.Linear(inner, dim) if inner != dim else nn.Identity()
         n_books = heads if separate_codebook_per_head else 1
         self.codebooks = nn.ModuleList(
-            Codebook(codebook_size, codebook_dim, settings, init_codebook=init_codebook, seed=derive_seed(seed, "head", i))
+            Codebook(
+                codebook_size, codebook_dim, settings, init_codebook=init_codebook, seed=derive_seed(seed, "head", i)
+            )
             for i in range(n_books)
         )
 
     @classmethod
-    def from_settings(
-        cls, dim: int, codebook_size: int, settings: CodebookSettings, **layout: Any
-    ) -> VectorQuantize:
+    def from_settings(cls, dim: int, codebook_size: int, settings: CodebookSettings, **layout: Any) -> VectorQuantize:
         """Build from a :class:`CodebookSettings`; ``layout`` takes the other keyword arguments (codebook_dim,
         heads, init_codebook, channel_first, check_finite, seed, ...). The config records the flat options."""
         return cls(dim, codebook_size, **settings.as_kwargs(), **layout)
@@ -188,12 +188,16 @@ class VectorQuantize(Quantizer):
         check_indices(indices, self.codebook_size)
         if self.heads > 1:
             if indices.ndim < 1 or indices.shape[-1] != self.heads:
-                raise ValueError(f"indices: expected a trailing axis of {self.heads} heads, got shape {tuple(indices.shape)}")
+                raise ValueError(
+                    f"indices: expected a trailing axis of {self.heads} heads, got shape {tuple(indices.shape)}"
+                )
             token_shape = tuple(indices.shape[:-1])
         else:
             token_shape = tuple(indices.shape)
         if self.channel_first and len(token_shape) < 1:
-            raise ValueError(f"indices: channel_first decode expects (b, *spatial) indices, got shape {tuple(indices.shape)}")
+            raise ValueError(
+                f"indices: channel_first decode expects (b, *spatial) indices, got shape {tuple(indices.shape)}"
+            )
         flat = indices.reshape(-1, self.heads)
         q = self.lookup_codes(flat)
         return from_tokens(self.project_out(q), token_shape, self.channel_first)

@@ -11,9 +11,9 @@ The storage format is documented in ``vqlib.compress.format``.
 import sys
 import types
 
+from . import hf_integration
 from .api import compress
 from .config import VQConfig
-from . import hf_integration
 from .format import FORMAT_VERSION, VQLinear
 from .io import load_compressed, push_to_hub, save_compressed
 from .report import CompressionReport, LayerReport

@@ -132,7 +132,9 @@ def input_salience(model: nn.Module, layers: dict[str, nn.Linear], batches: list
     finally:
         for h in handles:
             h.remove()
-    return {n: (sums[n] / max(counts[n], 1)).float() if counts[n] else torch.ones(layers[n].in_features) for n in layers}
+    return {
+        n: (sums[n] / max(counts[n], 1)).float() if counts[n] else torch.ones(layers[n].in_features) for n in layers
+    }
 
 
 def _sample(weight: Tensor, cfg: VQConfig, seed: int) -> tuple[Tensor, Tensor]:
@@ -154,7 +156,9 @@ def candidate_error(weight: Tensor, salience: Tensor, cfg: VQConfig, seed: int) 
     relative error times the layer's salience-weighted energy ``sum_j h_j ||W[:, j]||^2``."""
     rows, cols = _sample(weight, cfg, seed)
     sample = weight[rows][:, cols]  # (rows', group columns)
-    quick = dataclasses.replace(cfg, group_size=None, kmeans_iters=min(cfg.kmeans_iters, ERROR_KMEANS_ITERS), refine_passes=0)
+    quick = dataclasses.replace(
+        cfg, group_size=None, kmeans_iters=min(cfg.kmeans_iters, ERROR_KMEANS_ITERS), refine_passes=0
+    )
     parts = quantize_data_free(sample, quick, seed)
     dequant = decode_weight(
         parts.codes,

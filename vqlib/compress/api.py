@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .calibrated import gptq_vq, output_error
+from .allocation import allocate_formats
 from .block_finetune import finetune_block
 from .blockwise import (
     Streams,
@@ -27,8 +27,8 @@ from .blockwise import (
     original_outputs,
     trace_blocks,
 )
+from .calibrated import gptq_vq, output_error
 from .calibration import LayerStats, as_batch_list, collect_statistics, execution_order
-from .allocation import allocate_formats
 from .config import VQConfig
 from .data_free import quantize_data_free
 from .format import VQLinear, num_groups
@@ -93,7 +93,9 @@ def _format_reason(module: nn.Linear, cfg: VQConfig) -> tuple[str | None, str]:
     return None, note
 
 
-def _quantize_layer(linear: nn.Linear, cfg: VQConfig, stats: LayerStats | None, seed: int) -> tuple[nn.Module, Tensor, Tensor]:
+def _quantize_layer(
+    linear: nn.Linear, cfg: VQConfig, stats: LayerStats | None, seed: int
+) -> tuple[nn.Module, Tensor, Tensor]:
     """Return (new module, original float32 weight, dequantized float32 weight) on the compute device."""
     device = torch.device(cfg.device) if cfg.device else linear.weight.device
     weight = linear.weight.detach().to(device=device, dtype=torch.float32)
@@ -228,7 +230,9 @@ class _Session:
     def _compress_layer(self, name: str, layer_stats: LayerStats | None) -> None:
         t0 = time.perf_counter()
         cfg, linear, rec = self.layer_cfgs.get(name, self.cfg), self.sel.eligible[name], self.sel.records[name]
-        new, weight, dequant = _quantize_layer(linear, cfg, layer_stats, cfg.seed + _LAYER_SEED_STRIDE * self.order[name])
+        new, weight, dequant = _quantize_layer(
+            linear, cfg, layer_stats, cfg.seed + _LAYER_SEED_STRIDE * self.order[name]
+        )
         rec.relative_error, rec.error_kind = _relative_error(weight, dequant, layer_stats)
         rec.status, rec.reason, rec.method = "compressed", self.sel.notes.get(name, ""), cfg.algorithm
         rec.bits_per_weight, rec.storage_bytes = new.bits_per_weight, new.storage_bytes()

@@ -41,8 +41,14 @@ class _TrainableVQ(nn.Module):
 
     def weight(self) -> Tensor:
         lay = self.layer
-        w = decode_weight(self.codes, self.codebook, self.scales(), vector_dim=lay.vector_dim,
-                          group_size=lay.group_size, scale_group_size=lay.scale_group_size)
+        w = decode_weight(
+            self.codes,
+            self.codebook,
+            self.scales(),
+            vector_dim=lay.vector_dim,
+            group_size=lay.group_size,
+            scale_group_size=lay.scale_group_size,
+        )
         return w[:, : lay.in_features]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -98,7 +104,12 @@ def _mean_loss(runs, xs, targets, masks, device) -> float:
 
 
 def finetune_block(
-    block: nn.Module, runs: list[Callable[[Tensor], Tensor]], xs: list[Tensor], targets: list[Tensor], masks: list, steps: int
+    block: nn.Module,
+    runs: list[Callable[[Tensor], Tensor]],
+    xs: list[Tensor],
+    targets: list[Tensor],
+    masks: list,
+    steps: int,
 ) -> tuple[float, float]:
     """``steps`` Adam steps (one calibration batch each, cycling) on the block's VQLinear codebooks and
     scales; ``runs[i](x)`` calls the block on batch i's stream tensor ``x``. Returns (loss before,

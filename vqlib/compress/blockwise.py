@@ -47,7 +47,9 @@ def find_blocks(model: nn.Module, eligible: Iterable[str], spec: str | None) -> 
         except AttributeError as exc:
             raise ValueError(f"compress: blocks={spec!r} names no submodule of the model") from exc
         if not isinstance(container, (nn.ModuleList, nn.Sequential)):
-            raise ValueError(f"compress: blocks={spec!r} is a {type(container).__name__}; expected an nn.ModuleList or nn.Sequential")
+            raise ValueError(
+                f"compress: blocks={spec!r} is a {type(container).__name__}; expected an nn.ModuleList or nn.Sequential"
+            )
         return spec, list(container)
     best, best_held = None, 0
     for name, module in model.named_modules():
@@ -128,7 +130,9 @@ def _without_cache(key: str, value: Any) -> Any:
     return value
 
 
-def trace_blocks(model: nn.Module, blocks: list[nn.Module], layers: dict[str, nn.Module], batch: Any) -> dict[str, Any] | str:
+def trace_blocks(
+    model: nn.Module, blocks: list[nn.Module], layers: dict[str, nn.Module], batch: Any
+) -> dict[str, Any] | str:
     """Run one batch; return each layer's place (block index, "prefix" or "suffix"), or why the
     blocks do not form a chain that can be calibrated block by block."""
     seen: list[tuple[int, tuple, dict, Any]] = []  # (block, args, kwargs, output) per call
@@ -187,7 +191,9 @@ def _chain_problem(seen: list[tuple[int, tuple, dict, Any]], num_blocks: int) ->
     return None
 
 
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[Any]) -> tuple[list[BlockInput], list[Tensor]]:
+def capture_block_inputs(
+    model: nn.Module, first_block: nn.Module, batches: list[Any]
+) -> tuple[list[BlockInput], list[Tensor]]:
     """Run every batch up to the first block; return its arguments and its stream (on CPU) per batch."""
     captured: list[tuple[BlockInput, Tensor]] = []
 
@@ -290,7 +296,9 @@ def compress_block(
         session.compress_group(group, stats)
 
 
-def original_outputs(block: nn.Module, inputs: list[BlockInput], streams: Streams, session: BlockSession) -> list[Tensor]:
+def original_outputs(
+    block: nn.Module, inputs: list[BlockInput], streams: Streams, session: BlockSession
+) -> list[Tensor]:
     """The original block's outputs on the original stream (its original layers swapped in)."""
     session.use_original(True)
     try:

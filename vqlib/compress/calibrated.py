@@ -65,9 +65,7 @@ def regression_target(weight: Tensor, cross: Tensor, h_damped: Tensor, lam: floa
     return torch.cholesky_solve(rhs.double().T, torch.linalg.cholesky(h_damped.double())).T.float()
 
 
-def gptq_vq(
-    weight: Tensor, hessian: Tensor, cfg: VQConfig, seed: int, cross: Tensor | None = None
-) -> VQParts:
+def gptq_vq(weight: Tensor, hessian: Tensor, cfg: VQConfig, seed: int, cross: Tensor | None = None) -> VQParts:
     """Calibration-aware VQ of a float32 (out, in) weight with input Hessian (in, in).
 
     With ``cross`` = X_ref^T X / n (inputs of the original model vs. the partly compressed one),
@@ -221,7 +219,9 @@ def _solve_scales(decoded: Tensor, target: Tensor, h: Tensor, old: Tensor, scale
         for g in range(n_groups):
             cols = slice(g * scale_group_size, min(in_p, (g + 1) * scale_group_size))
             y = decoded[:, cols] @ h[cols, :]  # contribution of group g's columns
-            a[:, :, g] = torch.zeros(out_features, n_groups, device=decoded.device).index_add_(1, col_group, decoded * y)
+            a[:, :, g] = torch.zeros(out_features, n_groups, device=decoded.device).index_add_(
+                1, col_group, decoded * y
+            )
             b[:, g] = (y * target).sum(1)
         ridge = 1e-6 * torch.diagonal(a, dim1=1, dim2=2).mean(1).clamp_min(1e-30)
         a = a + ridge[:, None, None] * torch.eye(n_groups, device=a.device)

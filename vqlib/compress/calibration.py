@@ -75,7 +75,9 @@ def layer_input(args: tuple, kwargs: dict) -> Tensor:
     return args[0] if args else kwargs["input"]
 
 
-def execution_order(model: nn.Module, layers: dict[str, nn.Module], batch: Any) -> tuple[list[list[str]], dict[str, int]]:
+def execution_order(
+    model: nn.Module, layers: dict[str, nn.Module], batch: Any
+) -> tuple[list[list[str]], dict[str, int]]:
     """Run one batch; return the layers in first-call order grouped by shared input tensor, and call counts.
 
     Layers whose first call received the very same input tensor object as the previous layer's

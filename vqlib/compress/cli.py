@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     card = parser.add_argument_group("model card and Hub")
     card.add_argument("--base-model", help="Hub id of the original model (card metadata base_model)")
-    card.add_argument("--metrics-json", help="JSON file of your own evaluation, e.g. {\"perplexity\": 6.1}")
+    card.add_argument("--metrics-json", help='JSON file of your own evaluation, e.g. {"perplexity": 6.1}')
     card.add_argument("--license", help="license id for the card metadata, e.g. apache-2.0")
     card.add_argument("--repo-id", help="Hub repo id OWNER/NAME (used in the card's usage snippet)")
     card.add_argument("--push-to-hub", action="store_true", help="upload OUTPUT to --repo-id")
@@ -127,7 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     hints = typing.get_type_hints(VQConfig)
     for f in dataclasses.fields(VQConfig):
         group.add_argument(
-            f"--{f.name.replace('_', '-')}", dest=f"cfg_{f.name}", default=argparse.SUPPRESS, **_field_parser(f, hints[f.name])
+            f"--{f.name.replace('_', '-')}",
+            dest=f"cfg_{f.name}",
+            default=argparse.SUPPRESS,
+            **_field_parser(f, hints[f.name]),
         )
     return parser
 
@@ -192,8 +195,16 @@ def main(argv: list[str] | None = None) -> int:
         model, report = compress(model, cfg, calibration=calibration, progress=not args.quiet)
         repo = args.repo_id or str(Path(args.output).resolve())
         out = save_compressed(
-            model, args.output, config=cfg, overwrite=args.overwrite, report=report, base_model=args.base_model,
-            metrics=user_metrics, license=args.license, repo_id=repo, usage=_factory_usage(args.model, repo),
+            model,
+            args.output,
+            config=cfg,
+            overwrite=args.overwrite,
+            report=report,
+            base_model=args.base_model,
+            metrics=user_metrics,
+            license=args.license,
+            repo_id=repo,
+            usage=_factory_usage(args.model, repo),
             push_to_hub=args.push_to_hub,
         )
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
@@ -205,8 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.push_to_hub:
         print(f"pushed to https://huggingface.co/{args.repo_id}")
     else:
-        print(f"publish it: huggingface_hub.upload_folder(repo_id='OWNER/NAME', folder_path='{out}')  "
-              "(or rerun with --repo-id OWNER/NAME --push-to-hub)")
+        print(
+            f"publish it: huggingface_hub.upload_folder(repo_id='OWNER/NAME', folder_path='{out}')  "
+            "(or rerun with --repo-id OWNER/NAME --push-to-hub)"
+        )
     if args.report_json:
         Path(args.report_json).write_text(json.dumps(report.to_dict(), indent=2))
     return 0

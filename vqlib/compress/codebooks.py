@@ -113,7 +113,9 @@ def fit_additive_codebooks(
         for _ in range(refine_passes):
             for i in range(num_codebooks):
                 residual += codebooks[i][codes[:, i]]
-                sums = torch.zeros(codebook_size, d, device=vectors.device).index_add_(0, codes[:, i], residual * w[:, None])
+                sums = torch.zeros(codebook_size, d, device=vectors.device).index_add_(
+                    0, codes[:, i], residual * w[:, None]
+                )
                 mass = torch.zeros(codebook_size, device=vectors.device).index_add_(0, codes[:, i], w)
                 used = mass > 0
                 updated = codebooks[i].clone()

@@ -140,7 +140,9 @@ class VQConfig:
             if not isinstance(self.include_modules, (list, tuple)) or not all(
                 isinstance(v, str) for v in self.include_modules
             ):
-                raise TypeError(f"VQConfig.include_modules: expected a list of strings or None, got {self.include_modules!r}")
+                raise TypeError(
+                    f"VQConfig.include_modules: expected a list of strings or None, got {self.include_modules!r}"
+                )
             self.include_modules = list(self.include_modules)
         if self.device is not None and not isinstance(self.device, str):
             raise TypeError(f"VQConfig.device: expected a device string like 'cuda:0' or None, got {self.device!r}")

@@ -124,7 +124,9 @@ class VQLinear(DequantCacheMixin, nn.Module):
         if group_size is not None and group_size % vector_dim:
             raise ValueError(f"VQLinear: group_size {group_size} must be a multiple of vector_dim {vector_dim}")
         if scale_granularity == "group" and scale_group_size % vector_dim:
-            raise ValueError(f"VQLinear: scale_group_size {scale_group_size} must be a multiple of vector_dim {vector_dim}")
+            raise ValueError(
+                f"VQLinear: scale_group_size {scale_group_size} must be a multiple of vector_dim {vector_dim}"
+            )
         self.in_features = in_features
         self.out_features = out_features
         self.vector_dim = vector_dim
@@ -140,7 +142,8 @@ class VQLinear(DequantCacheMixin, nn.Module):
         self.num_codebook_groups = num_groups(self.in_padded, group_size)
         g, m, k, d = self.num_codebook_groups, num_codebooks, self.codebook_size, vector_dim
         self.register_buffer(
-            "codes", torch.zeros(out_features, self.num_vectors, m, dtype=code_storage_dtype(codebook_bits), device=device)
+            "codes",
+            torch.zeros(out_features, self.num_vectors, m, dtype=code_storage_dtype(codebook_bits), device=device),
         )
         cb_dtype = torch.float16 if codebook_dtype == "fp16" else torch.int8
         self.register_buffer("codebooks", torch.zeros(g, m, k, d, dtype=cb_dtype, device=device))
@@ -195,7 +198,9 @@ class VQLinear(DequantCacheMixin, nn.Module):
         device = weight.device
         layer.codes.copy_(pack_codes(codes, codebook_bits).to(device))
         if codebook_dtype == "int8":
-            layer.codebooks.copy_(torch.round(codebook_values / codebook_scales[:, :, None, None]).to(torch.int8).to(device))
+            layer.codebooks.copy_(
+                torch.round(codebook_values / codebook_scales[:, :, None, None]).to(torch.int8).to(device)
+            )
             layer.codebook_scales.copy_(codebook_scales.to(torch.float16).to(device))
         else:
             layer.codebooks.copy_(codebook_values.to(torch.float16).to(device))

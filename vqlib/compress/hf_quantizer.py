@@ -59,7 +59,9 @@ class VQLibQuantizationConfig(QuantizationConfigMixin):
                 f"({FORMAT_VERSION}); upgrade vqlib (saved by vqlib {self.vqlib_version or '?'})"
             )
         if not isinstance(self.modules, dict) or not self.modules:
-            raise ValueError("vqlib quantization_config: 'modules' must be a non-empty mapping of module name -> layer spec")
+            raise ValueError(
+                "vqlib quantization_config: 'modules' must be a non-empty mapping of module name -> layer spec"
+            )
         for name, spec in self.modules.items():
             if not isinstance(spec, dict) or spec.get("layer_type") not in _LAYER_TYPES:
                 raise ValueError(

@@ -148,7 +148,11 @@ def save_compressed(
     }
     if card or report is not None or metrics or push_to_hub:
         writers[CARD_NAME] = lambda p: p.write_text(
-            str(compressed_card(model, data, repo_id or str(path.resolve()), report, base_model, metrics, license, usage)),
+            str(
+                compressed_card(
+                    model, data, repo_id or str(path.resolve()), report, base_model, metrics, license, usage
+                )
+            ),
             encoding="utf-8",
         )
     out = ser.write_folder(path, writers, replace="folder")
@@ -177,12 +181,25 @@ def push_to_hub(
     """Save ``model`` with its card into a temporary folder and upload it; returns huggingface_hub's CommitInfo."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_compressed(
-            model, Path(tmp) / "model", config=config, report=report, card=True, base_model=base_model,
-            metrics=metrics, license=license, usage=usage, repo_id=repo_id,
+            model,
+            Path(tmp) / "model",
+            config=config,
+            report=report,
+            card=True,
+            base_model=base_model,
+            metrics=metrics,
+            license=license,
+            usage=usage,
+            repo_id=repo_id,
         )
         return ser.push_folder(
-            folder, repo_id, token=token, private=private, revision=revision or branch,
-            commit_message=commit_message, create_pr=create_pr,
+            folder,
+            repo_id,
+            token=token,
+            private=private,
+            revision=revision or branch,
+            commit_message=commit_message,
+            create_pr=create_pr,
         )
 
 
@@ -223,7 +240,9 @@ def _check_layer_tensors(name: str, module: nn.Module, state: dict[str, Tensor])
     if isinstance(module, VQLinear):
         codes = state[prefix + "codes"]
         if codes.numel() and int(unpack_codes(codes).max()) >= module.codebook_size:
-            raise ValueError(f"load_compressed: {prefix}codes has values >= codebook size {module.codebook_size} (corrupt)")
+            raise ValueError(
+                f"load_compressed: {prefix}codes has values >= codebook size {module.codebook_size} (corrupt)"
+            )
     elif isinstance(module, ScalarLinear):
         zeros = state[prefix + "zeros"]
         if zeros.numel() and int(zeros.max()) >= 2**module.bits:
@@ -297,8 +316,14 @@ def load_compressed(
     win); the skeleton must match the saved model exactly, or a ValueError says where it differs.
     """
     res = ser.resolve_folder(
-        repo_id_or_path, caller="load_compressed", files=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME], revision=revision,
-        cache_dir=cache_dir, force_download=force_download, token=token, local_files_only=local_files_only,
+        repo_id_or_path,
+        caller="load_compressed",
+        files=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME],
+        revision=revision,
+        cache_dir=cache_dir,
+        force_download=force_download,
+        token=token,
+        local_files_only=local_files_only,
     )
     path = res.folder
     quant = read_quantization_config(path)
@@ -338,7 +363,9 @@ def load_compressed(
                 f"{tuple(expected[key].shape)} in the skeleton (mismatched skeleton)"
             )
         if key.rpartition(".")[0] in built and t.dtype != expected[key].dtype and key.rpartition(".")[2] != "bias":
-            raise ValueError(f"load_compressed: tensor {key!r} has dtype {t.dtype}, the format needs {expected[key].dtype}")
+            raise ValueError(
+                f"load_compressed: tensor {key!r} has dtype {t.dtype}, the format needs {expected[key].dtype}"
+            )
     for name, module in built.items():
         _check_layer_tensors(name, module, state)
     model.load_state_dict(state, strict=True, assign=True)
@@ -375,9 +402,9 @@ def compressed_card(
     quant = config_data["quantization_config"]
     modules = quant["modules"]
     base_model = base_model or _hub_name(config_data.get("_name_or_path"))
-    params = sum(
-        p.numel() for n, p in model.named_parameters() if n.rpartition(".")[0] not in modules
-    ) + sum(s["in_features"] * s["out_features"] + (s["out_features"] if s.get("bias") else 0) for s in modules.values())
+    params = sum(p.numel() for n, p in model.named_parameters() if n.rpartition(".")[0] not in modules) + sum(
+        s["in_features"] * s["out_features"] + (s["out_features"] if s.get("bias") else 0) for s in modules.values()
+    )
     picked, kinds, rep = cards.compressed_metrics(report or {}, params, metrics)
     repo = repo_id or "path/to/folder"
     arch = (config_data.get("architectures") or [None])[0]

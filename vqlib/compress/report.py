@@ -67,7 +67,9 @@ class CompressionReport:
         for r in self.layers:
             err = "" if r.relative_error is None else f"{r.relative_error:.4f} ({r.error_kind})"
             bpw = "" if r.bits_per_weight is None else f"{r.bits_per_weight:.3f}"
-            rows.append((r.name, f"{r.shape[0]}x{r.shape[1]}", r.status, r.format, bpw, err, f"{r.seconds:.2f}", r.reason))
+            rows.append(
+                (r.name, f"{r.shape[0]}x{r.shape[1]}", r.status, r.format, bpw, err, f"{r.seconds:.2f}", r.reason)
+            )
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))

@@ -47,11 +47,18 @@ class Codebook(nn.Module):
         if codebook_size < 1 or dim < 1:
             raise ValueError(f"codebook_size and dim must be >= 1, got {codebook_size} and {dim}")
         if settings.reparam == "projector" and init_codebook is None:
-            raise ValueError("reparam='projector' needs init_codebook: a (codebook_size, feature_dim) tensor of features")
+            raise ValueError(
+                "reparam='projector' needs init_codebook: a (codebook_size, feature_dim) tensor of features"
+            )
         self.settings = settings
         self.codebook_size, self.dim, self.seed = codebook_size, dim, seed
         self.cosine = settings.distance == "cosine"
-        self.update, self.reparam, self.decay, self.eps = settings.codebook_update, settings.reparam, settings.decay, settings.eps
+        self.update, self.reparam, self.decay, self.eps = (
+            settings.codebook_update,
+            settings.reparam,
+            settings.decay,
+            settings.eps,
+        )
         self.kmeans_init, self.kmeans_iters = settings.kmeans_init, settings.kmeans_iters
         self.dead_code_window, self.usage_window = settings.dead_code_window, settings.usage_window
         self.search_max_elements, self.search_backend = settings.search_max_elements, settings.search_backend
@@ -73,7 +80,9 @@ class Codebook(nn.Module):
         if self.reparam == "projector":
             feats = init_codebook.detach().float()
             if feats.ndim != 2 or feats.shape[0] != k:
-                raise ValueError(f"init_codebook for reparam='projector' must be ({k}, feature_dim), got {tuple(feats.shape)}")
+                raise ValueError(
+                    f"init_codebook for reparam='projector' must be ({k}, feature_dim), got {tuple(feats.shape)}"
+                )
             self.register_buffer("basis", feats.clone())
             self.proj = nn.Linear(feats.shape[1], dim, bias=False)
         else:
@@ -157,7 +166,9 @@ class Codebook(nn.Module):
         if self.cosine:
             samples = F.normalize(samples, dim=-1)
         if n >= k:
-            return kmeans(samples, k, num_iters=self.kmeans_iters, seed=self.seed, spherical=self.cosine).to(samples.device)
+            return kmeans(samples, k, num_iters=self.kmeans_iters, seed=self.seed, spherical=self.cosine).to(
+                samples.device
+            )
         # Fewer vectors than codes: documented rule — every vector becomes a code and the rest are
         # vectors drawn with replacement plus small noise, so no two codes coincide.
         log.warning("k-means init: %d vectors for %d codes; seeding codes from data samples instead", n, k)

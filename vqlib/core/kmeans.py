@@ -34,7 +34,9 @@ def kmeans(
     if num_clusters < 1:
         raise ValueError(f"kmeans: num_clusters must be >= 1, got {num_clusters}")
     if n < num_clusters:
-        raise ValueError(f"kmeans: need at least as many vectors as clusters, got {n} vectors for {num_clusters} clusters")
+        raise ValueError(
+            f"kmeans: need at least as many vectors as clusters, got {n} vectors for {num_clusters} clusters"
+        )
     data = np.ascontiguousarray(x.detach().float().cpu().numpy())
     w = None
     if weights is not None:

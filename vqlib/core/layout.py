@@ -35,4 +35,6 @@ def prepare_input(
 
 def check_decode_layout(indices: Tensor, channel_first: bool, name: str) -> None:
     if channel_first and indices.ndim < 1:
-        raise ValueError(f"{name}.decode: channel_first=True expects indices of shape (batch, *spatial), got a 0-d tensor")
+        raise ValueError(
+            f"{name}.decode: channel_first=True expects indices of shape (batch, *spatial), got a 0-d tensor"
+        )

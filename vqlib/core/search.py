@@ -38,7 +38,9 @@ def nearest_code(
     Euclidean by default; ``cosine=True`` maximises the normalised dot product. Computed in float32.
     """
     if x.ndim != 2 or codes.ndim != 2 or x.shape[1] != codes.shape[1]:
-        raise ValueError(f"nearest_code expects x (n, d) and codes (k, d), got {tuple(x.shape)} and {tuple(codes.shape)}")
+        raise ValueError(
+            f"nearest_code expects x (n, d) and codes (k, d), got {tuple(x.shape)} and {tuple(codes.shape)}"
+        )
     x, codes = x.float(), codes.float()
     if cosine:
         x, codes = F.normalize(x, dim=-1), F.normalize(codes, dim=-1)
@@ -125,7 +127,5 @@ def _faiss_gpu_search(faiss, x: Tensor, codes: Tensor, metric: int) -> Tensor:
     device = x.device.index or 0  # CUDA tensors always carry their device index
     if device not in _GPU_RESOURCES:
         _GPU_RESOURCES[device] = faiss.StandardGpuResources()
-    _, idx = faiss.knn_gpu(
-        _GPU_RESOURCES[device], x.contiguous(), codes.contiguous(), 1, metric=metric, device=device
-    )
+    _, idx = faiss.knn_gpu(_GPU_RESOURCES[device], x.contiguous(), codes.contiguous(), 1, metric=metric, device=device)
     return idx[:, 0].to(device=x.device, dtype=torch.long)

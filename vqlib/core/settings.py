@@ -75,7 +75,9 @@ class CodebookSettings:
                 f"reparam={reparam!r} learns its linear map by gradient: use codebook_update='gradient', got {update!r}"
             )
         if reparam != "none" and self.kmeans_init:
-            raise ValueError(f"kmeans_init=True is incompatible with reparam={reparam!r} (its codebook is a frozen basis)")
+            raise ValueError(
+                f"kmeans_init=True is incompatible with reparam={reparam!r} (its codebook is a frozen basis)"
+            )
         if self.dead_code_window > 0 and (reparam != "none" or update == "frozen"):
             raise ValueError(
                 "dead_code_window > 0 needs codes that can be re-seeded (codebook_update 'ema' or 'gradient' with "
