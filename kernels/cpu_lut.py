@@ -39,6 +39,7 @@ the reference path with one loud warning.
 
 from __future__ import annotations
 
+import importlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -60,23 +61,26 @@ _numba_mod = None
 _compile_seconds: float | None = None
 
 
-def load_numba():
-    """Import (and on first use compile or load from cache) the numba loops, or raise KernelBuildError."""
-    global _numba_mod, _compile_seconds
-    if _numba_mod is not None:
-        return _numba_mod
+def import_loops(module_name: str, warm_up, kernel_name: str):
+    """Import a numba loop module of this package and compile every entry point once (``warm_up(mod)``), so a
+    failure surfaces here, not mid-model. Returns (module, seconds); raises KernelBuildError on failure."""
     start = time.perf_counter()
     try:
-        from . import cpu_vq_numba as mod
-
-        _warm_up(mod)
+        mod = importlib.import_module(f"{__package__}.{module_name}")
+        warm_up(mod)
     except ImportError as exc:
         raise KernelBuildError(f"numba is not importable ({exc}); install vqlib's dependencies") from exc
     except Exception as exc:  # numba typing/lowering errors have many classes
-        raise KernelBuildError(f"numba could not compile the cpu_lut loops: {type(exc).__name__}: {exc}") from exc
-    _compile_seconds = time.perf_counter() - start
-    _numba_mod = mod
-    return mod
+        raise KernelBuildError(f"numba could not compile the {kernel_name} loops: {type(exc).__name__}: {exc}") from exc
+    return mod, time.perf_counter() - start
+
+
+def load_numba():
+    """Import (and on first use compile or load from cache) the numba loops, or raise KernelBuildError."""
+    global _numba_mod, _compile_seconds
+    if _numba_mod is None:
+        _numba_mod, _compile_seconds = import_loops("cpu_vq_numba", _warm_up, NAME)
+    return _numba_mod
 
 
 def compile_seconds() -> float | None:

@@ -11,15 +11,14 @@ Threads and numba handling are shared with ``cpu_lut``.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from . import Kernel, KernelBuildError, register_kernel
-from .cpu_lut import INPUT_DTYPES, _threads, finish, run_chunks
+from . import Kernel, register_kernel
+from .cpu_lut import INPUT_DTYPES, _threads, finish, import_loops, run_chunks
 
 NAME = "cpu_scalar"
 GEMV_MAX_BATCH = 2  # unpack-and-dot up to here; block dequant + BLAS above (measured: 4096x4096, 4 bits)
@@ -29,27 +28,20 @@ _numba_mod = None
 _compile_seconds: float | None = None
 
 
+def _warm_up(mod) -> None:
+    q = np.zeros(8, np.uint8)
+    s, z = np.ones((2, 1), np.float32), np.zeros((2, 1), np.float32)
+    x, xs, out = np.zeros((1, 8), np.float32), np.zeros((1, 1), np.float32), np.zeros((1, 2), np.float32)
+    mod.gemv_rows(x, xs, q, 4, 8, s, z, 8, 0, 2, out, np.empty(8, np.float32))
+    mod.dequant_rows(q, 4, 8, s, z, 8, 0, 2, np.empty((2, 8), np.float32))
+
+
 def load_numba():
     """Import (compile or load from numba's cache) the loops, or raise KernelBuildError."""
     global _numba_mod, _compile_seconds
-    if _numba_mod is not None:
-        return _numba_mod
-    start = time.perf_counter()
-    try:
-        from . import cpu_scalar_numba as mod
-
-        q = np.zeros(8, np.uint8)
-        s, z = np.ones((2, 1), np.float32), np.zeros((2, 1), np.float32)
-        x, xs, out = np.zeros((1, 8), np.float32), np.zeros((1, 1), np.float32), np.zeros((1, 2), np.float32)
-        mod.gemv_rows(x, xs, q, 4, 8, s, z, 8, 0, 2, out, np.empty(8, np.float32))
-        mod.dequant_rows(q, 4, 8, s, z, 8, 0, 2, np.empty((2, 8), np.float32))
-    except ImportError as exc:
-        raise KernelBuildError(f"numba is not importable ({exc}); install vqlib's dependencies") from exc
-    except Exception as exc:
-        raise KernelBuildError(f"numba could not compile the cpu_scalar loops: {type(exc).__name__}: {exc}") from exc
-    _compile_seconds = time.perf_counter() - start
-    _numba_mod = mod
-    return mod
+    if _numba_mod is None:
+        _numba_mod, _compile_seconds = import_loops("cpu_scalar_numba", _warm_up, NAME)
+    return _numba_mod
 
 
 @dataclass
