@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from vqlib.compress import ScalarLinear, VQConfig, VQLinear, compress
+from vqlib.compress import ScalarLinear, VQConfig, VQLinear, algorithms, compress
 from vqlib.compress.calibrated import gptq_vq, output_error
 from vqlib.compress.calibration import collect_statistics, execution_order
 from vqlib.compress.data_free import quantize_data_free
@@ -355,3 +355,44 @@ def test_bad_config_type():
         compress(make_block(), "calibrated")
     with pytest.raises(TypeError, match="torch.nn.Module"):
         compress(lambda x: x, VQConfig())
+
+
+# ---- registry ---------------------------------------------------------------------------------
+
+
+def test_unknown_algorithm_lists_the_registered_ones():
+    with pytest.raises(ValueError, match=r"algorithm: expected one of \['data_free', 'calibrated', 'scalar_rtn'\]"):
+        VQConfig(algorithm="gptq")
+    with pytest.raises(ValueError, match=r"unknown compression algorithm 'gptq'; registered: \['data_free'"):
+        algorithms.get_algorithm("gptq")
+    with pytest.raises(ValueError, match="already registered"):
+        algorithms.register_algorithm(algorithms.get_algorithm("data_free"))
+
+
+def test_a_registered_algorithm_is_used_without_changes_to_compress(monkeypatch):
+    monkeypatch.setattr(algorithms, "_REGISTRY", dict(algorithms._REGISTRY))  # registrations end with the test
+    seen = []
+
+    def quantize(linear, weight, stats, cfg, seed):
+        seen.append((tuple(weight.shape), weight.dtype, stats is not None))
+        return algorithms.get_algorithm("scalar_rtn").quantize(linear, weight, stats, cfg, seed)
+
+    def only_square(linear, cfg):
+        rows, cols = linear.weight.shape
+        return (None if rows == cols else f"not square ({rows}x{cols})"), ""
+
+    algorithms.register_algorithm(
+        algorithms.Algorithm("square_rtn", quantize, only_square, needs_calibration=True, vector_format=False)
+    )
+    with pytest.raises(ValueError, match="algorithm='square_rtn' needs calibration batches"):
+        compress(make_block(), VQConfig(algorithm="square_rtn"))
+    with pytest.raises(ValueError, match="target_bits_per_weight: needs a VQ algorithm"):
+        VQConfig(algorithm="square_rtn", target_bits_per_weight=3.0)
+    model, report = compress(
+        make_block(), VQConfig(algorithm="square_rtn", scalar_bits=4), calibration=[torch.randn(2, 8, 32)]
+    )
+    status = {r.name: (r.status, r.reason, r.method) for r in report.layers}
+    assert {n for n, s in status.items() if s[0] == "compressed"} == {"q", "k", "v", "out"}
+    assert status["fc1"] == ("skipped", "not square (64x32)", "")
+    assert seen == [((32, 32), torch.float32, True)] * 4 and report.compressed[0].method == "square_rtn"
+    assert isinstance(model.q, ScalarLinear) and isinstance(model.fc1, nn.Linear)

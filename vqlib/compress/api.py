@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .algorithms import get_algorithm
 from .allocation import allocate_formats
 from .block_finetune import finetune_block
 from .blockwise import (
@@ -27,24 +28,29 @@ from .blockwise import (
     original_outputs,
     trace_blocks,
 )
-from .calibrated import gptq_vq, output_error
+from .calibrated import output_error
 from .calibration import LayerStats, as_batch_list, collect_statistics, execution_order
 from .config import VQConfig
-from .data_free import quantize_data_free
-from .format import VQLinear, num_groups
 from .report import CompressionReport, LayerReport, ProgressBar, layer_format, model_bytes, weight_bytes
-from .scalar import ScalarLinear
 
 _log = logging.getLogger(__name__)
 _LAYER_SEED_STRIDE = 104729  # a prime: layers get well-separated, reproducible k-means seeds
 
 
-class _Skip(Exception):
-    pass
-
-
 def _matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _filter_fn_reason(filter_fn: Callable[[nn.Module, str], bool] | None, module: nn.Linear, name: str) -> str | None:
+    """Why ``VQConfig.filter_fn`` leaves a layer out (None when it keeps it, or there is none)."""
+    if filter_fn is None:
+        return None
+    keep = filter_fn(module, name)
+    if not isinstance(keep, bool):
+        raise TypeError(
+            f"compress: VQConfig.filter_fn(module, name) must return a bool, got {type(keep).__name__} for {name!r}"
+        )
+    return None if keep else f"filter_fn {getattr(filter_fn, '__name__', type(filter_fn).__name__)} returned False"
 
 
 def _filter_reason(name: str, module: nn.Linear, ancestors: list[nn.Module], cfg: VQConfig) -> str | None:
@@ -57,6 +63,9 @@ def _filter_reason(name: str, module: nn.Linear, ancestors: list[nn.Module], cfg
     hit = sorted(types & set(cfg.skip_types))
     if hit:
         return f"type {hit[0]} in skip_types"
+    reason = _filter_fn_reason(cfg.filter_fn, module, name)  # asked only about layers the globs keep
+    if reason is not None:
+        return reason
     if any(isinstance(a, nn.MultiheadAttention) for a in ancestors[:1]):
         # nn.MultiheadAttention reads out_proj.weight directly instead of calling the module.
         return "inside nn.MultiheadAttention, which reads the weight tensor directly"
@@ -65,61 +74,13 @@ def _filter_reason(name: str, module: nn.Linear, ancestors: list[nn.Module], cfg
     return None
 
 
-def _format_reason(module: nn.Linear, cfg: VQConfig) -> tuple[str | None, str]:
-    """(skip reason or None, note) for format constraints; raises for a config that can never work."""
-    out_features, in_features = module.weight.shape
-    if cfg.algorithm == "scalar_rtn":
-        return None, ""
-    note = ""
-    d = cfg.vector_dim
-    if in_features % d:
-        if cfg.pad == "error":
-            raise ValueError(
-                f"in_features={in_features} is not divisible by vector_dim={d} (set pad='pad' to zero-pad "
-                f"or pad='skip' to leave such layers uncompressed)"
-            )
-        if cfg.pad == "skip":
-            return f"in_features={in_features} not divisible by vector_dim={d} (pad='skip')", ""
-        note = f"padded {in_features}->{math.ceil(in_features / d) * d} input columns"
-    n_vec = math.ceil(in_features / d)
-    per_group = n_vec if cfg.group_size is None else cfg.group_size // d
-    last = n_vec - (num_groups(n_vec * d, cfg.group_size) - 1) * per_group
-    fewest = out_features * min(per_group, last)
-    if fewest < cfg.codebook_size:
-        return (
-            f"a codebook group has only {fewest} vectors for {cfg.codebook_size} codebook entries "
-            f"(codebook_bits={cfg.codebook_bits}); use smaller codebook_bits, vector_dim or larger group_size"
-        ), note
-    return None, note
-
-
 def _quantize_layer(
     linear: nn.Linear, cfg: VQConfig, stats: LayerStats | None, seed: int
 ) -> tuple[nn.Module, Tensor, Tensor]:
     """Return (new module, original float32 weight, dequantized float32 weight) on the compute device."""
     device = torch.device(cfg.device) if cfg.device else linear.weight.device
     weight = linear.weight.detach().to(device=device, dtype=torch.float32)
-    if cfg.algorithm == "scalar_rtn":
-        new: nn.Module = ScalarLinear.from_linear(linear, cfg.scalar_bits, cfg.scalar_group_size)
-    else:
-        if cfg.algorithm == "data_free":
-            parts = quantize_data_free(weight, cfg, seed)
-        else:
-            cross = None if stats.cross is None or stats.cross is stats.hessian else stats.cross.to(device)
-            parts = gptq_vq(weight, stats.hessian.to(device), cfg, seed, cross=cross)
-        new = VQLinear.from_parts(
-            linear,
-            codes=parts.codes,
-            codebook_values=parts.codebooks,
-            codebook_scales=parts.codebook_scales,
-            scales=parts.scales,
-            vector_dim=cfg.vector_dim,
-            codebook_bits=cfg.codebook_bits,
-            group_size=cfg.group_size,
-            codebook_dtype=cfg.codebook_dtype,
-            scale_granularity=cfg.scale_granularity,
-            scale_group_size=cfg.scale_group_size,
-        )
+    new = get_algorithm(cfg.algorithm).quantize(linear, weight, stats, cfg, seed)
     dequant = new.dequantize_weight(torch.float32).to(device)
     if not torch.isfinite(dequant).all():
         raise RuntimeError("compression produced non-finite weights (this is a bug: please report it)")
@@ -161,8 +122,10 @@ def _resolve_config(model: nn.Module, config: Any, calibration: Any) -> VQConfig
         config = VQConfig.from_dict(config)
     elif not isinstance(config, VQConfig):
         raise TypeError(f"compress: expected a VQConfig, a dict or None as config, got {type(config).__name__}")
-    if config.algorithm == "calibrated" and calibration is None:
-        raise ValueError("compress: algorithm='calibrated' needs calibration batches (calibration=[batch, ...])")
+    if get_algorithm(config.algorithm).needs_calibration and calibration is None:
+        raise ValueError(
+            f"compress: algorithm={config.algorithm!r} needs calibration batches (calibration=[batch, ...])"
+        )
     return config
 
 
@@ -179,7 +142,7 @@ def _eligibility(name: str, module: nn.Linear, model: nn.Module, cfg: VQConfig) 
     if not torch.isfinite(w).all():
         bad = int((~torch.isfinite(w)).sum())
         raise ValueError(f"compress: layer {name!r} has {bad} non-finite (NaN/Inf) weights; fix the model first")
-    reason, note = _format_reason(module, cfg)
+    reason, note = get_algorithm(cfg.algorithm).format_reason(module, cfg)
     if reason is not None and cfg.strict:
         raise ValueError(f"compress: layer {name!r} cannot be compressed: {reason} (strict=True)")
     return reason, note
@@ -291,7 +254,8 @@ class _Session:
 
 
 def _plan_groups(session: _Session, batch: Any) -> tuple[list[list[str]], dict[str, int]]:
-    """Layer groups in execution order; uncalled layers are skipped (calibrated) or appended."""
+    """Layer groups in execution order; uncalled layers are skipped (algorithms that need calibration)
+    or appended."""
     sel, cfg = session.sel, session.cfg
     groups, calls = execution_order(session.model, sel.eligible, batch)
     session.called = {n for g in groups for n in g}
@@ -299,7 +263,7 @@ def _plan_groups(session: _Session, batch: Any) -> tuple[list[list[str]], dict[s
     if uncalled and (cfg.strict or not session.called):
         raise ValueError(f"compress: layers {uncalled} are not called when the model runs the calibration batches")
     for name in uncalled:
-        if cfg.algorithm == "calibrated":
+        if get_algorithm(cfg.algorithm).needs_calibration:
             sel.records[name].reason = "not called by the calibration forward"
             if session.notify:
                 session.notify(sel.records[name])

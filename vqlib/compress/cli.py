@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .api import compress
-from .config import VQConfig
+from .config import VQConfig, saved_fields
 from .io import save_compressed
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -86,6 +86,8 @@ def text_batches(model_path: str, text_file: str, batch_size: int) -> list[dict]
 def _field_parser(f: dataclasses.Field, hint: Any):
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if "choices" in f.metadata:  # looked up when the parser is built (e.g. the registered algorithms)
+        return dict(choices=list(f.metadata["choices"]()))
     if hint is bool:
         return dict(action=argparse.BooleanOptionalAction)
     if origin is typing.Literal:
@@ -125,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("--push-to-hub", action="store_true", help="upload OUTPUT to --repo-id")
     group = parser.add_argument_group("VQConfig fields (see vqlib.compress.VQConfig)")
     hints = typing.get_type_hints(VQConfig)
-    for f in dataclasses.fields(VQConfig):
+    for f in saved_fields():
         group.add_argument(
             f"--{f.name.replace('_', '-')}",
             dest=f"cfg_{f.name}",
@@ -137,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> VQConfig:
     data: dict[str, Any] = VQConfig.from_file(args.config).to_dict() if args.config else {}
-    for f in dataclasses.fields(VQConfig):
+    for f in saved_fields():
         if hasattr(args, f"cfg_{f.name}"):  # given on the command line (defaults are suppressed)
             data[f.name] = getattr(args, f"cfg_{f.name}")
     return VQConfig.from_dict(data)

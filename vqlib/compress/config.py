@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-ALGORITHMS = ("data_free", "calibrated", "scalar_rtn")
+from torch import nn
+
 CODEBOOK_DTYPES = ("fp16", "int8")
 SCALE_GRANULARITIES = ("row", "group", "none")
 PAD_POLICIES = ("pad", "skip", "error")
+
+
+def registered_algorithms() -> tuple[str, ...]:
+    """Names ``algorithm`` may take (``vqlib.compress.algorithms``)."""
+    from .algorithms import algorithm_names  # lazy: the algorithms import this module
+
+    return algorithm_names()
+
+
+def _writes_vector_format(name: str) -> bool:
+    from .algorithms import get_algorithm  # lazy: the algorithms import this module
+
+    return get_algorithm(name).vector_format
 
 
 @dataclass
@@ -32,9 +48,13 @@ class VQConfig:
         algorithm: "data_free" (k-means on the weights), "calibrated" (Hessian-aware GPTQ-style
             VQ with error feedback and codebook/scale fine-tuning; needs calibration batches) or
             "scalar_rtn" (round-to-nearest, ``scalar_bits`` with one fp16 scale and uint8 zero
-            per ``scalar_group_size`` columns; the baseline).
+            per ``scalar_group_size`` columns; the baseline). Any name registered with
+            ``vqlib.compress.algorithms.register_algorithm`` is accepted.
     Layer filter: ``include_modules`` / ``skip_modules`` are fnmatch globs on qualified module
     names, ``skip_types`` are class names, layers with fewer than ``min_weights`` weights are skipped.
+    ``filter_fn(module, name) -> bool`` (optional) is asked about each nn.Linear the globs and types
+    let through; False leaves it uncompressed. A callable is not data: ``to_dict`` and so the saved
+    ``config.json`` and the report leave it out (the layers it kept out are listed there as skipped).
     ``pad`` says what to do when in_features is not a multiple of vector_dim: "pad" zero-pads the
     input dim to the next multiple (the pad is stored and counted, and dropped at forward time),
     "skip" leaves the layer uncompressed with a reason in the report, "error" raises.
@@ -55,7 +75,7 @@ class VQConfig:
     measured sensitivity so the total never exceeds the budget (``vqlib.compress.allocation``).
     """
 
-    algorithm: Literal["data_free", "calibrated", "scalar_rtn"] = "calibrated"
+    algorithm: str = field(default="calibrated", metadata={"choices": registered_algorithms})
     vector_dim: int = 4
     num_codebooks: int = 1
     codebook_bits: int = 8
@@ -83,41 +103,24 @@ class VQConfig:
     strict: bool = False
     target_bits_per_weight: float | None = None
     block_finetune_steps: int = 0
+    # Code, not data: ``to_dict`` (hence the saved config.json and the report) leaves it out.
+    filter_fn: Callable[[nn.Module, str], bool] | None = field(default=None, metadata={"saved": False})
 
     def __post_init__(self) -> None:
-        def need_int(name: str, lo: int, hi: int | None = None) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"VQConfig.{name}: expected an int, got {type(value).__name__} {value!r}")
-            if value < lo or (hi is not None and value > hi):
-                rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-                raise ValueError(f"VQConfig.{name}: expected a value {rng}, got {value}")
+        for name, choices in _CHOICES.items():
+            _need_choice(self, name, choices() if callable(choices) else choices)
+        for name, (lo, hi) in _INT_RANGES.items():
+            _need_int(self, name, lo, hi)
+        self._check_multiples()
+        self._check_floats()
+        self._check_filters()
+        if self.device is not None and not isinstance(self.device, str):
+            raise TypeError(f"VQConfig.device: expected a device string like 'cuda:0' or None, got {self.device!r}")
+        self._check_bit_budget()
 
-        def need_choice(name: str, choices: tuple[str, ...]) -> None:
-            value = getattr(self, name)
-            if value not in choices:
-                raise ValueError(f"VQConfig.{name}: expected one of {list(choices)}, got {value!r}")
-
-        need_choice("algorithm", ALGORITHMS)
-        need_choice("codebook_dtype", CODEBOOK_DTYPES)
-        need_choice("scale_granularity", SCALE_GRANULARITIES)
-        need_choice("pad", PAD_POLICIES)
-        need_int("vector_dim", 1, 64)
-        need_int("num_codebooks", 1, 8)
-        need_int("codebook_bits", 1, 16)
-        need_int("scale_group_size", 1)
-        need_int("scalar_bits", 1, 8)
-        need_int("scalar_group_size", 1)
-        need_int("min_weights", 0)
-        need_int("kmeans_iters", 1)
-        need_int("kmeans_points_per_centroid", 1)
-        need_int("refine_passes", 0)
-        need_int("block_size", 1)
-        need_int("finetune_steps", 0)
-        need_int("seed", 0)
-        need_int("block_finetune_steps", 0)
+    def _check_multiples(self) -> None:
         if self.group_size is not None:
-            need_int("group_size", 1)
+            _need_int(self, "group_size", 1)
             if self.group_size % self.vector_dim:
                 raise ValueError(
                     f"VQConfig.group_size: expected a multiple of vector_dim={self.vector_dim}, got {self.group_size}"
@@ -127,10 +130,14 @@ class VQConfig:
                 f"VQConfig.scale_group_size: expected a multiple of vector_dim={self.vector_dim}, "
                 f"got {self.scale_group_size}"
             )
+
+    def _check_floats(self) -> None:
         if not isinstance(self.damping, (int, float)) or not (0 < float(self.damping) < 1):
             raise ValueError(f"VQConfig.damping: expected a float in (0, 1), got {self.damping!r}")
         if not isinstance(self.target_damping, (int, float)) or not (0 <= float(self.target_damping) <= 100):
             raise ValueError(f"VQConfig.target_damping: expected a float in [0, 100], got {self.target_damping!r}")
+
+    def _check_filters(self) -> None:
         for name in ("skip_modules", "skip_types"):
             value = getattr(self, name)
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
@@ -144,22 +151,28 @@ class VQConfig:
                     f"VQConfig.include_modules: expected a list of strings or None, got {self.include_modules!r}"
                 )
             self.include_modules = list(self.include_modules)
-        if self.device is not None and not isinstance(self.device, str):
-            raise TypeError(f"VQConfig.device: expected a device string like 'cuda:0' or None, got {self.device!r}")
-        if self.target_bits_per_weight is not None:
-            t = self.target_bits_per_weight
-            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < float(t) <= 32:
-                raise ValueError(f"VQConfig.target_bits_per_weight: expected a number in (0, 32] or None, got {t!r}")
-            if self.algorithm == "scalar_rtn":
-                raise ValueError("VQConfig.target_bits_per_weight: needs a VQ algorithm, got algorithm='scalar_rtn'")
-            self.target_bits_per_weight = float(t)
+        if self.filter_fn is not None and not callable(self.filter_fn):
+            raise TypeError(
+                f"VQConfig.filter_fn: expected a callable filter_fn(module, name) -> bool or None, got {self.filter_fn!r}"
+            )
+
+    def _check_bit_budget(self) -> None:
+        t = self.target_bits_per_weight
+        if t is None:
+            return
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < float(t) <= 32:
+            raise ValueError(f"VQConfig.target_bits_per_weight: expected a number in (0, 32] or None, got {t!r}")
+        if not _writes_vector_format(self.algorithm):
+            raise ValueError(f"VQConfig.target_bits_per_weight: needs a VQ algorithm, got algorithm={self.algorithm!r}")
+        self.target_bits_per_weight = float(t)
 
     @property
     def codebook_size(self) -> int:
         return 2**self.codebook_bits
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The JSON-able fields (every field but ``filter_fn``, which is code and is not saved)."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in saved_fields()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "VQConfig":
@@ -185,3 +198,48 @@ class VQConfig:
         else:
             raise ValueError(f"VQConfig.from_file: expected a .json, .yaml or .yml file, got {path.name!r}")
         return cls.from_dict(data or {})
+
+
+# Checked in this order; the algorithm's choices are looked up when a config is made.
+_CHOICES: dict[str, Any] = {
+    "algorithm": registered_algorithms,
+    "codebook_dtype": CODEBOOK_DTYPES,
+    "scale_granularity": SCALE_GRANULARITIES,
+    "pad": PAD_POLICIES,
+}
+_INT_RANGES: dict[str, tuple[int, int | None]] = {
+    "vector_dim": (1, 64),
+    "num_codebooks": (1, 8),
+    "codebook_bits": (1, 16),
+    "scale_group_size": (1, None),
+    "scalar_bits": (1, 8),
+    "scalar_group_size": (1, None),
+    "min_weights": (0, None),
+    "kmeans_iters": (1, None),
+    "kmeans_points_per_centroid": (1, None),
+    "refine_passes": (0, None),
+    "block_size": (1, None),
+    "finetune_steps": (0, None),
+    "seed": (0, None),
+    "block_finetune_steps": (0, None),
+}
+
+
+def _need_int(cfg: VQConfig, name: str, lo: int, hi: int | None = None) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"VQConfig.{name}: expected an int, got {type(value).__name__} {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"VQConfig.{name}: expected a value {rng}, got {value}")
+
+
+def _need_choice(cfg: VQConfig, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(cfg, name)
+    if value not in choices:
+        raise ValueError(f"VQConfig.{name}: expected one of {list(choices)}, got {value!r}")
+
+
+def saved_fields() -> list[dataclasses.Field]:
+    """The fields ``to_dict`` writes and the command line sets (``filter_fn`` is left out)."""
+    return [f for f in dataclasses.fields(VQConfig) if f.metadata.get("saved", True)]
