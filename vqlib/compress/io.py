@@ -249,6 +249,24 @@ def _check_layer_tensors(name: str, module: nn.Module, state: dict[str, Tensor])
             raise ValueError(f"load_compressed: {prefix}zeros has values >= 2**{module.bits} (corrupt)")
 
 
+def _check_skeleton_linear(name: str, old: nn.Module, spec: dict[str, Any], caller: str) -> None:
+    """The skeleton's layer must be the nn.Linear the saved layer was made from."""
+    if not isinstance(old, nn.Linear):
+        raise ValueError(
+            f"{caller}: skeleton module {name!r} is a {type(old).__name__}, expected nn.Linear (mismatched skeleton)"
+        )
+    if (old.out_features, old.in_features, old.bias is not None) != (
+        spec.get("out_features"),
+        spec.get("in_features"),
+        spec.get("bias"),
+    ):
+        raise ValueError(
+            f"{caller}: skeleton module {name!r} is Linear({old.in_features}, {old.out_features}, "
+            f"bias={old.bias is not None}) but the saved layer is ({spec.get('in_features')}, "
+            f"{spec.get('out_features')}, bias={spec.get('bias')}) (mismatched skeleton)"
+        )
+
+
 def replace_with_compressed_layers(
     model: nn.Module, modules: dict[str, Any], caller: str = "load_compressed"
 ) -> tuple[nn.Module, dict[str, nn.Module]]:
@@ -266,20 +284,7 @@ def replace_with_compressed_layers(
         if isinstance(old, (VQLinear, ScalarLinear)) and old.format_spec() == spec:
             built[name] = old
             continue
-        if not isinstance(old, nn.Linear):
-            raise ValueError(
-                f"{caller}: skeleton module {name!r} is a {type(old).__name__}, expected nn.Linear (mismatched skeleton)"
-            )
-        if (old.out_features, old.in_features, old.bias is not None) != (
-            spec.get("out_features"),
-            spec.get("in_features"),
-            spec.get("bias"),
-        ):
-            raise ValueError(
-                f"{caller}: skeleton module {name!r} is Linear({old.in_features}, {old.out_features}, "
-                f"bias={old.bias is not None}) but the saved layer is ({spec.get('in_features')}, "
-                f"{spec.get('out_features')}, bias={spec.get('bias')}) (mismatched skeleton)"
-            )
+        _check_skeleton_linear(name, old, spec, caller)
         try:
             new = _LAYER_TYPES[spec["layer_type"]].from_spec(spec, device="meta")
         except (TypeError, ValueError) as exc:
@@ -325,29 +330,47 @@ def load_compressed(
         token=token,
         local_files_only=local_files_only,
     )
-    path = res.folder
-    quant = read_quantization_config(path)
-    weights = path / WEIGHTS_NAME
+    quant = read_quantization_config(res.folder)
+    weights = res.folder / WEIGHTS_NAME
     _check_file(weights, quant["files"].get(WEIGHTS_NAME, {}))
+    model = _resolve_skeleton(skeleton_or_factory)
+    tied = _tied_parameters(model)  # before the swap: loading by assignment unties them
+    model, built = replace_with_compressed_layers(model, quant["modules"])
+    state = ser.load_safetensors(weights, device, "load_compressed")
+    _check_state(model.state_dict(), built, state)
+    model.load_state_dict(state, strict=True, assign=True)
+    _restore_ties(model, tied)
+    _check_no_meta_tensors(model)
+    model = model.to(device).eval()
+    model.hub_repo_id, model.hub_commit = res.repo_id, res.commit
+    return model
+
+
+def _resolve_skeleton(skeleton_or_factory: nn.Module | Callable[[], nn.Module]) -> nn.Module:
+    """The skeleton module itself, or what the factory returns."""
     if isinstance(skeleton_or_factory, nn.Module):
-        model = skeleton_or_factory
-    elif callable(skeleton_or_factory):
-        model = skeleton_or_factory()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"load_compressed: the factory returned {type(model).__name__}, expected an nn.Module")
-    else:
+        return skeleton_or_factory
+    if not callable(skeleton_or_factory):
         raise TypeError(
             f"load_compressed: expected an nn.Module skeleton or a factory, got {type(skeleton_or_factory).__name__}"
         )
-    # Remember tied parameters so the ties survive loading by assignment.
+    model = skeleton_or_factory()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load_compressed: the factory returned {type(model).__name__}, expected an nn.Module")
+    return model
+
+
+def _tied_parameters(model: nn.Module) -> list[list[str]]:
+    """Every parameter's names (several for a tied one), so the ties survive loading by assignment."""
     tied: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         tied.setdefault(id(p), []).append(name)
+    return list(tied.values())
 
-    model, built = replace_with_compressed_layers(model, quant["modules"])
 
-    state = ser.load_safetensors(weights, device, "load_compressed")
-    expected = model.state_dict()
+def _check_state(expected: dict[str, Tensor], built: dict[str, nn.Module], state: dict[str, Tensor]) -> None:
+    """The file's tensors must be the skeleton's (after the swap) by name and shape, hold the dtypes
+    the compressed format needs, and codes that address existing entries."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -362,30 +385,34 @@ def load_compressed(
                 f"load_compressed: tensor {key!r} has shape {tuple(t.shape)} in the file but "
                 f"{tuple(expected[key].shape)} in the skeleton (mismatched skeleton)"
             )
-        if key.rpartition(".")[0] in built and t.dtype != expected[key].dtype and key.rpartition(".")[2] != "bias":
+        owner, _, leaf = key.rpartition(".")
+        if owner in built and t.dtype != expected[key].dtype and leaf != "bias":
             raise ValueError(
                 f"load_compressed: tensor {key!r} has dtype {t.dtype}, the format needs {expected[key].dtype}"
             )
     for name, module in built.items():
         _check_layer_tensors(name, module, state)
-    model.load_state_dict(state, strict=True, assign=True)
+
+
+def _restore_ties(model: nn.Module, tied: list[list[str]]) -> None:
+    """Point every name of a parameter that was tied in the skeleton at one loaded tensor again."""
     existing = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    for names in tied.values():
-        names = [n for n in names if n in existing]
+    for names in tied:
+        names = [n for n in names if n in existing]  # a swapped-out layer's weight is gone
         if len(names) > 1:
             first = model.get_parameter(names[0])
             for other in names[1:]:
                 parent_name, _, attr = other.rpartition(".")
                 setattr(model.get_submodule(parent_name) if parent_name else model, attr, first)
+
+
+def _check_no_meta_tensors(model: nn.Module) -> None:
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if left:
         raise ValueError(
             f"load_compressed: {left[:5]} are not in the saved file and the skeleton holds them on the meta "
             "device (non-persistent buffers?); build the skeleton on a real device instead"
         )
-    model = model.to(device).eval()
-    model.hub_repo_id, model.hub_commit = res.repo_id, res.commit
-    return model
 
 
 def compressed_card(
