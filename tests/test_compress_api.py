@@ -87,3 +87,14 @@ def test_command_line_has_no_filter_fn_flag_and_lists_the_algorithms():
     assert "--include-modules" in flags and "--filter-fn" not in flags
     algorithm = next(a for a in parser._actions if "--algorithm" in a.option_strings)
     assert algorithm.choices == ["data_free", "calibrated", "scalar_rtn"]
+
+
+def test_vqlib_compress_is_a_plain_function_and_the_package_keeps_its_import_path():
+    import vqlib.compress  # still a valid statement: it binds vqlib, whose attribute is the function
+    from vqlib.compress import compress as from_package
+    from vqlib.compress import io as io_module
+
+    assert type(vqlib.compress).__name__ == "function" and from_package is vqlib.compress
+    assert io_module.__name__ == "vqlib.compress.io" and vqlib.load_compressed is io_module.load_compressed
+    model, report = vqlib.compress(make_block(), VQConfig(algorithm="scalar_rtn"))
+    assert len(report.compressed) == 4 and isinstance(model.q, ScalarLinear)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-import vqlib.compress.io as vio
 from vqlib.compress import FORMAT_VERSION, ScalarLinear, VQConfig, VQLinear, compress, load_compressed, save_compressed
+from vqlib.compress import io as vio
 
 FAST = dict(vector_dim=4, codebook_bits=4, kmeans_iters=5, finetune_steps=0)
 

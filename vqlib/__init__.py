@@ -1,8 +1,10 @@
 """vqlib: vector quantization layers, tokenizers and post-training weight VQ."""
 
-from . import compress  # callable package: vqlib.compress(model, cfg, calibration=...)
 from .base import Quantizer, quantizer_from_config, quantizer_to_config
-from .compress import VQConfig, VQLinear, load_compressed, save_compressed
+
+# ``vqlib.compress`` is the function compress(model, cfg, calibration=...): binding it here replaces the
+# package attribute the import just set. The package keeps its path for ``from vqlib.compress import ...``.
+from .compress import VQConfig, VQLinear, compress, load_compressed, save_compressed
 from .fsq import FSQ
 from .lfq import LFQ
 from .output import QuantizerOutput

@@ -1,15 +1,18 @@
-"""Post-training vector quantization of model weights (``import vqlib.compress``).
+"""Post-training vector quantization of model weights.
 
     cfg = VQConfig(algorithm="calibrated", vector_dim=4, codebook_bits=8)
-    model, report = compress(model, cfg, calibration=batches)
+    model, report = vqlib.compress(model, cfg, calibration=batches)
     save_compressed(model, "out/")
     model = load_compressed("out/", skeleton_or_factory)
 
-The storage format is documented in ``vqlib.compress.format``.
+``vqlib.compress`` (after ``import vqlib``) is the function :func:`compress`, the entry point users
+call. This package keeps its import path for everything else: ``from vqlib.compress import VQConfig,
+compress, save_compressed, load_compressed`` and ``from vqlib.compress.format import VQLinear`` work,
+but the attribute ``vqlib.compress`` is the function, so ``vqlib.compress.VQConfig`` and
+``import vqlib.compress.io as m`` do not: import names with ``from vqlib.compress[.module] import ...``.
+The storage format is documented in ``vqlib.compress.format``; the algorithms are registered in
+``vqlib.compress.algorithms``.
 """
-
-import sys
-import types
 
 from . import hf_integration
 from .api import compress
@@ -34,13 +37,3 @@ __all__ = [
 
 
 hf_integration.install()  # transformers' from_pretrained loads vqlib folders; never imports transformers here
-
-
-class _CallableModule(types.ModuleType):
-    """Lets ``vqlib.compress`` be both this package and the ``compress(model, cfg)`` entry point."""
-
-    def __call__(self, model, config, **kwargs):
-        return compress(model, config, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
