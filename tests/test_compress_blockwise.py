@@ -79,16 +79,37 @@ def test_each_block_runs_a_depth_independent_number_of_times():
         counts = count_block_calls(model)
         compress(model, cfg, calibration=batches, blocks=blocks)
         calls[blocks] = counts
-    # Block path: 2 tracing forwards of batch 0 (execution order, chain check), then per batch
-    # and stream one pass per layer group (q/k/v, o, gate/up, down) plus one to make the next
-    # block's inputs; the first group of block 0 needs no original pass; the last block's
-    # outputs are not needed. Capturing block 0's inputs reaches its pre-hook once per batch.
+    # Block path: 2 tracing forwards of batch 0 (execution order, chain check), then per batch one
+    # pass of the original block that records its layers' inputs and outputs (the original stream),
+    # one compressed pass per layer group (q/k/v, o, gate/up, down) and one to make the next block's
+    # inputs (not after the last block). Capturing block 0's inputs reaches its pre-hook once per batch.
     n, groups = len(batches), 4
-    per_block = [2 + n + n * (2 * groups - 1) + 2 * n, 2 + n * 2 * groups + 2 * n, 2 + n * 2 * groups]
+    per_block = [2 + n + n + n * groups + n, 2 + n + n * groups + n, 2 + n + n * groups]
     assert calls["auto"] == per_block
     # The whole-model path runs block 0 again for every later group: its count grows with depth.
     assert calls[None][0] > calls[None][1] > calls[None][2]
     assert calls[None][0] > 2 * calls["auto"][0]
+
+
+def test_over_the_record_budget_the_original_block_reruns_per_group(monkeypatch):
+    # Recording the original block's layer inputs once per block is an optimisation: past the
+    # memory budget the original block re-runs for every layer group, with the same result.
+    from vqlib.compress import blockwise
+
+    batches = token_batches()
+    cfg = VQConfig(**CFG)
+    recorded, _ = compress(tiny_llama(), cfg, calibration=batches)
+    monkeypatch.setattr(blockwise, "RECORD_BUDGET_BYTES", 0)
+    model = tiny_llama()
+    counts = count_block_calls(model)
+    rerun, _ = compress(model, cfg, calibration=batches)
+    wr, wn = dequantized(recorded), dequantized(rerun)
+    for name in wr:
+        assert torch.equal(wr[name], wn[name]), name
+    n = len(batches)
+    # block 1: the abandoned recording pass (batch 0), 3 original passes for groups 2-4 (the first
+    # group's original pass stops at once), 4 compressed ones and the original output pass
+    assert counts[1] > 2 + n + n * 4 + n
 
 
 class Residual(nn.Module):

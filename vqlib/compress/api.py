@@ -29,7 +29,7 @@ from .blockwise import (
     trace_blocks,
 )
 from .calibrated import output_error
-from .calibration import LayerStats, as_batch_list, collect_statistics, execution_order
+from .calibration import LayerStats, as_batch_list, collect_statistics, execution_order, probe_batch
 from .config import VQConfig
 from .report import CompressionReport, LayerReport, ProgressBar, layer_format, model_bytes, weight_bytes
 
@@ -299,7 +299,8 @@ def _block_plan(session: _Session, groups, batches, blocks):
     if found is None:
         return None
     container, modules = found
-    place = trace_blocks(session.model, modules, {n: session.sel.eligible[n] for n in session.called}, batches[0])
+    called = {n: session.sel.eligible[n] for n in session.called}
+    place = trace_blocks(session.model, modules, called, probe_batch(batches[0]))
     split = place if isinstance(place, str) else _split_by_block(groups, place, len(modules))
     if isinstance(split, str):
         warnings.warn(
@@ -316,12 +317,17 @@ def _run_generic(session: _Session, groups, batches, calls, reference: bool = Tr
         session.compress_group(group, session.model_statistics(group, batches, calls, reference))
 
 
-def _finish_block(session: _Session, block: nn.Module, inputs, streams: Streams, masks, last: bool) -> Streams:
-    """Optionally fine-tune the block against the original block's output; return the next block's inputs."""
+def _finish_block(
+    session: _Session, block: nn.Module, inputs, streams: Streams, masks, last: bool, original: list[Tensor] | None
+) -> Streams:
+    """Optionally fine-tune the block against the original block's output; return the next block's inputs.
+
+    ``original``: the original block's outputs on the original stream if already recorded."""
     steps = session.cfg.block_finetune_steps if session.keep_originals else 0
     if last and not steps:
         return streams
-    original = original_outputs(block, inputs, streams, session) if session.keep_originals else None
+    if session.keep_originals and original is None:
+        original = original_outputs(block, inputs, streams, session)
     if steps:
         before, after = finetune_block(block, block_runs(block, inputs), streams.compressed, original, masks, steps)
         _log.info("block fine-tune: relative output error %.4g -> %.4g", before, after)
@@ -346,8 +352,8 @@ def _run_blocks(session: _Session, modules: list[nn.Module], split, batches, cal
     # Blocks after the last one holding selected layers need not run.
     end = max((b + 1 for b, groups in enumerate(per_block) if groups), default=0)
     for b, block in enumerate(modules[:end]):
-        compress_block(block, per_block[b], session.sel.eligible, inputs, streams, masks, calls, session)
-        streams = _finish_block(session, block, inputs, streams, masks, last=b + 1 == end)
+        original = compress_block(block, per_block[b], session.sel.eligible, inputs, streams, masks, calls, session)
+        streams = _finish_block(session, block, inputs, streams, masks, b + 1 == end, original)
         session.release_originals(not keep_caches)
     # After the blocks only the partly compressed model is left: these layers fit their own output.
     _run_generic(session, suffix, batches, calls, reference=False)
@@ -407,7 +413,7 @@ def _compress_all(session: _Session, batches: list[Any], blocks: str | None) -> 
         for name in session.sel.eligible:
             session.compress_group([name], {})
         return
-    groups, calls = _plan_groups(session, batches[0])
+    groups, calls = _plan_groups(session, probe_batch(batches[0]))
     plan = _block_plan(session, groups, batches, blocks)
     if plan is None:
         _run_generic(session, groups, batches, calls)

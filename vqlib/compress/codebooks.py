@@ -1,5 +1,5 @@
-"""Codebook building blocks shared by the VQ algorithms: exact chunked assignment, additive
-(residual) k-means, storage rounding of codebooks and scales."""
+"""Codebook building blocks shared by the VQ algorithms: additive (residual) assignment and k-means
+on the shared core search and k-means (``vqlib.core``), storage rounding of codebooks and scales."""
 
 from __future__ import annotations
 
@@ -7,23 +7,7 @@ import torch
 from torch import Tensor
 
 from vqlib.core.kmeans import kmeans
-
-# Distance-matrix elements per assignment chunk (64 MiB of float32): memory stays bounded for
-# 65,536-entry codebooks while big matmuls keep the CPU/GPU busy.
-_CHUNK_ELEMENTS = 2**24
-
-
-def nearest(x: Tensor, codebook: Tensor) -> Tensor:
-    """Exact nearest codebook row for every row of ``x`` (n, d) -> int64 (n,), chunked over rows."""
-    cb_sq = (codebook * codebook).sum(1)
-    rows = max(1, _CHUNK_ELEMENTS // codebook.shape[0])
-    out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    for start in range(0, x.shape[0], rows):
-        chunk = x[start : start + rows]
-        # ||x||^2 is constant per row and does not change the argmin.
-        dist = torch.addmm(cb_sq[None, :], chunk, codebook.T, alpha=-2.0)
-        out[start : start + rows] = dist.min(1).indices  # faster than argmin on CPU
-    return out
+from vqlib.core.search import nearest_code
 
 
 def assign_additive(x: Tensor, codebooks: Tensor, refine_passes: int = 1, init: Tensor | None = None) -> Tensor:
@@ -37,7 +21,7 @@ def assign_additive(x: Tensor, codebooks: Tensor, refine_passes: int = 1, init: 
         codes = torch.empty(x.shape[0], m, dtype=torch.long, device=x.device)
         residual = x.clone()
         for i in range(m):
-            codes[:, i] = nearest(residual, codebooks[i])
+            codes[:, i] = nearest_code(residual, codebooks[i])
             residual -= codebooks[i][codes[:, i]]
     else:
         codes = init.clone()
@@ -46,7 +30,7 @@ def assign_additive(x: Tensor, codebooks: Tensor, refine_passes: int = 1, init: 
         for _ in range(refine_passes):
             for i in range(m):
                 residual += codebooks[i][codes[:, i]]
-                codes[:, i] = nearest(residual, codebooks[i])
+                codes[:, i] = nearest_code(residual, codebooks[i])
                 residual -= codebooks[i][codes[:, i]]
     return codes
 
@@ -106,7 +90,7 @@ def fit_additive_codebooks(
         w = None if weights is None else (weights if sample is None else weights[sample])
         centroids = kmeans(train, codebook_size, num_iters=kmeans_iters, seed=seed + i, weights=w).to(vectors.device)
         codebooks[i] = round_codebook(centroids, codebook_dtype)[0]
-        codes[:, i] = nearest(residual, codebooks[i])
+        codes[:, i] = nearest_code(residual, codebooks[i])
         residual -= codebooks[i][codes[:, i]]
     if num_codebooks > 1:
         w = torch.ones(n, device=vectors.device) if weights is None else weights.float()
@@ -121,7 +105,7 @@ def fit_additive_codebooks(
                 updated = codebooks[i].clone()
                 updated[used] = sums[used] / mass[used, None]
                 codebooks[i] = round_codebook(updated, codebook_dtype)[0]
-                codes[:, i] = nearest(residual, codebooks[i])
+                codes[:, i] = nearest_code(residual, codebooks[i])
                 residual -= codebooks[i][codes[:, i]]
     return codebooks, codes
 
