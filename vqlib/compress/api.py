@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vqlib.core.seeds import derive_seed
+
 from .algorithms import get_algorithm
 from .allocation import allocate_formats
 from .block_finetune import finetune_block
@@ -34,7 +36,6 @@ from .config import VQConfig
 from .report import CompressionReport, LayerReport, ProgressBar, layer_format, model_bytes, weight_bytes
 
 _log = logging.getLogger(__name__)
-_LAYER_SEED_STRIDE = 104729  # a prime: layers get well-separated, reproducible k-means seeds
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -194,7 +195,7 @@ class _Session:
         t0 = time.perf_counter()
         cfg, linear, rec = self.layer_cfgs.get(name, self.cfg), self.sel.eligible[name], self.sel.records[name]
         new, weight, dequant = _quantize_layer(
-            linear, cfg, layer_stats, cfg.seed + _LAYER_SEED_STRIDE * self.order[name]
+            linear, cfg, layer_stats, derive_seed(cfg.seed, "layer", self.order[name])
         )
         rec.relative_error, rec.error_kind = _relative_error(weight, dequant, layer_stats)
         rec.status, rec.reason, rec.method = "compressed", self.sel.notes.get(name, ""), cfg.algorithm

@@ -14,13 +14,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
+from vqlib.core.seeds import derive_seed
+
 from .codebooks import VQParts, assign_additive, column_scales, rms_scales, round_codebook
 from .config import VQConfig
-from .data_free import finalize_codebooks, fit_group, group_vector_ranges, pad_columns
-from .format import vector_group_index
+from .data_free import fit_group, group_vector_ranges, pad_columns
+from .format import flat_code_index, vector_group_index
 
 
 def damped_hessian(hessian: Tensor, damping: float) -> tuple[Tensor, float, Tensor]:
@@ -72,11 +76,30 @@ def gptq_vq(weight: Tensor, hessian: Tensor, cfg: VQConfig, seed: int, cross: Te
     the target is the original layer output instead of this layer's output on compressed inputs,
     so the layer also compensates the error of the layers before it.
     """
-    out_features, _ = weight.shape
-    d, m = cfg.vector_dim, cfg.num_codebooks
-    target = pad_columns(weight, d)
+    target, h, u = _target_and_metric(weight, hessian, cfg, cross)
+    scales = rms_scales(target[:, : weight.shape[1]], cfg.scale_granularity, cfg.scale_group_size)
+    col_scale = column_scales(scales, target.shape[1], cfg.scale_group_size)
+    if col_scale is None:
+        col_scale = torch.ones_like(target)
+    state = _ColumnLoop.start(target, u, col_scale, cfg)
+    ranges = group_vector_ranges(state.n_vec, cfg)
+    group_starts = {start: g for g, (start, _) in enumerate(ranges)}
+    for vs, ve in block_bounds(state.n_vec, cfg.block_size // cfg.vector_dim, group_starts):
+        if vs in group_starts:
+            g = group_starts[vs]
+            state.codebooks[g] = _fit_group_codebooks(state, ranges[g], cfg, derive_seed(seed, "codebook_group", g))
+        state.quantize_block(vs, ve, cfg.refine_passes)
+    values, cb_scales = round_codebook(state.codebooks, cfg.codebook_dtype)
+    parts = VQParts(state.codes, values, cb_scales, scales)
+    if cfg.finetune_steps > 0:
+        parts = finetune(target, h, parts, cfg)
+    return parts
+
+
+def _target_and_metric(weight: Tensor, hessian: Tensor, cfg: VQConfig, cross: Tensor | None):
+    """(padded target weight (out, in_p), damped H (in_p, in_p), U: upper Cholesky factor of H^-1)."""
+    target = pad_columns(weight, cfg.vector_dim)
     in_p = target.shape[1]
-    n_vec = in_p // d
     h, lam, dead = damped_hessian(pad_hessian(hessian, in_p), cfg.damping)
     if cross is not None:
         # A stronger ridge than GPTQ's damping: with few calibration tokens the regression would
@@ -84,58 +107,95 @@ def gptq_vq(weight: Tensor, hessian: Tensor, cfg: VQConfig, seed: int, cross: Te
         extra = cfg.target_damping * float(torch.diagonal(h).mean())
         h_target = h + extra * torch.eye(in_p, device=h.device)
         target = regression_target(target, pad_hessian(cross, in_p), h_target, lam + extra, dead)
-    u = inverse_hessian_factor(h)
-    scales = rms_scales(target[:, : weight.shape[1]], cfg.scale_granularity, cfg.scale_group_size)
-    col_scale = column_scales(scales, in_p, cfg.scale_group_size)
-    if col_scale is None:
-        col_scale = torch.ones_like(target)
-    vec_scale = col_scale[:, ::d]  # (out, n_vec)
-    # Diagonal d x d blocks of U and their inverses: the per-slice metric transform.
-    u_blocks = torch.diagonal(u.reshape(n_vec, d, n_vec, d), dim1=0, dim2=2).permute(2, 0, 1)
+    return target, h, inverse_hessian_factor(h)
+
+
+def metric_transforms(u: Tensor, d: int) -> tuple[Tensor, Tensor]:
+    """Per vector j: U_jj^-1 (the d x d diagonal block of U, inverted; (n_vec, d, d)) and the mean of
+    1 / U_ii^2 over its columns ((n_vec,): how much an error there costs, GPTQ's weighting)."""
+    n_vec = u.shape[0] // d
+    u_blocks = torch.diagonal(u.reshape(n_vec, d, n_vec, d), dim1=0, dim2=2).permute(2, 0, 1)  # (n_vec, d, d)
     eye = torch.eye(d, device=u.device).expand(n_vec, d, d)
     transforms = torch.linalg.solve_triangular(u_blocks, eye, upper=True)
     importance = (1.0 / torch.diagonal(u) ** 2).reshape(n_vec, d).mean(1)
+    return transforms, importance
 
-    ranges = group_vector_ranges(n_vec, cfg)
-    group_starts = {start: g for g, (start, _) in enumerate(ranges)}
-    group_of_vec = vector_group_index(n_vec, d, cfg.group_size)
-    step = max(1, cfg.block_size // d)
-    starts = sorted(set(range(0, n_vec, step)) | set(group_starts))
-    bounds = list(zip(starts, starts[1:] + [n_vec]))
 
-    w = target.clone()
-    codebooks = torch.empty(len(ranges), m, cfg.codebook_size, d, device=weight.device)
-    codes = torch.empty(out_features, n_vec, m, dtype=torch.long, device=weight.device)
-    for vs, ve in bounds:
-        if vs in group_starts:
-            g = group_starts[vs]
-            gs, ge = ranges[g]
-            vecs = (w[:, gs * d : ge * d] / col_scale[:, gs * d : ge * d]).reshape(-1, d)
-            vw = (vec_scale[:, gs:ge] ** 2 * importance[None, gs:ge]).reshape(-1)
-            codebooks[g] = fit_group(vecs, vw, cfg, seed + 7919 * g)[0]
+def block_bounds(n_vec: int, block_vectors: int, group_starts) -> list[tuple[int, int]]:
+    """[start, end) vector ranges of the lazy-update blocks; every codebook group starts a block."""
+    starts = sorted(set(range(0, n_vec, max(1, block_vectors))) | set(group_starts))
+    return list(zip(starts, starts[1:] + [n_vec]))
+
+
+def _fit_group_codebooks(state: "_ColumnLoop", vec_range: tuple[int, int], cfg: VQConfig, seed: int) -> Tensor:
+    """Hessian-weighted k-means of one codebook group's current (error-corrected) weight vectors."""
+    gs, ge = vec_range
+    d = cfg.vector_dim
+    vecs = (state.w[:, gs * d : ge * d] / state.col_scale[:, gs * d : ge * d]).reshape(-1, d)  # (out * n, d)
+    vw = (state.vec_scale[:, gs:ge] ** 2 * state.importance[None, gs:ge]).reshape(-1)  # (out * n,)
+    return fit_group(vecs, vw, cfg, seed)[0]
+
+
+@dataclass
+class _ColumnLoop:
+    """The GPTQ column loop over vectors of d columns: the weight being corrected, the metric, and the
+    codebooks and codes chosen so far."""
+
+    w: Tensor  # (out, in_p) target, error-corrected as columns are quantized
+    u: Tensor  # (in_p, in_p)
+    col_scale: Tensor  # (out, in_p)
+    vec_scale: Tensor  # (out, n_vec)
+    transforms: Tensor  # (n_vec, d, d)
+    importance: Tensor  # (n_vec,)
+    group_of_vec: Tensor  # (n_vec,)
+    codebooks: Tensor  # (G, M, K, d)
+    codes: Tensor  # (out, n_vec, M)
+
+    @classmethod
+    def start(cls, target: Tensor, u: Tensor, col_scale: Tensor, cfg: VQConfig) -> "_ColumnLoop":
+        d, m = cfg.vector_dim, cfg.num_codebooks
+        out_features, in_p = target.shape
+        n_vec = in_p // d
+        transforms, importance = metric_transforms(u, d)
+        n_groups = len(group_vector_ranges(n_vec, cfg))
+        return cls(
+            w=target.clone(),
+            u=u,
+            col_scale=col_scale,
+            vec_scale=col_scale[:, ::d],
+            transforms=transforms,
+            importance=importance,
+            group_of_vec=vector_group_index(n_vec, d, cfg.group_size),
+            codebooks=torch.empty(n_groups, m, cfg.codebook_size, d, device=target.device),
+            codes=torch.empty(out_features, n_vec, m, dtype=torch.long, device=target.device),
+        )
+
+    @property
+    def n_vec(self) -> int:
+        return self.codes.shape[1]
+
+    def quantize_block(self, vs: int, ve: int, refine_passes: int) -> None:
+        """Vectors vs..ve: choose codes under the metric U_jj^-1, spread each error over the later
+        columns of the block at once, and over the columns after the block lazily (one GEMM)."""
+        d = self.codebooks.shape[-1]
         cs, ce = vs * d, ve * d
-        block = w[:, cs:ce].clone()
+        block = self.w[:, cs:ce].clone()  # (out, (ve - vs) * d)
         errors = torch.zeros_like(block)
-        u_block = u[cs:ce, cs:ce]
+        u_block = self.u[cs:ce, cs:ce]
         for j in range(vs, ve):
             lc = (j - vs) * d
-            cb = codebooks[group_of_vec[j]]  # (M, K, d)
-            t = transforms[j]
-            s = vec_scale[:, j : j + 1]
-            c = assign_additive((block[:, lc : lc + d] / s) @ t, cb @ t, cfg.refine_passes)
+            cb = self.codebooks[self.group_of_vec[j]]  # (M, K, d)
+            t = self.transforms[j]  # (d, d)
+            s = self.vec_scale[:, j : j + 1]  # (out, 1)
+            c = assign_additive((block[:, lc : lc + d] / s) @ t, cb @ t, refine_passes)  # (out, M)
             q = cb[0][c[:, 0]]
-            for i in range(1, m):
+            for i in range(1, cb.shape[0]):
                 q = q + cb[i][c[:, i]]
-            err = (block[:, lc : lc + d] - s * q) @ t
+            err = (block[:, lc : lc + d] - s * q) @ t  # (out, d)
             block[:, lc + d :] -= err @ u_block[lc : lc + d, lc + d :]
             errors[:, lc : lc + d] = err
-            codes[:, j] = c
-        w[:, ce:] -= errors @ u[cs:ce, ce:]
-    values, cb_scales = finalize_codebooks(codebooks, cfg.codebook_dtype)
-    parts = VQParts(codes, values, cb_scales, scales)
-    if cfg.finetune_steps > 0:
-        parts = finetune(target, h, parts, cfg)
-    return parts
+            self.codes[:, j] = c
+        self.w[:, ce:] -= errors @ self.u[cs:ce, ce:]
 
 
 class _AdditiveDecoder:
@@ -144,9 +204,8 @@ class _AdditiveDecoder:
     def __init__(self, codes: Tensor, codebook_shape: tuple[int, ...], cfg: VQConfig):
         g, m, k, d = codebook_shape
         out_features, n_vec, _ = codes.shape
-        group_of_vec = vector_group_index(n_vec, d, cfg.group_size, device=codes.device)
-        base = (group_of_vec[None, :, None] * m + torch.arange(m, device=codes.device)[None, None, :]) * k
-        self.flat_index = [(base[..., i] + codes[..., i]).reshape(-1) for i in range(m)]
+        index = flat_code_index(codes, codebook_shape, d, cfg.group_size)  # (out, n_vec, M)
+        self.flat_index = [index[..., i].reshape(-1) for i in range(m)]
         self.shape = (out_features, n_vec, d)
         self.num_entries = g * m * k
 

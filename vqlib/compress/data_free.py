@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vqlib.core.seeds import derive_seed
+
 from .codebooks import VQParts, column_scales, fit_additive_codebooks, rms_scales, round_codebook
 from .config import VQConfig
 from .format import vector_group_index
@@ -38,11 +40,6 @@ def fit_group(vectors: Tensor, weights: Tensor | None, cfg: VQConfig, seed: int)
     )
 
 
-def finalize_codebooks(codebooks: Tensor, codebook_dtype: str) -> tuple[Tensor, Tensor | None]:
-    """Stored values and int8 scales of all (G, M, K, d) codebooks (idempotent on rounded values)."""
-    return round_codebook(codebooks, codebook_dtype)
-
-
 def quantize_data_free(weight: Tensor, cfg: VQConfig, seed: int) -> VQParts:
     """VQ of a float32 (out, in) weight without data.
 
@@ -65,8 +62,8 @@ def quantize_data_free(weight: Tensor, cfg: VQConfig, seed: int) -> VQParts:
     for g, (start, end) in enumerate(ranges):
         v = vectors[:, start:end].reshape(-1, d)
         w = None if vec_weight is None else vec_weight[:, start:end].reshape(-1)
-        cb, c = fit_group(v, w, cfg, seed + 7919 * g)
+        cb, c = fit_group(v, w, cfg, derive_seed(seed, "codebook_group", g))
         codebooks[g] = cb
         codes[:, start:end] = c.reshape(out_features, end - start, cfg.num_codebooks)
-    values, cb_scales = finalize_codebooks(codebooks, cfg.codebook_dtype)
+    values, cb_scales = round_codebook(codebooks, cfg.codebook_dtype)
     return VQParts(codes, values, cb_scales, scales)

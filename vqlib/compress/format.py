@@ -283,15 +283,21 @@ def vector_group_index(num_vectors: int, vector_dim: int, group: int | None, dev
     return torch.arange(num_vectors, device=device) * vector_dim // group
 
 
+def flat_code_index(codes: Tensor, codebook_shape: tuple[int, ...], vector_dim: int, group_size: int | None) -> Tensor:
+    """Row of each selected entry in the codebooks flattened to (G * M * K, d): codes (out, n_vec, M) -> same shape."""
+    _, m, k, _ = codebook_shape
+    group_of_vec = vector_group_index(codes.shape[1], vector_dim, group_size, device=codes.device)  # (n_vec,)
+    book = group_of_vec[None, :, None] * m + torch.arange(m, device=codes.device)[None, None, :]  # (1, n_vec, M)
+    return book * k + codes
+
+
 def decode_vectors(codes: Tensor, codebooks: Tensor, vector_dim: int, group_size: int | None) -> Tensor:
     """Sum of the selected codebook entries: codes (out, n_vec, M) int64 -> (out, n_vec, d) float."""
-    g, m, k, d = codebooks.shape
-    group_of_vec = vector_group_index(codes.shape[1], vector_dim, group_size, device=codes.device)
-    base = (group_of_vec[None, :, None] * m + torch.arange(m, device=codes.device)[None, None, :]) * k
-    flat = codebooks.reshape(g * m * k, d)
-    out = flat[base[..., 0] + codes[..., 0]]
-    for i in range(1, m):
-        out = out + flat[base[..., i] + codes[..., i]]
+    index = flat_code_index(codes, tuple(codebooks.shape), vector_dim, group_size)  # (out, n_vec, M)
+    flat = codebooks.reshape(-1, codebooks.shape[-1])  # (G * M * K, d)
+    out = flat[index[..., 0]]
+    for i in range(1, index.shape[-1]):
+        out = out + flat[index[..., i]]
     return out
 
 
