@@ -41,9 +41,13 @@ def kmeans(
     centroids = x[start].clone()  # (k, d)
     if spherical:
         centroids = torch.nn.functional.normalize(centroids, dim=-1)
+    weighted = torch.cat([x * w[:, None], w[:, None]], 1).double()  # (n, d + 1): the sums' terms, made once
     for _ in range(num_iters):
         assign = nearest_code(x, centroids)  # (n,)
-        centroids = _update(x, w, assign, centroids, spherical)
+        updated = _update(x, w, weighted, assign, centroids, spherical)
+        if torch.equal(updated, centroids):  # a fixed point: further iterations change nothing
+            break
+        centroids = updated
     return centroids
 
 
@@ -66,13 +70,14 @@ def _checked(x: Tensor, num_clusters: int, weights: Tensor | None) -> tuple[int,
     return n, weights.detach().float().to(x.device)
 
 
-def _update(x: Tensor, w: Tensor, assign: Tensor, centroids: Tensor, spherical: bool) -> Tensor:
-    """Weighted means of the assigned vectors; empty clusters take the worst-represented vectors."""
+def _update(x: Tensor, w: Tensor, weighted: Tensor, assign: Tensor, centroids: Tensor, spherical: bool) -> Tensor:
+    """Weighted means of the assigned vectors; empty clusters take the worst-represented vectors.
+
+    ``weighted`` (n, d + 1) float64 holds each vector times its weight, then the weight."""
     k, d = centroids.shape
     # One float64 bincount over (vector, column) pairs: faster than index_add_ on CPU, exact for sums.
-    cols = torch.cat([x * w[:, None], w[:, None]], 1).double()  # (n, d + 1): weighted vector, weight
     slots = (assign[:, None] * (d + 1) + torch.arange(d + 1, device=x.device)).reshape(-1)
-    acc = torch.bincount(slots, weights=cols.reshape(-1), minlength=k * (d + 1)).reshape(k, d + 1)
+    acc = torch.bincount(slots, weights=weighted.reshape(-1), minlength=k * (d + 1)).reshape(k, d + 1)
     sums, mass = acc[:, :d], acc[:, d]
     used = mass > 0
     new = centroids.clone()
