@@ -10,7 +10,8 @@ perplexity on held-out text, compression time and size. Set-up and texts: see be
     python benchmarks/bench_llm.py --methods fp32,vq-df,hqq --bits 2 --eval-chunks 8 --json out.json
 
 Methods (``--methods``, comma separated): fp32 (reference), vq-df (vqlib data-free VQ), vq-cal
-(vqlib calibrated VQ), vq-budget (vqlib calibrated with ``target_bits_per_weight`` = the uniform
+(vqlib calibrated VQ), vq-e2e (vq-cal, then ``finetune_end_to_end`` against the fp32 model's logits,
+``--e2e-steps`` Adam steps on batches of 2 calibration chunks), vq-budget (vqlib calibrated with ``target_bits_per_weight`` = the uniform
 vq-cal format's bits, allocated per layer), rtn (vqlib scalar round-to-nearest, g128), hqq (PyPI
 ``hqq``, data-free, axis 1, g128, its fp16 scale and zero per group counted), gptq (through
 ``gptqmodel``, when it is installed and runs here). Every method compresses the same 210 linear
@@ -49,7 +50,8 @@ VQ_FORMATS = {
     4: dict(vector_dim=4, num_codebooks=2, codebook_bits=8, group_size=128),
 }
 SCALAR_GROUP = 128
-ALL_METHODS = ("fp32", "vq-df", "vq-cal", "vq-budget", "rtn", "hqq", "gptq")
+E2E = dict(steps=24, batch_size=2)  # vq-e2e: Adam steps and calibration chunks per step (--e2e-steps)
+ALL_METHODS = ("fp32", "vq-df", "vq-cal", "vq-e2e", "vq-budget", "rtn", "hqq", "gptq")
 
 
 class Skip(Exception):
@@ -102,6 +104,17 @@ def run_vq_df(ref, bits, cal):
 def run_vq_cal(ref, bits, cal):
     model, layers, _ = _vq(ref, dict(algorithm="calibrated", **VQ_FORMATS[bits]), cal)
     return model, layers, _fmt(VQ_FORMATS[bits])
+
+
+def run_vq_e2e(ref, bits, cal):
+    from vqlib.compress.end_to_end import EndToEndConfig, finetune_end_to_end
+
+    model, layers, _ = _vq(ref, dict(algorithm="calibrated", **VQ_FORMATS[bits]), cal)
+    ids = torch.cat([b["input_ids"] for b in cal])
+    small = [dict(b, use_cache=False) for b in calibration_batches(ids, batch_size=E2E["batch_size"])]
+    report = finetune_end_to_end(model, ref, small, EndToEndConfig(steps=E2E["steps"]))
+    print(report, flush=True)
+    return model, layers, f"{_fmt(VQ_FORMATS[bits])} + e2e {E2E['steps']} steps"
 
 
 def run_vq_budget(ref, bits, cal):
@@ -179,6 +192,7 @@ RUNNERS = {
     "fp32": run_fp32,
     "vq-df": run_vq_df,
     "vq-cal": run_vq_cal,
+    "vq-e2e": run_vq_e2e,
     "vq-budget": run_vq_budget,
     "rtn": run_rtn,
     "hqq": run_hqq,
@@ -245,6 +259,7 @@ def parse_args(argv=None):
     p.add_argument("--bits", default="2,3,4", help="comma separated bit widths (2, 3, 4)")
     p.add_argument("--eval-chunks", type=int, default=EVAL_CHUNKS, help="256-token evaluation chunks")
     p.add_argument("--calibration-chunks", type=int, default=CALIBRATION_CHUNKS, help="256-token calibration chunks")
+    p.add_argument("--e2e-steps", type=int, default=E2E["steps"], help="vq-e2e: end-to-end fine-tune steps")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
@@ -261,6 +276,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     setup_threads(args.threads)
+    E2E["steps"] = args.e2e_steps
     torch.manual_seed(0)
     ref, tok = load_smollm2()
     ev, cal_ids = eval_and_calibration_ids(tok, args.eval_chunks, args.calibration_chunks)

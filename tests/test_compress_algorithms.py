@@ -102,6 +102,46 @@ def test_error_feedback_and_finetune_lower_the_output_error():
     assert tuned < 0.97 * gptq
 
 
+@pytest.mark.parametrize("warm_iters", [0, 3])
+def test_later_codebook_groups_warm_start_from_the_previous_group(monkeypatch, warm_iters):
+    from vqlib.compress import codebooks
+
+    calls = []
+
+    def recording_kmeans(x, k, *, num_iters, init=None, **kwargs):
+        calls.append((num_iters, init is not None))
+        return real_kmeans(x, k, num_iters=num_iters, init=init, **kwargs)
+
+    real_kmeans = codebooks.kmeans
+    monkeypatch.setattr(codebooks, "kmeans", recording_kmeans)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 96, generator=gen)
+    cfg = VQConfig(vector_dim=4, codebook_bits=5, group_size=32, kmeans_iters=10, kmeans_warm_iters=warm_iters)
+    gptq_vq(w, torch.eye(96), cfg, 0)
+    expected = [(10, False)] + [(3, True)] * 2 if warm_iters else [(10, False)] * 3
+    assert calls == expected
+
+
+def test_act_order_visits_salient_groups_first_and_keeps_the_format():
+    # Input energy rises along the columns, with outliers in the last group: in storage order the
+    # salient columns are quantized last, when no columns are left to absorb their error.
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 96, generator=gen)
+    energy = torch.linspace(0.1, 1, 96)
+    energy[80:] *= 20
+    x = torch.randn(1024, 96, generator=gen) @ (torch.randn(96, 96, generator=gen) * 0.3 + torch.eye(96)) * energy
+    h = x.T @ x / 1024
+    base = VQConfig(vector_dim=4, codebook_bits=5, group_size=32, kmeans_iters=10, finetune_steps=0)
+    ordered = VQConfig(**{**base.to_dict(), "act_order": True})
+    plain_err = _layer_output_error(gptq_vq(w, h, base, 0), w, h, base)
+    act_err = _layer_output_error(gptq_vq(w, h, ordered, 0), w, h, ordered)
+    assert act_err < 0.9 * plain_err
+    # Equal energies: act-order is the storage order, so the result is bit-identical.
+    flat = torch.eye(96)
+    a, b = gptq_vq(w, flat, base, 0), gptq_vq(w, flat, ordered, 0)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.codebooks, b.codebooks)
+
+
 @pytest.mark.parametrize(
     "fields",
     [

@@ -39,6 +39,20 @@ def test_no_centroid_is_wasted_when_clusters_empty():
     assert objective(x, c) == pytest.approx(0.0, abs=1e-8)
 
 
+def test_warm_start_from_a_neighbouring_solution_needs_fewer_iterations():
+    # Two draws of the same distribution (as two codebook groups of one layer): the first's
+    # centroids start the second better than random rows do, at the same iteration count.
+    gen = torch.Generator().manual_seed(5)
+    a, b = torch.randn(4000, 4, generator=gen), torch.randn(4000, 4, generator=gen)
+    first = kmeans(a, 64, num_iters=25, seed=0)
+    warm = kmeans(b, 64, num_iters=1, seed=0, init=first)
+    cold = kmeans(b, 64, num_iters=1, seed=0)
+    assert objective(b, warm) < 0.97 * objective(b, cold)
+    assert torch.equal(kmeans(b, 64, num_iters=0, init=first), first)  # zero iterations: the start itself
+    with pytest.raises(ValueError, match=r"init must have shape \(64, 4\)"):
+        kmeans(b, 64, init=first[:10])
+
+
 def test_spherical_centroids_are_unit_vectors():
     x = torch.nn.functional.normalize(torch.randn(500, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
     c = kmeans(x, 16, num_iters=5, seed=0, spherical=True)

@@ -17,6 +17,7 @@ The storage format is documented in ``vqlib.compress.format``; the algorithms ar
 from . import hf_integration
 from .api import compress
 from .config import VQConfig
+from .end_to_end import EndToEndConfig, EndToEndReport, finetune_end_to_end
 from .format import FORMAT_VERSION, VQLinear
 from .io import load_compressed, push_to_hub, save_compressed
 from .report import CompressionReport, LayerReport
@@ -25,11 +26,14 @@ from .scalar import ScalarLinear
 __all__ = [
     "FORMAT_VERSION",
     "CompressionReport",
+    "EndToEndConfig",
+    "EndToEndReport",
     "LayerReport",
     "ScalarLinear",
     "VQConfig",
     "VQLinear",
     "compress",
+    "finetune_end_to_end",
     "load_compressed",
     "push_to_hub",
     "save_compressed",

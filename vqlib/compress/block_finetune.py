@@ -25,7 +25,7 @@ from .format import VQLinear, decode_weight, unpack_codes
 _LEARNING_RATE = 1e-3
 
 
-class _TrainableVQ(nn.Module):
+class TrainableVQ(nn.Module):
     """A VQLinear with float codebook values and scale multipliers as parameters (codes fixed)."""
 
     def __init__(self, layer: VQLinear):
@@ -78,8 +78,9 @@ def _swap_all(block: nn.Module, old_to_new: dict[nn.Module, nn.Module]) -> None:
 
 
 @contextmanager
-def _trainable(block: nn.Module, layers: list[VQLinear]) -> Iterator[list[_TrainableVQ]]:
-    wrappers = [_TrainableVQ(lay) for lay in layers]
+def trainable_vq(block: nn.Module, layers: list[VQLinear]) -> Iterator[list[TrainableVQ]]:
+    """Swap ``layers`` inside ``block`` for trainable wrappers (float codebooks, scale multipliers) while inside."""
+    wrappers = [TrainableVQ(lay) for lay in layers]
     _swap_all(block, {lay: w for lay, w in zip(layers, wrappers)})
     try:
         yield wrappers
@@ -118,10 +119,9 @@ def finetune_block(
     device = next(iter(block.parameters()), torch.zeros(())).device
     if not layers or steps <= 0:
         return float("nan"), float("nan")
-    saved = [{k: v.clone() for k, v in lay.state_dict().items()} for lay in layers]
-    caches = [lay.weight_cache for lay in layers]
+    saved, caches = snapshot(layers)
     before = _mean_loss(runs, xs, targets, masks, device)
-    with torch.enable_grad(), _trainable(block, layers) as wrappers:
+    with torch.enable_grad(), trainable_vq(block, layers) as wrappers:
         params = [p for w in wrappers for p in w.parameters()]
         opt = torch.optim.Adam(params, lr=_LEARNING_RATE)
         for step in range(steps):
@@ -132,12 +132,26 @@ def finetune_block(
         with torch.no_grad():
             for w in wrappers:
                 w.store()
-    for lay in layers:
-        lay.cache_dequantized_weight(None if lay.weight_cache is None else lay.weight_cache.dtype)
+    refresh_caches(layers)
     after = _mean_loss(runs, xs, targets, masks, device)
     if after >= before:
-        for lay, state, cache in zip(layers, saved, caches):
-            lay.load_state_dict(state)
-            lay.weight_cache = cache
+        restore(layers, saved, caches)
         return before, before
     return before, after
+
+
+def refresh_caches(layers: list[VQLinear]) -> None:
+    """Re-dequantize the cached weights of layers whose stored values changed."""
+    for lay in layers:
+        lay.cache_dequantized_weight(None if lay.weight_cache is None else lay.weight_cache.dtype)
+
+
+def snapshot(layers: list[VQLinear]) -> tuple[list[dict[str, Tensor]], list[Tensor | None]]:
+    """Copies of the layers' stored tensors and their weight caches, for ``restore``."""
+    return [{k: v.clone() for k, v in lay.state_dict().items()} for lay in layers], [lay.weight_cache for lay in layers]
+
+
+def restore(layers: list[VQLinear], saved: list[dict[str, Tensor]], caches: list[Tensor | None]) -> None:
+    for lay, state, cache in zip(layers, saved, caches):
+        lay.load_state_dict(state)
+        lay.weight_cache = cache

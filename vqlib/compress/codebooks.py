@@ -68,6 +68,7 @@ def fit_additive_codebooks(
     points_per_centroid: int,
     refine_passes: int,
     seed: int,
+    init: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Residual (weighted) k-means for additive codebooks, rounded to storage values.
 
@@ -75,6 +76,7 @@ def fit_additive_codebooks(
     Each codebook is trained on at most ``points_per_centroid * K`` sampled residuals (seeded);
     assignments always use every vector. Refinement passes alternate (weighted) centroid updates
     of one codebook given the others with re-assignment, like k-means on the additive model.
+    ``init`` (M, K, d) warm-starts each codebook's k-means.
     """
     n, d = vectors.shape
     if n < codebook_size:
@@ -88,7 +90,9 @@ def fit_additive_codebooks(
     for i in range(num_codebooks):
         train = residual if sample is None else residual[sample]
         w = None if weights is None else (weights if sample is None else weights[sample])
-        centroids = kmeans(train, codebook_size, num_iters=kmeans_iters, seed=seed + i, weights=w).to(vectors.device)
+        start = None if init is None else init[i]
+        centroids = kmeans(train, codebook_size, num_iters=kmeans_iters, seed=seed + i, weights=w, init=start)
+        centroids = centroids.to(vectors.device)
         codebooks[i] = round_codebook(centroids, codebook_dtype)[0]
         codes[:, i] = nearest_code(residual, codebooks[i])
         residual -= codebooks[i][codes[:, i]]

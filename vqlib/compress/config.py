@@ -64,6 +64,11 @@ class VQConfig:
     costs a second forward per batch and keeps the original weights until ``compress`` returns.
     ``damping`` (GPTQ's percdamp) and ``target_damping`` (ridge of that output regression, pulling
     it towards the original weights) are fractions of the mean Hessian diagonal.
+    ``kmeans_warm_iters`` (calibrated): the k-means iterations of every codebook group after a layer's first,
+    which starts from the previous group's codebooks (``kmeans_iters`` for the first group; 0 starts every group
+    from random rows with ``kmeans_iters``).
+    ``act_order`` (calibrated): GPTQ's act-order with static groups: the column loop visits codebook groups
+    by decreasing input energy (diag H) and each group's vectors likewise; the format is unchanged.
     ``block_size`` (GPTQ columns per lazy-update block) is rounded down to a multiple of vector_dim.
     ``block_finetune_steps`` (depth-linear path with the original-output target): Adam steps, one
     calibration batch each, on each compressed block's codebooks and scales against the original
@@ -91,10 +96,12 @@ class VQConfig:
     skip_types: list[str] = field(default_factory=list)
     min_weights: int = 0
     kmeans_iters: int = 25
+    kmeans_warm_iters: int = 8
     kmeans_points_per_centroid: int = 256
     refine_passes: int = 1
     block_size: int = 128
     damping: float = 0.03
+    act_order: bool = False
     target_damping: float = 0.1
     finetune_steps: int = 8
     original_output_target: bool = True
@@ -111,6 +118,9 @@ class VQConfig:
             _need_choice(self, name, choices() if callable(choices) else choices)
         for name, (lo, hi) in _INT_RANGES.items():
             _need_int(self, name, lo, hi)
+        for name in ("act_order", "original_output_target", "strict"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"VQConfig.{name}: expected True or False, got {getattr(self, name)!r}")
         self._check_multiples()
         self._check_floats()
         self._check_filters()
@@ -216,6 +226,7 @@ _INT_RANGES: dict[str, tuple[int, int | None]] = {
     "scalar_group_size": (1, None),
     "min_weights": (0, None),
     "kmeans_iters": (1, None),
+    "kmeans_warm_iters": (0, None),
     "kmeans_points_per_centroid": (1, None),
     "refine_passes": (0, None),
     "block_size": (1, None),

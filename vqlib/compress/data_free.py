@@ -26,14 +26,19 @@ def group_vector_ranges(num_vectors: int, cfg: VQConfig) -> list[tuple[int, int]
     return [(g * per, min(num_vectors, (g + 1) * per)) for g in range(n_groups)]
 
 
-def fit_group(vectors: Tensor, weights: Tensor | None, cfg: VQConfig, seed: int) -> tuple[Tensor, Tensor]:
+def fit_group(
+    vectors: Tensor, weights: Tensor | None, cfg: VQConfig, seed: int, init: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Codebooks (M, K, d) and codes (n, M) of one group; ``init`` (M, K, d), e.g. the previous group's
+    codebooks, warm-starts k-means for ``cfg.kmeans_warm_iters`` iterations instead of ``cfg.kmeans_iters``."""
     return fit_additive_codebooks(
         vectors,
         weights,
         num_codebooks=cfg.num_codebooks,
         codebook_size=cfg.codebook_size,
         codebook_dtype=cfg.codebook_dtype,
-        kmeans_iters=cfg.kmeans_iters,
+        kmeans_iters=cfg.kmeans_iters if init is None else cfg.kmeans_warm_iters,
+        init=init,
         points_per_centroid=cfg.kmeans_points_per_centroid,
         refine_passes=cfg.refine_passes,
         seed=seed,

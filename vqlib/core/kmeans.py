@@ -25,21 +25,19 @@ def kmeans(
     seed: int = 0,
     weights: Tensor | None = None,
     spherical: bool = False,
+    init: Tensor | None = None,
 ) -> Tensor:
     """Cluster rows of ``x`` (n, d) into ``num_clusters`` centroids (float32 (k, d), on ``x``'s device).
 
     Starts from ``num_clusters`` distinct rows drawn with ``seed``; ``weights`` (n,) weights each
     vector in the centroid updates; ``spherical`` keeps the centroids on the unit sphere. A cluster
     left empty is moved to the vector that is currently worst represented, so no centroid is wasted.
-    Requires ``n >= num_clusters``.
+    ``init`` (k, d) starts from given centroids instead (a warm start, e.g. a neighbouring group's
+    codebook). Stops early at a fixed point. Requires ``n >= num_clusters``.
     """
     n, w = _checked(x, num_clusters, weights)
     x = x.detach().float()
-    # seed + 1 draws the same rows as Faiss' Kmeans(seed=seed) (the engine vqlib used before; both shuffle with
-    # the Mersenne Twister), so codebooks made by earlier versions are reproduced.
-    gen = torch.Generator().manual_seed(seed + 1)
-    start = torch.randperm(n, generator=gen)[:num_clusters].to(x.device)
-    centroids = x[start].clone()  # (k, d)
+    centroids = _initial(x, num_clusters, seed, init)  # (k, d)
     if spherical:
         centroids = torch.nn.functional.normalize(centroids, dim=-1)
     weighted = torch.cat([x * w[:, None], w[:, None]], 1).double()  # (n, d + 1): the sums' terms, made once
@@ -50,6 +48,17 @@ def kmeans(
             break
         centroids = updated
     return centroids
+
+
+def _initial(x: Tensor, num_clusters: int, seed: int, init: Tensor | None) -> Tensor:
+    if init is not None:
+        if init.shape != (num_clusters, x.shape[1]):
+            raise ValueError(f"kmeans: init must have shape ({num_clusters}, {x.shape[1]}), got {tuple(init.shape)}")
+        return init.detach().float().to(x.device).clone()
+    # seed + 1 draws the same rows as Faiss' Kmeans(seed=seed) (the engine vqlib used before; both shuffle with
+    # the Mersenne Twister), so codebooks made by earlier versions are reproduced.
+    gen = torch.Generator().manual_seed(seed + 1)
+    return x[torch.randperm(x.shape[0], generator=gen)[:num_clusters].to(x.device)].clone()
 
 
 def _checked(x: Tensor, num_clusters: int, weights: Tensor | None) -> tuple[int, Tensor]:
