@@ -98,8 +98,11 @@ def _relative_error(weight: Tensor, dequant: Tensor, stats: LayerStats | None) -
     if stats.cross is None:
         base = output_error(torch.zeros_like(weight), weight, h)
         return math.sqrt(output_error(dequant, weight, h) / max(base, 1e-30)), "layer"
-    cross, ref = stats.cross.to(weight.device), stats.reference.to(weight.device)
-    base = float(((weight @ ref) * weight).sum())
+    cross = stats.cross.to(weight.device)
+    if stats.reference is not None:
+        base = float(((weight @ stats.reference.to(weight.device)) * weight).sum())
+    else:  # measured on the original layer's outputs while its inputs were recorded
+        base = stats.reference_power
     err = float(((dequant @ h) * dequant).sum()) - 2 * float((dequant * (weight @ cross)).sum()) + base
     return math.sqrt(max(err, 0.0) / max(base, 1e-30)), "output"
 

@@ -29,6 +29,7 @@ from .calibration import (
     accumulate_statistics,
     batch_token_mask,
     checked_run,
+    flat_tokens,
     layer_input,
 )
 
@@ -273,15 +274,18 @@ def _block_passes(
         finally:
             session.use_original(False)
 
-    replay = recorded.inputs if (reference and recorded is not None) else [None] * len(inputs)
+    replayed = reference and recorded is not None
+    replay = recorded.inputs if replayed else [None] * len(inputs)
+    powers = recorded.powers if replayed else [None] * len(inputs)
     return [
         BatchPass(
             run=lambda inp=inp, x=x: inp.call(block, x.to(device)),
             run_reference=(lambda inp=inp, x=xr: original(inp, x)) if reference else None,
             mask=mask,
             reference_inputs=rec,
+            reference_powers=power,
         )
-        for inp, x, xr, mask, rec in zip(inputs, streams.compressed, streams.original, masks, replay)
+        for inp, x, xr, mask, rec, power in zip(inputs, streams.compressed, streams.original, masks, replay, powers)
     ]
 
 
@@ -294,9 +298,11 @@ RECORD_BUDGET_BYTES = 2 << 30
 @dataclass
 class Recorded:
     """One pass of the original block over the original stream: per batch, the inputs of the
-    selected layers (one tensor per call) and the block's output (the next original stream)."""
+    selected layers (one tensor per call), their output power (the sum over counted tokens of
+    ||x_ref W^T||^2, all calls) and the block's output (the next original stream)."""
 
     inputs: list[dict[str, list[Tensor]]]
+    powers: list[dict[str, float]]
     outputs: list[Tensor]
 
 
@@ -306,17 +312,22 @@ def record_original(
     layers: dict[str, nn.Module],
     inputs: list[BlockInput],
     streams: Streams,
+    masks: list[Tensor | None],
     session: BlockSession,
 ) -> Recorded | None:
-    """Run the original block once per batch, keeping its selected layers' inputs; None (nothing
-    kept) as soon as the kept inputs extrapolate to more than ``RECORD_BUDGET_BYTES`` for all batches."""
+    """Run the original block once per batch, keeping its selected layers' inputs and output power
+    (the reported errors' denominator, here for free instead of an (in, in) moment per layer); None
+    (nothing kept) as soon as the kept inputs extrapolate to more than ``RECORD_BUDGET_BYTES`` for all batches."""
     per_batch: list[dict[str, list[Tensor]]] = []
+    powers: list[dict[str, float]] = []
     handles = [layers[n].register_forward_pre_hook(_recorder(n, per_batch), with_kwargs=True) for n in names]
+    handles += [layers[n].register_forward_hook(_power_meter(n, powers, masks)) for n in names]
     outputs, kept = [], 0
     session.use_original(True)
     try:
         for inp, x in zip(inputs, streams.original):
             per_batch.append({})
+            powers.append({})
             outputs.append(inp.call(block, x.to(_device_of(block))).detach().cpu())
             unique = {id(t): t for ts in per_batch[-1].values() for t in ts}.values()  # q/k/v share one
             kept += sum(t.numel() * t.element_size() for t in unique)
@@ -326,7 +337,18 @@ def record_original(
         session.use_original(False)
         for h in handles:
             h.remove()
-    return Recorded(per_batch, outputs)
+    return Recorded(per_batch, powers, outputs)
+
+
+def _power_meter(name: str, powers: list[dict[str, float]], masks: list[Tensor | None]) -> Callable:
+    def hook(module, args, output):
+        y = output.detach()
+        if getattr(module, "bias", None) is not None:
+            y = y - module.bias.detach()  # the reported error compares weights: x W^T, without the bias
+        flat = flat_tokens(y, masks[len(powers) - 1])
+        powers[-1][name] = powers[-1].get(name, 0.0) + float(flat.double().pow(2).sum())
+
+    return hook
 
 
 def _recorder(name: str, per_batch: list[dict[str, list[Tensor]]]) -> Callable:
@@ -352,7 +374,9 @@ def compress_block(
     inputs (within ``RECORD_BUDGET_BYTES``); its outputs (the next original stream) are returned,
     None when nothing was recorded."""
     names = [n for g in groups for n in g]
-    recorded = record_original(block, names, layers, inputs, streams, session) if session.keep_originals else None
+    recorded = (
+        record_original(block, names, layers, inputs, streams, masks, session) if session.keep_originals else None
+    )
     for group in groups:
         untouched = session.nothing_compressed()
         reference = session.keep_originals and not untouched

@@ -133,11 +133,14 @@ class LayerStats:
     ``hessian`` = X^T X / n for the inputs X the layer gets in the partly compressed model.
     With a reference pass (the original layers swapped back in), ``cross`` = X_ref^T X / n and
     ``reference`` = X_ref^T X_ref / n pair every token with its input in the original model.
+    ``reference`` only serves the reported error's denominator tr(W R W^T); when the original
+    layer's outputs were measured (``reference_power``), it is not computed.
     """
 
     hessian: Tensor
     cross: Tensor | None = None
     reference: Tensor | None = None
+    reference_power: float | None = None  # instead of ``reference``: mean ||x_ref W^T||^2 per token
 
 
 @dataclass
@@ -152,9 +155,10 @@ class BatchPass:
     run_reference: Callable[[], Any] | None = None
     mask: Tensor | None = None
     reference_inputs: dict[str, list[Tensor]] | None = None  # recorded original inputs: replayed, not re-run
+    reference_powers: dict[str, float] | None = None  # recorded: sum of ||x_ref W^T||^2 over counted tokens
 
 
-def _flat_tokens(x: Tensor, mask: Tensor | None) -> Tensor:
+def flat_tokens(x: Tensor, mask: Tensor | None) -> Tensor:
     feats = x.detach()
     if mask is not None and tuple(feats.shape[:-1]) == tuple(mask.shape):
         feats = feats[mask.to(feats.device)]
@@ -183,6 +187,8 @@ class _StatsHooks:
         self.owner: dict[str, int] = {}
         self.seen: dict[int, tuple[Tensor, int]] = {}  # this batch's inputs (kept alive so ids stay unique)
         self.ref_inputs: dict[str, list[Tensor]] = {}
+        self.powers: dict[str, float] = {}  # per layer, from recorded batches
+        self.powers_given = False  # this batch brings its reference powers: no (in, in) R moment
         self.mask: Tensor | None = None
         self.reference_pass = False
         self.calls: dict[str, int] = {}
@@ -204,7 +210,7 @@ class _StatsHooks:
         entry = self.seen.get(id(x))
         if entry is None or entry[0] is not x:
             key = self.owner.get(name, len(self.sums))
-            feats = _flat_tokens(x, self.mask)
+            feats = flat_tokens(x, self.mask)
             acc = self.sums.setdefault(key, {})
             self.counts[key] = self.counts.get(key, 0) + feats.shape[0]
             _accumulate(acc, "hessian", feats, feats)
@@ -214,15 +220,20 @@ class _StatsHooks:
                         f"calibration: layer {name!r} is called more often with compressed layers than "
                         "in the original model; the original-output target needs the same call pattern"
                     )
-                ref = _flat_tokens(self.ref_inputs[name][call - 1], self.mask)
+                ref = flat_tokens(self.ref_inputs[name][call - 1], self.mask)
                 _accumulate(acc, "cross", ref, feats)
-                _accumulate(acc, "reference", ref, ref)
+                if not self.powers_given:
+                    _accumulate(acc, "reference", ref, ref)
             self.seen[id(x)] = (x, key)
         self.owner.setdefault(name, self.seen[id(x)][1])
 
     def run(self, batch_pass: BatchPass) -> None:
         """One batch: the reference pass (if any), then the compressed pass."""
         self.mask = batch_pass.mask
+        self.powers_given = self.with_reference and batch_pass.reference_powers is not None
+        if self.powers_given:
+            for name in self.layers:
+                self.powers[name] = self.powers.get(name, 0.0) + batch_pass.reference_powers.get(name, 0.0)
         try:
             if self.with_reference and batch_pass.reference_inputs is not None:
                 self.ref_inputs = {n: list(batch_pass.reference_inputs.get(n, [])) for n in self.layers}
@@ -249,7 +260,8 @@ class _StatsHooks:
             if self.counts[key] == 0:
                 raise ValueError(f"calibration: layer {name!r} saw no tokens (every token masked out?)")
             acc = {k: v / self.counts[key] for k, v in self.sums[key].items()}
-            out[name] = LayerStats(acc["hessian"], acc.get("cross"), acc.get("reference"))
+            power = self.powers[name] / self.counts[key] if name in self.powers and "reference" not in acc else None
+            out[name] = LayerStats(acc["hessian"], acc.get("cross"), acc.get("reference"), power)
         return out
 
 
