@@ -85,9 +85,12 @@ def gptq_vq(weight: Tensor, hessian: Tensor, cfg: VQConfig, seed: int, cross: Te
     d = cfg.vector_dim
     ranges = group_vector_ranges(target.shape[1] // d, cfg)
     order, groups = vector_order(h, ranges, d, cfg.act_order)  # (n_vec,) storage index of each processed vector
-    cols = (order[:, None] * d + torch.arange(d, device=order.device)).reshape(-1)  # (in_p,)
-    u = inverse_hessian_factor(h[cols][:, cols])  # the GPTQ metric in processing order
-    state = _ColumnLoop.start(target[:, cols], u, col_scale[:, cols], order, cfg)
+    h_p, target_p, col_scale_p = h, target, col_scale
+    if cfg.act_order:  # permuted copies only when the processing order is not the storage order
+        cols = (order[:, None] * d + torch.arange(d, device=order.device)).reshape(-1)  # (in_p,)
+        h_p, target_p, col_scale_p = h[cols][:, cols], target[:, cols], col_scale[:, cols]
+    u = inverse_hessian_factor(h_p)  # the GPTQ metric in processing order
+    state = _ColumnLoop.start(target_p, u, col_scale_p, order, cfg)
     starts = group_starts(ranges, groups)
     previous = None
     for vs, ve in block_bounds(state.n_vec, cfg.block_size // d, starts):
