@@ -69,6 +69,7 @@ class Decision:
 _KERNELS: list[Kernel] = []
 _BROKEN: dict[str, str] = {}  # kernel name -> build error
 _LOGGED: set[tuple] = set()
+_MEMO_SIZE = 16  # decisions remembered per layer (see _decide)
 
 
 def register_kernel(kernel: Kernel) -> None:
@@ -109,7 +110,7 @@ def _deliberate_reference(layer: nn.Module, x: Tensor) -> str | None:
         return f"{ENV_SWITCH}=reference forces the reference path"
     if getattr(layer, "weight_cache", None) is not None:
         return "the layer holds a dequantized weight cache (cache_dequantized_weight): F.linear on it"
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters())):
+    if _grad_needed(layer, x):
         return "gradients are needed and the kernels have no backward; the reference path is differentiable"
     return None
 
@@ -165,18 +166,58 @@ def _log_once(layer: nn.Module, x: Tensor, decision: Decision) -> None:
     logger.info(message)
 
 
+def _grad_needed(layer: nn.Module, x: Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters()))
+
+
+def _memo_key(layer: nn.Module, x: Tensor) -> tuple:
+    """Everything ``explain`` reads that can change between two calls on the same layer.
+
+    The registry's state enters by identity and size (tests swap the containers); the layer's format is
+    fixed, but its buffers may move to another device.
+    """
+    return (
+        x.dtype,
+        x.device,
+        x.shape,
+        os.environ.get(ENV_SWITCH, "auto"),
+        _grad_needed(layer, x),
+        getattr(layer, "weight_cache", None) is not None,
+        layer._buffers["codes"].device if "codes" in layer._buffers else None,
+        id(_KERNELS),
+        len(_KERNELS),
+        id(_BROKEN),
+        len(_BROKEN),
+    )
+
+
+def _decide(layer: nn.Module, x: Tensor) -> Decision:
+    """``explain``, memoized per layer and input signature: decoding calls every layer once per token with
+    the same shapes, and the full explanation (format checks, reasons) costs more than a small kernel call."""
+    if torch.compiler.is_compiling():  # dynamo traces this: no memo mutation, no logging (the eager call logged)
+        return explain(layer, x)
+    memo = layer.__dict__.setdefault("_kernels_decisions", {})
+    key = _memo_key(layer, x)
+    decision = memo.get(key)
+    if decision is None:
+        decision = explain(layer, x)
+        _log_once(layer, x, decision)
+        if len(memo) >= _MEMO_SIZE:  # prefill lengths vary: keep the memo bounded
+            memo.clear()
+        memo[key] = decision
+    return decision
+
+
 def linear(layer: nn.Module, x: Tensor) -> Tensor:
     """Run ``layer``'s forward on ``x`` through the chosen kernel or the layer's reference path."""
     while True:
-        decision = explain(layer, x)
-        if not torch.compiler.is_compiling():  # dynamo cannot trace logging; the eager call logged it already
-            _log_once(layer, x, decision)
+        decision = _decide(layer, x)
         if decision.kernel is None:
             return layer._reference_linear(x)
         try:
             return decision.kernel.run(layer, x)
         except KernelBuildError as exc:
-            _BROKEN[decision.kernel.name] = str(exc)
+            _BROKEN[decision.kernel.name] = str(exc)  # changes every memo key: the next loop re-decides
             warnings.warn(
                 f"vqlib.kernels: kernel {decision.kernel.name!r} failed to build and is disabled for this process "
                 f"({exc}); falling back to the next kernel or the reference path",

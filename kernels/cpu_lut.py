@@ -49,10 +49,14 @@ import torch
 from torch import Tensor
 
 from . import Kernel, KernelBuildError, register_kernel
+from .cpu_threads import run_job
 
 NAME = "cpu_lut"
 QB = 16  # code positions per table block (keep equal to cpu_vq_numba.QB)
 LUT_MAX_BATCH = 16  # table lookups up to here; BLAS on dequantized row blocks above (see docstring)
+LUT_CHUNKS = 8  # chunks of table blocks per parallel LUT call: work items for the team's threads
+ACC_BYTES = 1 << 20  # cap on the per-chunk accumulators of one call (fewer chunks for wide outputs)
+DEQUANT_ROWS_PER_ITEM = 16  # rows per work item of the parallel dequantization
 BLAS_BLOCK_BYTES = 4 << 20  # fp32 bytes of one dequantized row block (256-1024 rows of typical widths)
 SERIAL_MAX_CODES = 1 << 17  # below this many codes x tokens one thread beats a parallel launch
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -97,12 +101,12 @@ def _warm_up(mod) -> None:
     cbf = np.zeros((1, 256, 2), np.float32).reshape(-1)
     qcb = np.zeros(2, np.int32)
     scales = np.ones((3, 1), np.float32)
-    out = np.zeros((1, 3), np.float32)
-    table = np.empty(QB * 256, np.float32)
     w = np.empty((3, 4), np.float32)
-    mod.lut_rows(x, blocked, 2, cbt, qcb, 1, 2, scales, 2, 0, 3, out, table)
     svec = np.zeros(2, np.int64)  # one scale column per vector (n_vec = 2)
     mod.dequant_rows(codes.reshape(-1), cbf, qcb, 1, 2, scales, svec, 2, 0, 3, w)
+    p = Prepared(None, codes, blocked, cbt, cbf, qcb, scales, 2, svec, 2, 2, 1)
+    _lut(mod, p, torch.from_numpy(x), serial=True)
+    _dequant(mod, p, torch.from_numpy(w), 0, 3)
 
 
 @dataclass
@@ -121,6 +125,8 @@ class Prepared:
     n_vec: int
     d: int
     m_books: int
+    lut_args: np.ndarray | None = None  # job argument templates with this layer's fields (built on first use)
+    dequant_args: np.ndarray | None = None
 
 
 def _buffer_key(layer) -> tuple:
@@ -219,55 +225,98 @@ def run_chunks(fn, n_rows: int, n_threads: int, *args) -> None:
         f.result()
 
 
-def _padded_input(layer, x: Tensor, in_pad: int) -> np.ndarray:
-    """(b, in_pad) float32 C-contiguous copy of the input, zero-padded (padded columns drop out)."""
+def _padded_input(layer, x: Tensor, in_pad: int) -> Tensor:
+    """(b, in_pad) float32 C-contiguous input, zero-padded (padded columns drop out)."""
+    if x.dtype == torch.float32 and x.dim() == 2 and in_pad == x.shape[1] and x.is_contiguous():
+        return x.detach()  # decoding's common case, without three no-op tensor calls
     x2 = x.detach().reshape(-1, layer.in_features).to(torch.float32)
     if in_pad != layer.in_features:
         x2 = torch.nn.functional.pad(x2, (0, in_pad - layer.in_features))
-    return x2.contiguous().numpy()
+    return x2.contiguous()
 
 
-def _lut_chunk(mod, p: Prepared, xp, out, r0, r1):
-    table = np.empty(QB * 256, np.float32)
-    mod.lut_rows(xp, p.blocked, p.codes.shape[1], p.cbt, p.qcb, p.m_books, p.d, p.scales, p.sgq, r0, r1, out, table)
+def _job_args(n_fields: int, values: dict[int, int]) -> np.ndarray:
+    """An int64 job-argument template: ``values`` by field position, then one slot for the work counter."""
+    args = np.zeros(n_fields + 1, np.int64)
+    for field_, value in values.items():
+        args[field_] = value
+    return args
 
 
-def _dequant_chunk(mod, p: Prepared, buf, base, r0, r1):
-    mod.dequant_rows(
-        p.codes.reshape(-1), p.cbf, p.qcb, p.m_books, p.d, p.scales, p.svec, p.n_vec, base + r0, base + r1, buf[r0:]
-    )
+def _with_counter(template: np.ndarray, counter_field: int) -> np.ndarray:
+    """A fresh copy of ``template`` whose counter field points at its own zeroed last slot."""
+    args = template.copy()
+    args[counter_field] = args.ctypes.data + 8 * (args.size - 1)
+    return args
 
 
-def _blas(mod, p: Prepared, xp: np.ndarray, out: Tensor, n_out: int) -> None:
-    """out = x @ W^T with W dequantized in bounded row blocks (prefill)."""
-    in_pad = p.n_vec * p.d
+def _lut_template(m, p: Prepared) -> np.ndarray:
+    addr = {m.L_BLOCKED: p.blocked, m.L_CBT: p.cbt, m.L_QCB: p.qcb, m.L_SCALES: p.scales}
+    sizes = {
+        m.L_N_BLK: p.blocked.shape[0], m.L_N_OUT: p.blocked.shape[1], m.L_NQ: p.codes.shape[1],
+        m.L_CBT_N: p.cbt.size, m.L_S_COLS: p.scales.shape[1], m.L_M: p.m_books, m.L_D: p.d, m.L_SGQ: p.sgq,
+        m.L_IN_PAD: p.n_vec * p.d,
+    }  # fmt: skip
+    return _job_args(m.LUT_ARGS, {**{k: a.ctypes.data for k, a in addr.items()}, **sizes})
+
+
+def _lut(m, p: Prepared, xp: Tensor, serial: bool) -> Tensor:
+    """(b, out) float32 table-lookup result on torch's threads (see cpu_vq_numba.lut_job)."""
+    b, n_blk, n_out = xp.shape[0], p.blocked.shape[0], p.blocked.shape[1]
+    n_chunks = 1 if serial else max(1, min(LUT_CHUNKS, n_blk, ACC_BYTES // (4 * b * n_out)))
+    acc = torch.empty(n_chunks, b, n_out)  # one accumulator per chunk of table blocks (the job zeroes it)
+    if p.lut_args is None:
+        p.lut_args = _lut_template(m, p)
+    args = _with_counter(p.lut_args, m.L_COUNTER)
+    args[m.L_X], args[m.L_ACC], args[m.L_B], args[m.L_N_CHUNKS] = xp.data_ptr(), acc.data_ptr(), b, n_chunks
+    run_job(m.lut_job, m.lut_job_c, args, 1 if serial else max(1, torch.get_num_threads()))
+    if n_chunks == 1:
+        return acc[0]
+    return torch.from_numpy(np.add.reduce(acc.numpy(), axis=0))  # chunk order: thread-count independent
+
+
+def _dequant(m, p: Prepared, buf: Tensor, base: int, count: int) -> None:
+    """buf[:count] = dequantized rows [base, base + count) on torch's threads."""
+    if p.dequant_args is None:
+        addr = {m.D_CODES: p.codes, m.D_CBF: p.cbf, m.D_QCB: p.qcb, m.D_SCALES: p.scales, m.D_SVEC: p.svec}
+        sizes = {
+            m.D_N_OUT: p.codes.shape[0], m.D_NQ: p.codes.shape[1], m.D_CBF_N: p.cbf.size,
+            m.D_S_COLS: p.scales.shape[1], m.D_N_VEC: p.n_vec, m.D_M: p.m_books, m.D_D: p.d,
+            m.D_ROWS_PER_ITEM: DEQUANT_ROWS_PER_ITEM,
+        }  # fmt: skip
+        p.dequant_args = _job_args(m.DEQUANT_ARGS, {**{k: a.ctypes.data for k, a in addr.items()}, **sizes})
+    args = _with_counter(p.dequant_args, m.D_COUNTER)
+    args[m.D_W], args[m.D_BASE], args[m.D_COUNT] = buf.data_ptr(), base, count
+    run_job(m.dequant_job, m.dequant_job_c, args, max(1, torch.get_num_threads()))
+
+
+def _blas(m, p: Prepared, xp: Tensor) -> Tensor:
+    """x @ W^T with W dequantized in bounded row blocks (prefill)."""
+    n_out, in_pad = p.codes.shape[0], p.n_vec * p.d
     rows = max(64, min(1024, BLAS_BLOCK_BYTES // (4 * in_pad)))
-    buf = np.empty((min(rows, n_out), in_pad), np.float32)
-    x_t = torch.from_numpy(xp)
-    n = max(1, torch.get_num_threads())
+    buf = torch.empty(min(rows, n_out), in_pad)
+    out = torch.empty(xp.shape[0], n_out)
     for base in range(0, n_out, rows):
         count = min(n_out, base + rows) - base
-        run_chunks(lambda r0, r1: _dequant_chunk(mod, p, buf, base, r0, r1), count, n)
-        out[:, base : base + count] = x_t @ torch.from_numpy(buf[:count]).T
+        _dequant(m, p, buf, base, count)
+        torch.matmul(xp, buf[:count].T, out=out[:, base : base + count])
+    return out
 
 
 def run(layer, x: Tensor) -> Tensor:
     mod = load_numba()
     p = prepare(layer)
     xp = _padded_input(layer, x, p.n_vec * p.d)
-    b, n_out = xp.shape[0], layer.out_features
-    out_np = np.zeros((b, n_out), np.float32)
-    n = _threads(p.codes.size * b)
+    b = xp.shape[0]
     if b > LUT_MAX_BATCH:
-        _blas(mod, p, xp, torch.from_numpy(out_np), n_out)
+        out = _blas(mod, p, xp)
     else:
-        run_chunks(lambda r0, r1: _lut_chunk(mod, p, xp, out_np, r0, r1), n_out, n)
-    return finish(out_np, layer, x)
+        out = _lut(mod, p, xp, serial=p.codes.size * b < SERIAL_MAX_CODES)
+    return finish(out, layer, x)
 
 
-def finish(out_np: np.ndarray, layer, x: Tensor) -> Tensor:
+def finish(out: Tensor, layer, x: Tensor) -> Tensor:
     """(b, out) float32 result -> bias added, input's leading dims and dtype."""
-    out = torch.from_numpy(out_np)
     bias = layer._parameters.get("bias")
     if bias is not None:
         out += bias.detach() if bias.dtype == torch.float32 else bias.detach().float()

@@ -112,7 +112,7 @@ def run(layer, x: Tensor) -> Tensor:
 
             run_chunks(chunk, count, max(1, torch.get_num_threads()))
             out_t[:, base : base + count] = x_t @ torch.from_numpy(buf[:count]).T
-    return finish(out_np, layer, x)
+    return finish(torch.from_numpy(out_np), layer, x)
 
 
 KERNEL = Kernel(name=NAME, layer_type="ScalarLinear", device_type="cpu", run=run, supports=supports, priority=10)

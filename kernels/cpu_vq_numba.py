@@ -22,7 +22,10 @@ Shapes (all flat or 2-D C-contiguous numpy arrays):
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import carray, cfunc, njit, types
+
+from .numba_threads import address_to_pointer as ptr
+from .numba_threads import fetch_add
 
 # No 'reassoc': the explicit add tree in _row16 keeps four independent chains (the default fastmath
 # folds them back into one serial chain of 16 dependent adds).
@@ -85,34 +88,6 @@ def _row16(words, p, table):
     a2 += table[u(3072) + ((e >> u(32)) & m)] + table[u(3328) + ((e >> u(40)) & m)]
     a3 += table[u(3584) + ((e >> u(48)) & m)] + table[u(3840) + (e >> u(56))]
     return (a0 + a1) + (a2 + a3)
-
-
-@njit(nogil=True, fastmath=FASTMATH, cache=True)
-def lut_rows(x, blocked, nq, cbt, qcb, m_books, d, scales, sgq, o0, o1, out, table):
-    """out[t, o0:o1] += scaled sums of table lookups, one 16-position table block at a time.
-
-    ``blocked`` (n_blk, out, 2) uint64 holds the codes block-major (zero-padded past ``nq``), so the
-    rows of one block are one sequential stream that uses every byte of each cache line it loads
-    and leaves the 16 KiB table in L1. Unsigned indices skip numba's negative-index wraparound.
-    """
-    u = np.uint64
-    n_tok = x.shape[0]
-    n_blk, n_out, _ = blocked.shape
-    flat = blocked.reshape(-1)  # (n_blk * out * 2,) uint64: 8 codes per word
-    sflat = scales.reshape(-1)
-    n_s = u(scales.shape[1])
-    for blk in range(n_blk):
-        s = u(blk * QB // sgq)
-        n_pos = min(QB, nq - blk * QB)
-        for t in range(n_tok):
-            fill_table(x[t], cbt, qcb, blk * QB, n_pos, m_books, d, table)
-            if n_pos < QB:
-                table[n_pos * ENTRIES :] = 0.0  # padded positions (code 0) add nothing
-            out_t = out[t]
-            p = u((blk * n_out + o0) * 2)
-            for o in range(u(o0), u(o1)):  # unsigned: no negative-index branches per row
-                out_t[o] += _row16(flat, p, table) * sflat[o * n_s + s]
-                p += u(2)
 
 
 @njit(nogil=True, fastmath=True, inline="always")
@@ -181,3 +156,95 @@ def dequant_rows(codes, cbf, qcb, m_books, d, scales, svec, n_vec, r0, r1, w):
     """w[r - r0, :] = dequantized padded row r for r in [r0, r1)  # w: (>= r1 - r0, n_vec * d)"""
     for r in range(r0, r1):
         dequant_seg(codes, r, 0, n_vec, cbf, qcb, m_books, d, scales, svec, w[r - r0])
+
+
+# ---- Jobs: every thread of a team runs the same job on one packed int64 ``args`` array ----------
+# (see numba_threads). Field positions of the LUT job's args:
+L_X, L_BLOCKED, L_CBT, L_QCB, L_SCALES, L_ACC, L_COUNTER = range(7)  # addresses
+L_B, L_IN_PAD, L_N_BLK, L_N_OUT, L_NQ, L_CBT_N, L_S_COLS, L_M, L_D, L_SGQ, L_N_CHUNKS = range(7, 18)
+LUT_ARGS = 18
+
+
+@njit(nogil=True, fastmath=FASTMATH, inline="always")
+def lut_block(x, blocked, blk, nq, cbt, qcb, m_books, d, scales, sgq, out, table):
+    """out[t, :] += scaled sums of the lookups of table block ``blk`` for every token t and row."""
+    u = np.uint64
+    n_out = blocked.shape[1]
+    flat = blocked.reshape(-1)  # (n_blk * out * 2,) uint64: 8 codes per word
+    sflat = scales.reshape(-1)
+    n_s = u(scales.shape[1])
+    s = u(blk * QB // sgq)
+    n_pos = min(QB, nq - blk * QB)
+    for t in range(x.shape[0]):
+        fill_table(x[t], cbt, qcb, blk * QB, n_pos, m_books, d, table)
+        if n_pos < QB:
+            table[n_pos * ENTRIES :] = 0.0  # padded positions (code 0) add nothing
+        out_t = out[t]
+        p = u(blk * n_out * 2)
+        for o in range(u(0), u(n_out)):  # unsigned: no negative-index branches per row
+            out_t[o] += _row16(flat, p, table) * sflat[o * n_s + s]
+            p += u(2)
+
+
+@njit(nogil=True, fastmath=FASTMATH, cache=True)
+def lut_job(a):
+    """Take chunks of table blocks off the shared counter until none is left.
+
+    Chunk ``c`` (blocks ``[c * n_blk // n_chunks, (c + 1) * n_blk // n_chunks)``, all rows) adds into its
+    own accumulator ``acc[c]`` (n_chunks, b, out); the caller sums them in chunk order, so the result
+    does not depend on the number of threads or on which thread took which chunk. Splitting the code
+    positions rather than the rows builds each table once, whatever the thread count.
+    """
+    b, in_pad, n_blk, n_out, nq = a[L_B], a[L_IN_PAD], a[L_N_BLK], a[L_N_OUT], a[L_NQ]
+    n_chunks = a[L_N_CHUNKS]
+    x = carray(ptr(a[L_X]), (b, in_pad), np.float32)
+    blocked = carray(ptr(a[L_BLOCKED]), (n_blk, n_out, 2), np.uint64)
+    cbt = carray(ptr(a[L_CBT]), (a[L_CBT_N],), np.float32)
+    qcb = carray(ptr(a[L_QCB]), (nq,), np.int32)
+    scales = carray(ptr(a[L_SCALES]), (n_out, a[L_S_COLS]), np.float32)
+    acc = carray(ptr(a[L_ACC]), (n_chunks, b, n_out), np.float32)
+    table = np.empty(QB * ENTRIES, np.float32)
+    while True:
+        c = fetch_add(a[L_COUNTER], 1)
+        if c >= n_chunks:
+            return
+        acc[c][:] = 0.0
+        for blk in range(c * n_blk // n_chunks, (c + 1) * n_blk // n_chunks):
+            lut_block(x, blocked, blk, nq, cbt, qcb, a[L_M], a[L_D], scales, a[L_SGQ], acc[c], table)
+
+
+@cfunc(types.void(types.voidptr), cache=True)
+def lut_job_c(data):
+    """``lut_job`` with the C signature OpenMP's ``GOMP_parallel`` calls on every thread of its team."""
+    lut_job(carray(data, (LUT_ARGS,), np.int64))
+
+
+# Field positions of the dequantization job's args (rows [base, base + count) into w[0:count]):
+D_CODES, D_CBF, D_QCB, D_SCALES, D_SVEC, D_W, D_COUNTER = range(7)  # addresses
+D_N_OUT, D_NQ, D_CBF_N, D_S_COLS, D_N_VEC, D_M, D_D, D_BASE, D_COUNT, D_ROWS_PER_ITEM = range(7, 17)
+DEQUANT_ARGS = 17
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def dequant_job(a):
+    """Take items of ``rows_per_item`` rows off the shared counter and dequantize them into ``w``."""
+    n_out, nq, n_vec, d = a[D_N_OUT], a[D_NQ], a[D_N_VEC], a[D_D]
+    codes = carray(ptr(a[D_CODES]), (n_out * nq,), np.uint8)
+    cbf = carray(ptr(a[D_CBF]), (a[D_CBF_N],), np.float32)
+    qcb = carray(ptr(a[D_QCB]), (nq,), np.int32)
+    scales = carray(ptr(a[D_SCALES]), (n_out, a[D_S_COLS]), np.float32)
+    svec = carray(ptr(a[D_SVEC]), (n_vec,), np.int64)
+    w = carray(ptr(a[D_W]), (a[D_COUNT], n_vec * d), np.float32)
+    base, count, step = a[D_BASE], a[D_COUNT], a[D_ROWS_PER_ITEM]
+    while True:
+        r0 = fetch_add(a[D_COUNTER], 1) * step
+        if r0 >= count:
+            return
+        r1 = min(count, r0 + step)
+        dequant_rows(codes, cbf, qcb, a[D_M], d, scales, svec, n_vec, base + r0, base + r1, w[r0:])
+
+
+@cfunc(types.void(types.voidptr), cache=True)
+def dequant_job_c(data):
+    """``dequant_job`` with the C signature of an OpenMP team body."""
+    dequant_job(carray(data, (DEQUANT_ARGS,), np.int64))

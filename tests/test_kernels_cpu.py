@@ -168,13 +168,16 @@ def test_scalar_kernel_matches_reference(bits):
             assert rel_err(layer(x), layer._reference_linear(x)) < FP32_TOL
 
 
-# Loads the loop module by path (numpy + numba only: no torch import), compiles one function.
+# Loads the loop module by path, as part of a stand-in package for its relative import (numpy + numba
+# only: no torch import), and compiles one function.
 CACHE_SCRIPT = textwrap.dedent(
     """
-    import importlib.util, sys
+    import importlib.util, os, sys, types
     import numpy as np
-    spec = importlib.util.spec_from_file_location("cpu_vq_numba", sys.argv[1])
-    m = sys.modules["cpu_vq_numba"] = importlib.util.module_from_spec(spec)
+    package = sys.modules["loops"] = types.ModuleType("loops")
+    package.__path__ = [os.path.dirname(sys.argv[1])]
+    spec = importlib.util.spec_from_file_location("loops.cpu_vq_numba", sys.argv[1])
+    m = sys.modules["loops.cpu_vq_numba"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(m)
     table = np.empty(16 * 256, np.float32)
     m.fill_table(np.ones(8, np.float32), np.ones(4 * 256, np.float32), np.zeros(2, np.int32), 0, 2, 1, 4, table)
