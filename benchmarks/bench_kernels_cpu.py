@@ -3,7 +3,9 @@
 
 Decoding protocol: every weight is read once per token, so each method runs a chain of distinct
 layers whose weights together exceed the 32 MiB L3 (CHAIN_BYTES); the time reported is per layer
-(median of REPS passes over the chain). VQ layers are filled with random codes and codebooks (speed
+(median of REPS passes over the chain). The methods of one shape and batch take turns, one pass each
+per round, so a slow spell of this shared machine (its speed was seen to swing by up to 2x for
+minutes) hits all of them alike instead of one; the end-to-end models take turns the same way. VQ layers are filled with random codes and codebooks (speed
 does not depend on their values). GB/s = stored weight bytes of one layer / time per layer (for the
 kernel: the format's bytes; it reads its block-major copy of the codes, the same size).
 
@@ -53,17 +55,19 @@ def chain_len(layer_bytes: int, cap: int = 64) -> int:
     return max(2, min(cap, math.ceil(CHAIN_BYTES / layer_bytes)))
 
 
-def time_chain(fn, items) -> float:
-    """Median seconds per item over REPS passes (one warm-up pass first)."""
-    for it in items:
-        fn(it)
-    passes = []
-    for _ in range(REPS):
-        start = time.perf_counter()
+def time_interleaved(methods: list[tuple]) -> list[float]:
+    """Median seconds per item of each (name, fn, items, ...) method: REPS rounds, one pass each per round."""
+    for _, fn, items, *_ in methods:  # warm-up pass
         for it in items:
             fn(it)
-        passes.append((time.perf_counter() - start) / len(items))
-    return statistics.median(passes)
+    passes = [[] for _ in methods]
+    for _ in range(REPS):
+        for times, (_, fn, items, *_) in zip(passes, methods):
+            start = time.perf_counter()
+            for it in items:
+                fn(it)
+            times.append((time.perf_counter() - start) / len(items))
+    return [statistics.median(t) for t in passes]
 
 
 def random_vq(n_in: int, n_out: int, fmt: dict) -> VQLinear:
@@ -75,44 +79,33 @@ def random_vq(n_in: int, n_out: int, fmt: dict) -> VQLinear:
     return layer
 
 
-def dense_rows(n_in: int, n_out: int, batch: int, reference_ok: bool) -> list[tuple[str, float, int]]:
-    """(method, seconds per layer, weight bytes) for fp32, bf16 and int8 dynamic."""
-    rows = []
-    x = torch.randn(batch, n_in)
-    n = chain_len(4 * n_in * n_out, cap=24)
-    weights = [torch.randn(n_out, n_in) for _ in range(n)]
-    rows.append(("dense fp32", time_chain(lambda w: F.linear(x, w), weights), 4 * n_in * n_out))
+def dense_methods(n_in: int, n_out: int, x: torch.Tensor) -> list[tuple]:
+    """(method, fn, chain, weight bytes) for fp32, bf16 and int8 dynamic."""
+    weights = [torch.randn(n_out, n_in) for _ in range(chain_len(4 * n_in * n_out, cap=24))]
     bf = [w.to(torch.bfloat16) for w in weights]
-    del weights
     xb = x.to(torch.bfloat16)
-    rows.append(("dense bf16", time_chain(lambda w: F.linear(xb, w), bf), 2 * n_in * n_out))
-    del bf
     q = []
     for _ in range(chain_len(n_in * n_out, cap=48)):
         lin = nn.Sequential(nn.Linear(n_in, n_out, bias=False))
         q.append(torch.ao.quantization.quantize_dynamic(lin, {nn.Linear}, dtype=torch.qint8))
-    rows.append(("int8 dynamic", time_chain(lambda m: m(x), q), n_in * n_out + 4 * n_out))
-    return rows
+    return [
+        ("dense fp32", lambda w: F.linear(x, w), weights, 4 * n_in * n_out),
+        ("dense bf16", lambda w: F.linear(xb, w), bf, 2 * n_in * n_out),
+        ("int8 dynamic", lambda m: m(x), q, n_in * n_out + 4 * n_out),
+    ]
 
 
-def vq_rows(
-    n_in: int, n_out: int, batch: int, fmt_names: list[str], reference_ok: bool
-) -> list[tuple[str, float, int]]:
-    rows = []
-    x = torch.randn(batch, n_in)
+def vq_methods(n_in: int, n_out: int, x: torch.Tensor, fmt_names: list[str], reference_ok: bool) -> list[tuple]:
+    methods = []
     for name in fmt_names:
         probe = random_vq(n_in, n_out, FORMATS[name])
-        n = chain_len(probe.storage_bytes())
-        layers = [probe] + [random_vq(n_in, n_out, FORMATS[name]) for _ in range(n - 1)]
+        layers = [probe] + [random_vq(n_in, n_out, FORMATS[name]) for _ in range(chain_len(probe.storage_bytes()) - 1)]
         assert kernels.explain(probe, x).path == "cpu_lut"
-        rows.append((f"vqlib {name}", time_chain(lambda layer: layer(x), layers), probe.storage_bytes()))
+        methods.append((f"vqlib {name}", lambda layer: layer(x), layers, probe.storage_bytes()))
         if reference_ok and name == fmt_names[0]:
-            ref = layers[:2]
-            rows.append(
-                (f"reference {name}", time_chain(lambda layer: layer._reference_linear(x), ref), probe.storage_bytes())
-            )
-        del layers
-    return rows
+            ref = (f"reference {name}", lambda layer: layer._reference_linear(x), layers[:2], probe.storage_bytes())
+            methods.append(ref)
+    return methods
 
 
 def layer_table(args) -> None:
@@ -127,18 +120,18 @@ def layer_table(args) -> None:
         for n_in, n_out in shapes:
             for batch in batches:
                 reference_ok = batch <= 8 and (n_in * n_out <= 1 << 22 or batch == 1)
+                x = torch.randn(batch, n_in)
                 with torch.no_grad():
-                    rows = dense_rows(n_in, n_out, batch, reference_ok) + vq_rows(
-                        n_in, n_out, batch, fmt_names, reference_ok
-                    )
-                fp32 = rows[0][1]
-                int8 = rows[2][1]
-                for method, sec, nbytes in rows:
+                    methods = dense_methods(n_in, n_out, x) + vq_methods(n_in, n_out, x, fmt_names, reference_ok)
+                    seconds = time_interleaved(methods)
+                fp32, int8 = seconds[0], seconds[2]
+                for (method, _, _, nbytes), sec in zip(methods, seconds):
                     print(
                         f"| {n_in}x{n_out} | {batch} | {method} | {sec * 1e3:.3f} | {fp32 / sec:.2f} | "
                         f"{int8 / sec:.2f} | {nbytes / sec / 1e9:.1f} |",
                         flush=True,
                     )
+                del methods
 
 
 def smollm2_model():
@@ -171,47 +164,50 @@ def tiny_model():
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def tokens_per_second(model, new_tokens: int) -> float:
-    ids = torch.randint(10, 1000, (1, 16))
+def generate_seconds(model, ids: torch.Tensor, new_tokens: int) -> float:
     greedy = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
-        model.generate(ids, max_new_tokens=4, min_new_tokens=4, **greedy)  # warm-up (and kernel load)
         start = time.perf_counter()
         out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **greedy)
         elapsed = time.perf_counter() - start
-    return (out.shape[1] - ids.shape[1]) / elapsed
+    assert out.shape[1] - ids.shape[1] == new_tokens
+    return elapsed
+
+
+def build_variants(llm: str) -> list[tuple[str, nn.Module, float]]:
+    """(name, model, bits per weight of the compressed linears) for fp32, int8 dynamic and vqlib ~2/~3 bits."""
+    make = smollm2_model if llm == "smollm2" else tiny_model
+    built = [("fp32", make(), 32.0)]
+    int8 = torch.ao.quantization.quantize_dynamic(make(), {nn.Linear}, dtype=torch.qint8)
+    built.append(("int8 dynamic", int8, 8.0))
+    for name, fmt in [
+        ("vqlib ~2 bit (d4 1x8 g128)", dict(vector_dim=4, num_codebooks=1)),
+        ("vqlib ~3 bit (d8 3x8 g128)", dict(vector_dim=8, num_codebooks=3)),
+    ]:
+        cfg = VQConfig(algorithm="data_free", kmeans_iters=4, finetune_steps=0, skip_modules=[], **fmt)
+        model, report = compress(make(), cfg)
+        built.append((name, model, report.bits_per_weight))
+    return built
 
 
 def end_to_end(args) -> None:
-    make = smollm2_model if args.llm == "smollm2" else tiny_model
     new_tokens = 16 if args.quick else args.new_tokens
-    variants = [
-        ("fp32", None),
-        ("int8 dynamic", "int8"),
-        ("vqlib ~2 bit (d4 1x8 g128)", dict(vector_dim=4, num_codebooks=1)),
-        ("vqlib ~3 bit (d8 3x8 g128)", dict(vector_dim=8, num_codebooks=3)),
-    ]
+    variants = build_variants(args.llm)
+    ids = torch.randint(10, 1000, (1, 16))
     for threads in args.threads:
         setup_threads(threads)
+        methods = [(name, lambda m: generate_seconds(m, ids, new_tokens), [model]) for name, model, _ in variants]
+        for _, model, _ in variants:
+            generate_seconds(model, ids, 4)  # warm-up (and kernel load)
+        seconds = time_interleaved(methods)
         print(
             f"\n## End to end ({args.llm}), greedy, batch 1, {new_tokens} new tokens, {threads} thread(s), "
-            f"load average {load_average():.2f}"
+            f"median of {REPS} rounds, load average {load_average():.2f}"
         )
         print("| model | bits/weight (compressed linears) | tokens/s | x fp32 |")
         print("|---|---|---|---|")
-        base = None
-        for name, how in variants:
-            model, bits = make(), 32.0
-            if how == "int8":
-                model, bits = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8), 8.0
-            elif how is not None:
-                cfg = VQConfig(algorithm="data_free", kmeans_iters=4, finetune_steps=0, skip_modules=[], **how)
-                model, report = compress(model, cfg)
-                bits = report.bits_per_weight
-            tps = tokens_per_second(model, new_tokens)
-            base = base or tps
-            print(f"| {name} | {bits:.2f} | {tps:.1f} | {tps / base:.2f} |", flush=True)
-            del model
+        for (name, _, bits), sec in zip(variants, seconds):
+            print(f"| {name} | {bits:.2f} | {new_tokens / sec:.1f} | {seconds[0] / sec:.2f} |", flush=True)
 
 
 def main() -> None:

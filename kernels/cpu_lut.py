@@ -4,9 +4,9 @@ Small batches (decoding). For each token and each code position ``q = j * M + m`
 codebook ``m``) a table holds the dot products of the activation slice ``x[j*d:(j+1)*d]`` with all
 256 entries of that position's codebook. Row ``o``'s output is then a sum of table lookups indexed
 by its codes, times its scale: ``y[o] = sum_blocks scale[o, s] * sum_q T[q, codes[o, q]]``. Tables
-are built 16 positions at a time (16 x 256 fp32 = 16 KiB: it stays in L1) and every row of the
-thread's range reads its 16 codes for that block before the next block is built; a thread owns a
-contiguous range of output rows. One lookup costs one table load and one add (codes are read 8 per
+are built 16 positions at a time (16 x 256 fp32 = 16 KiB: it stays in L1) and every row reads its
+16 codes for that block before the next block is built. One lookup costs one table load and one add
+(about 0.25 ns on the Zen3 test machine, near its 6-wide dispatch limit; codes are read 8 per
 64-bit word and extracted with shifts); AVX2 gathers (``llvm.x86.avx2.gather.d.ps.256``) measured
 slower than scalar loads on Zen3 (about 13 cycles per 8-lane gather), so the inner loop is scalar
 with four independent add chains. Accumulation is fp32; bf16/fp16 inputs
@@ -21,9 +21,12 @@ LUT vs dequant+BLAS, load average ~7 from other jobs so absolute numbers are inf
 and 77. Both paths beat the reference path (dequantize everything in torch, then F.linear) at every
 batch size, since the BLAS path is that same matmul on a faster dequantization.
 
-Threads: row ranges run on a small pool of Python threads (the loops release the GIL); the count
-follows ``torch.get_num_threads()``, and layers below ``SERIAL_MAX_CODES`` codes x tokens run on the
-calling thread only (a thread hand-off costs more than their whole work).
+Threads (see ``cpu_threads``): the work runs on torch's own OpenMP team, ``torch.get_num_threads()``
+threads. The table blocks are cut into ``LUT_CHUNKS`` chunks that the threads take off a shared
+counter; each chunk adds into its own accumulator and the accumulators are summed in chunk order,
+so each table is built once and the result does not depend on the thread count. Layers below
+``SERIAL_MAX_CODES`` codes x tokens run on the calling thread in one chunk (a team start costs more
+than their whole work).
 
 Per-layer data is prepared once and kept as a plain, non-persistent attribute of the layer
 (``layer._cpu_lut_cache``; never in ``state_dict``, never saved): fp32 codebooks with the int8
@@ -41,7 +44,6 @@ from __future__ import annotations
 
 import importlib
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -196,33 +198,10 @@ def supports(layer, x: Tensor) -> str | None:
     return None
 
 
-_POOL: ThreadPoolExecutor | None = None
-
-
 def _threads(work: int) -> int:
     """Threads for a call: torch's intra-op count, or 1 when the work is too small to split."""
     n = max(1, torch.get_num_threads())
     return 1 if work < SERIAL_MAX_CODES else n
-
-
-def run_chunks(fn, n_rows: int, n_threads: int, *args) -> None:
-    """fn(*args, r0, r1) over ``n_threads`` contiguous row ranges [r0, r1) of ``n_rows``.
-
-    The numba loops release the GIL, so a small pool of Python threads runs the ranges in
-    parallel; the calling thread takes the first range. (numba's own parallel layers either spin
-    against torch's OpenMP threads or abort on concurrent launches, so they are not used.)
-    """
-    global _POOL
-    bounds = [(i * n_rows // n_threads, (i + 1) * n_rows // n_threads) for i in range(n_threads)]
-    if n_threads == 1:
-        fn(*args, *bounds[0])
-        return
-    if _POOL is None or _POOL._max_workers < n_threads - 1:
-        _POOL = ThreadPoolExecutor(max_workers=n_threads - 1, thread_name_prefix="vqlib-cpu")
-    futures = [_POOL.submit(fn, *args, r0, r1) for r0, r1 in bounds[1:]]
-    fn(*args, *bounds[0])
-    for f in futures:
-        f.result()
 
 
 def _padded_input(layer, x: Tensor, in_pad: int) -> Tensor:
@@ -236,17 +215,10 @@ def _padded_input(layer, x: Tensor, in_pad: int) -> Tensor:
 
 
 def _job_args(n_fields: int, values: dict[int, int]) -> np.ndarray:
-    """An int64 job-argument template: ``values`` by field position, then one slot for the work counter."""
+    """An int64 job-argument template: ``values`` by field position, then the work counter's slot (0)."""
     args = np.zeros(n_fields + 1, np.int64)
     for field_, value in values.items():
         args[field_] = value
-    return args
-
-
-def _with_counter(template: np.ndarray, counter_field: int) -> np.ndarray:
-    """A fresh copy of ``template`` whose counter field points at its own zeroed last slot."""
-    args = template.copy()
-    args[counter_field] = args.ctypes.data + 8 * (args.size - 1)
     return args
 
 
@@ -267,7 +239,7 @@ def _lut(m, p: Prepared, xp: Tensor, serial: bool) -> Tensor:
     acc = torch.empty(n_chunks, b, n_out)  # one accumulator per chunk of table blocks (the job zeroes it)
     if p.lut_args is None:
         p.lut_args = _lut_template(m, p)
-    args = _with_counter(p.lut_args, m.L_COUNTER)
+    args = p.lut_args.copy()
     args[m.L_X], args[m.L_ACC], args[m.L_B], args[m.L_N_CHUNKS] = xp.data_ptr(), acc.data_ptr(), b, n_chunks
     run_job(m.lut_job, m.lut_job_c, args, 1 if serial else max(1, torch.get_num_threads()))
     if n_chunks == 1:
@@ -285,7 +257,7 @@ def _dequant(m, p: Prepared, buf: Tensor, base: int, count: int) -> None:
             m.D_ROWS_PER_ITEM: DEQUANT_ROWS_PER_ITEM,
         }  # fmt: skip
         p.dequant_args = _job_args(m.DEQUANT_ARGS, {**{k: a.ctypes.data for k, a in addr.items()}, **sizes})
-    args = _with_counter(p.dequant_args, m.D_COUNTER)
+    args = p.dequant_args.copy()
     args[m.D_W], args[m.D_BASE], args[m.D_COUNT] = buf.data_ptr(), base, count
     run_job(m.dequant_job, m.dequant_job_c, args, max(1, torch.get_num_threads()))
 
@@ -328,4 +300,4 @@ def finish(out: Tensor, layer, x: Tensor) -> Tensor:
 KERNEL = Kernel(name=NAME, layer_type="VQLinear", device_type="cpu", run=run, supports=supports, priority=10)
 register_kernel(KERNEL)
 
-__all__ = ["KERNEL", "NAME", "compile_seconds", "finish", "load_numba", "prepare", "run", "run_chunks", "supports"]
+__all__ = ["KERNEL", "NAME", "compile_seconds", "finish", "load_numba", "prepare", "run", "supports"]

@@ -18,11 +18,13 @@ import torch
 from torch import Tensor
 
 from . import Kernel, register_kernel
-from .cpu_lut import INPUT_DTYPES, _threads, finish, import_loops, run_chunks
+from .cpu_lut import INPUT_DTYPES, _threads, finish, import_loops
+from .cpu_threads import run_job
 
 NAME = "cpu_scalar"
 GEMV_MAX_BATCH = 2  # unpack-and-dot up to here; block dequant + BLAS above (measured: 4096x4096, 4 bits)
 BLAS_BLOCK_BYTES = 4 << 20
+ROWS_PER_ITEM = 16  # rows per work item of the threads
 
 _numba_mod = None
 _compile_seconds: float | None = None
@@ -84,33 +86,40 @@ def _group_sums(xp: np.ndarray, group_size: int, n_groups: int) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(b, n_groups, group_size).sum(-1, dtype=np.float32))
 
 
+def _run_rows(m, p: Prepared, layer, values: dict[int, int], count: int, n_threads: int) -> None:
+    """scalar_job over ``count`` rows with the layer's fields plus ``values`` (see cpu_scalar_numba)."""
+    args = np.zeros(m.SCALAR_ARGS + 1, np.int64)  # the last slot is the work counter
+    fields = {
+        m.S_QWEIGHT: p.qweight.ctypes.data, m.S_SCALES: p.scales.ctypes.data, m.S_ZEROS: p.zeros.ctypes.data,
+        m.S_N_IN: layer.in_features, m.S_N_OUT: layer.out_features, m.S_QW_N: p.qweight.size,
+        m.S_N_GROUPS: p.scales.shape[1], m.S_BITS: layer.bits, m.S_GS: layer.group_size, m.S_COUNT: count,
+        m.S_ROWS_PER_ITEM: ROWS_PER_ITEM, **values,
+    }  # fmt: skip
+    for field_, value in fields.items():
+        args[field_] = value
+    run_job(m.scalar_job, m.scalar_job_c, args, n_threads)
+
+
 def run(layer, x: Tensor) -> Tensor:
-    mod = load_numba()
+    m = load_numba()
     p = prepare(layer)
-    n_in, n_out, bits, gs = layer.in_features, layer.out_features, layer.bits, layer.group_size
+    n_in, n_out, gs = layer.in_features, layer.out_features, layer.group_size
     xp = x.detach().reshape(-1, n_in).to(torch.float32).contiguous().numpy()
     b = xp.shape[0]
     out_np = np.zeros((b, n_out), np.float32)
-    n = _threads(n_in * n_out // 4 * b)
     if b <= GEMV_MAX_BATCH:
         xsum = _group_sums(xp, gs, p.scales.shape[1])
-
-        def chunk(r0, r1):
-            lv = np.empty(n_in, np.float32)
-            mod.gemv_rows(xp, xsum, p.qweight, bits, n_in, p.scales, p.zeros, gs, r0, r1, out_np, lv)
-
-        run_chunks(chunk, n_out, n)
+        n = _threads(n_in * n_out // 4 * b)
+        values = {m.S_X: xp.ctypes.data, m.S_XSUM: xsum.ctypes.data, m.S_OUT: out_np.ctypes.data, m.S_B: b}
+        _run_rows(m, p, layer, values, n_out, n)
     else:
         rows = max(64, min(1024, BLAS_BLOCK_BYTES // (4 * n_in)))
         buf = np.empty((min(rows, n_out), n_in), np.float32)
         x_t, out_t = torch.from_numpy(xp), torch.from_numpy(out_np)
         for base in range(0, n_out, rows):
             count = min(n_out, base + rows) - base
-
-            def chunk(r0, r1, base=base):
-                mod.dequant_rows(p.qweight, bits, n_in, p.scales, p.zeros, gs, base + r0, base + r1, buf[r0:])
-
-            run_chunks(chunk, count, max(1, torch.get_num_threads()))
+            values = {m.S_OUT: buf.ctypes.data, m.S_BASE: base}
+            _run_rows(m, p, layer, values, count, max(1, torch.get_num_threads()))
             out_t[:, base : base + count] = x_t @ torch.from_numpy(buf[:count]).T
     return finish(torch.from_numpy(out_np), layer, x)
 

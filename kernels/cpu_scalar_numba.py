@@ -8,7 +8,10 @@ row-major order; ``scales`` (out, n_groups) float32 and ``zeros`` (out, n_groups
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import carray, cfunc, njit, types
+
+from .numba_threads import address_to_pointer as ptr
+from .numba_threads import fetch_add
 
 
 @njit(nogil=True, fastmath=True, inline="always")
@@ -77,3 +80,43 @@ def gemv_rows(x, xsum, qweight, bits, in_features, scales, zeros, group_size, o0
                     acc += lv[k] * x[t, k]
                 total += scales[o, g] * (acc - zeros[o, g] * xsum[t, g])
             out[t, o] += total
+
+
+# ---- Jobs (see numba_threads): every thread takes items of ``rows_per_item`` rows off a counter ----
+# The array has one more int64 after the fields: the work counter (zero when the call starts).
+S_X, S_XSUM, S_QWEIGHT, S_SCALES, S_ZEROS, S_OUT = range(6)  # addresses
+S_B, S_N_IN, S_N_OUT, S_QW_N, S_N_GROUPS, S_BITS, S_GS, S_BASE, S_COUNT, S_ROWS_PER_ITEM = range(6, 16)
+SCALAR_ARGS = 16
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def scalar_job(a):
+    """GEMV (``out`` is (b, out)) when ``xsum`` is set, else dequantization of rows [base, base + count)
+    into ``out`` (count, in). Each row is computed whole by one thread: thread-count independent."""
+    b, n_in, n_out, n_groups = a[S_B], a[S_N_IN], a[S_N_OUT], a[S_N_GROUPS]
+    bits, gs, base, count, step = a[S_BITS], a[S_GS], a[S_BASE], a[S_COUNT], a[S_ROWS_PER_ITEM]
+    qweight = carray(ptr(a[S_QWEIGHT]), (a[S_QW_N],), np.uint8)
+    scales = carray(ptr(a[S_SCALES]), (n_out, n_groups), np.float32)
+    zeros = carray(ptr(a[S_ZEROS]), (n_out, n_groups), np.float32)
+    gemv = a[S_XSUM] != 0
+    lv = np.empty(n_in, np.float32)
+    counter = a.ctypes.data + 8 * SCALAR_ARGS
+    while True:
+        r0 = fetch_add(counter, 1) * step
+        if r0 >= count:
+            return
+        r1 = min(count, r0 + step)
+        if gemv:
+            x = carray(ptr(a[S_X]), (b, n_in), np.float32)
+            xsum = carray(ptr(a[S_XSUM]), (b, n_groups), np.float32)
+            out = carray(ptr(a[S_OUT]), (b, n_out), np.float32)
+            gemv_rows(x, xsum, qweight, bits, n_in, scales, zeros, gs, base + r0, base + r1, out, lv)
+        else:
+            w = carray(ptr(a[S_OUT]), (count, n_in), np.float32)
+            dequant_rows(qweight, bits, n_in, scales, zeros, gs, base + r0, base + r1, w[r0:])
+
+
+@cfunc(types.void(types.voidptr), cache=True)
+def scalar_job_c(data):
+    """``scalar_job`` with the C signature of an OpenMP team body."""
+    scalar_job(carray(data, (SCALAR_ARGS + 1,), np.int64))

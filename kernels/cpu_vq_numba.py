@@ -15,8 +15,10 @@ Shapes (all flat or 2-D C-contiguous numpy arrays):
 - ``scales`` (out, S) float32 (ones when the layer has none); ``sgq``: code positions per scale
   group (``nq`` for row scales, so the scale index is always 0); ``svec`` (n_vec,) int64: the
   scale column of each vector
-- ``out``    (b, out) float32; each call handles the row range [o0, o1) (the caller runs ranges on
-  its threads: every function here is serial and releases the GIL)
+- ``out``    (b, out) float32
+
+The ``*_job`` functions run on every thread of a team (``cpu_threads.run_job``); the rest is serial.
+Everything releases the GIL.
 """
 
 from __future__ import annotations
@@ -160,9 +162,10 @@ def dequant_rows(codes, cbf, qcb, m_books, d, scales, svec, n_vec, r0, r1, w):
 
 # ---- Jobs: every thread of a team runs the same job on one packed int64 ``args`` array ----------
 # (see numba_threads). Field positions of the LUT job's args:
-L_X, L_BLOCKED, L_CBT, L_QCB, L_SCALES, L_ACC, L_COUNTER = range(7)  # addresses
-L_B, L_IN_PAD, L_N_BLK, L_N_OUT, L_NQ, L_CBT_N, L_S_COLS, L_M, L_D, L_SGQ, L_N_CHUNKS = range(7, 18)
-LUT_ARGS = 18
+# The array has one more int64 after the fields: the work counter (zero when the call starts).
+L_X, L_BLOCKED, L_CBT, L_QCB, L_SCALES, L_ACC = range(6)  # addresses
+L_B, L_IN_PAD, L_N_BLK, L_N_OUT, L_NQ, L_CBT_N, L_S_COLS, L_M, L_D, L_SGQ, L_N_CHUNKS = range(6, 17)
+LUT_ARGS = 17
 
 
 @njit(nogil=True, fastmath=FASTMATH, inline="always")
@@ -204,8 +207,9 @@ def lut_job(a):
     scales = carray(ptr(a[L_SCALES]), (n_out, a[L_S_COLS]), np.float32)
     acc = carray(ptr(a[L_ACC]), (n_chunks, b, n_out), np.float32)
     table = np.empty(QB * ENTRIES, np.float32)
+    counter = a.ctypes.data + 8 * LUT_ARGS
     while True:
-        c = fetch_add(a[L_COUNTER], 1)
+        c = fetch_add(counter, 1)
         if c >= n_chunks:
             return
         acc[c][:] = 0.0
@@ -216,13 +220,13 @@ def lut_job(a):
 @cfunc(types.void(types.voidptr), cache=True)
 def lut_job_c(data):
     """``lut_job`` with the C signature OpenMP's ``GOMP_parallel`` calls on every thread of its team."""
-    lut_job(carray(data, (LUT_ARGS,), np.int64))
+    lut_job(carray(data, (LUT_ARGS + 1,), np.int64))
 
 
 # Field positions of the dequantization job's args (rows [base, base + count) into w[0:count]):
-D_CODES, D_CBF, D_QCB, D_SCALES, D_SVEC, D_W, D_COUNTER = range(7)  # addresses
-D_N_OUT, D_NQ, D_CBF_N, D_S_COLS, D_N_VEC, D_M, D_D, D_BASE, D_COUNT, D_ROWS_PER_ITEM = range(7, 17)
-DEQUANT_ARGS = 17
+D_CODES, D_CBF, D_QCB, D_SCALES, D_SVEC, D_W = range(6)  # addresses; then the counter, as above
+D_N_OUT, D_NQ, D_CBF_N, D_S_COLS, D_N_VEC, D_M, D_D, D_BASE, D_COUNT, D_ROWS_PER_ITEM = range(6, 16)
+DEQUANT_ARGS = 16
 
 
 @njit(nogil=True, fastmath=True, cache=True)
@@ -236,8 +240,9 @@ def dequant_job(a):
     svec = carray(ptr(a[D_SVEC]), (n_vec,), np.int64)
     w = carray(ptr(a[D_W]), (a[D_COUNT], n_vec * d), np.float32)
     base, count, step = a[D_BASE], a[D_COUNT], a[D_ROWS_PER_ITEM]
+    counter = a.ctypes.data + 8 * DEQUANT_ARGS
     while True:
-        r0 = fetch_add(a[D_COUNTER], 1) * step
+        r0 = fetch_add(counter, 1) * step
         if r0 >= count:
             return
         r1 = min(count, r0 + step)
@@ -247,4 +252,4 @@ def dequant_job(a):
 @cfunc(types.void(types.voidptr), cache=True)
 def dequant_job_c(data):
     """``dequant_job`` with the C signature of an OpenMP team body."""
-    dequant_job(carray(data, (DEQUANT_ARGS,), np.int64))
+    dequant_job(carray(data, (DEQUANT_ARGS + 1,), np.int64))

@@ -1,8 +1,8 @@
 """Numba pieces for running one compiled job on several threads (see ``cpu_threads``).
 
 A job is an ``@njit`` function of one int64 array (``args``): buffer addresses and sizes, packed by
-the caller, plus the address of an int64 work counter. Every thread of the team calls the same job
-and takes work items with an atomic fetch-and-add on that counter, so the split adapts to a thread
+the caller, and a last slot that is the work counter (zero at the start of the call). Every thread
+of the team calls the same job and takes work items with an atomic fetch-and-add on that counter, so the split adapts to a thread
 that starts late or is interrupted (on the 2-core test machine this balanced load measured about
 10% faster than fixed halves). Because the caller keeps ``args`` and every buffer alive for the whole
 call, the addresses stay valid.
