@@ -161,7 +161,7 @@ def _log_once(layer: nn.Module, x: Tensor, decision: Decision) -> None:
     )
     if decision.fallback:
         warnings.warn(
-            f"vqlib.kernels: falling back to the slow reference path: {message}", RuntimeWarning, stacklevel=3
+            f"vqlib.kernels: falling back to the slow reference path: {message}", RuntimeWarning, stacklevel=4
         )
     logger.info(message)
 
