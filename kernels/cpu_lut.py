@@ -60,7 +60,7 @@ LUT_CHUNKS = 8  # chunks of table blocks per parallel LUT call: work items for t
 ACC_BYTES = 1 << 20  # cap on the per-chunk accumulators of one call (fewer chunks for wide outputs)
 DEQUANT_ROWS_PER_ITEM = 16  # rows per work item of the parallel dequantization
 BLAS_BLOCK_BYTES = 4 << 20  # fp32 bytes of one dequantized row block (256-1024 rows of typical widths)
-SERIAL_MAX_CODES = 1 << 17  # below this many codes x tokens one thread beats a parallel launch
+SERIAL_MAX_CODES = 1 << 19  # below this many codes x tokens one thread beats starting the team (docs/kernels.md)
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _numba_mod = None
