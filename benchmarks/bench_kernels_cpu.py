@@ -35,7 +35,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_average, machine_description, setup_threads  # noqa: E402
-from vqlib.kernels import cpu_lut  # noqa: E402
+from vqlib.kernels import cpu_lut, cpu_threads  # noqa: E402
 
 from vqlib import kernels  # noqa: E402
 from vqlib.compress import VQConfig, VQLinear, compress  # noqa: E402
@@ -224,6 +224,8 @@ def main() -> None:
     cpu_lut.load_numba()
     print(f"# bench_kernels_cpu ({machine_description()})")
     print(f"numba kernels ready in {time.perf_counter() - start:.1f} s (compile, or load from numba's cache)")
+    why_not = cpu_threads.openmp_team()
+    print("kernel threads: torch's OpenMP team" if why_not is None else f"kernel threads: a Python pool ({why_not})")
     if not args.no_layers:
         layer_table(args)
     if args.llm != "none":
