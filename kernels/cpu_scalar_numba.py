@@ -11,7 +11,7 @@ import numpy as np
 from numba import carray, cfunc, njit, types
 
 from .numba_threads import address_to_pointer as ptr
-from .numba_threads import fetch_add
+from .numba_threads import next_rows, work_counter
 
 
 @njit(nogil=True, fastmath=True, inline="always")
@@ -100,12 +100,11 @@ def scalar_job(a):
     zeros = carray(ptr(a[S_ZEROS]), (n_out, n_groups), np.float32)
     gemv = a[S_XSUM] != 0
     lv = np.empty(n_in, np.float32)
-    counter = a.ctypes.data + 8 * SCALAR_ARGS
+    counter = work_counter(a)
     while True:
-        r0 = fetch_add(counter, 1) * step
+        r0, r1 = next_rows(counter, step, count)
         if r0 >= count:
             return
-        r1 = min(count, r0 + step)
         if gemv:
             x = carray(ptr(a[S_X]), (b, n_in), np.float32)
             xsum = carray(ptr(a[S_XSUM]), (b, n_groups), np.float32)

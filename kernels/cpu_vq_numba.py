@@ -27,7 +27,7 @@ import numpy as np
 from numba import carray, cfunc, njit, types
 
 from .numba_threads import address_to_pointer as ptr
-from .numba_threads import fetch_add
+from .numba_threads import fetch_add, next_rows, work_counter
 
 # No 'reassoc': the explicit add tree in _row16 keeps four independent chains (the default fastmath
 # folds them back into one serial chain of 16 dependent adds).
@@ -207,7 +207,7 @@ def lut_job(a):
     scales = carray(ptr(a[L_SCALES]), (n_out, a[L_S_COLS]), np.float32)
     acc = carray(ptr(a[L_ACC]), (n_chunks, b, n_out), np.float32)
     table = np.empty(QB * ENTRIES, np.float32)
-    counter = a.ctypes.data + 8 * LUT_ARGS
+    counter = work_counter(a)
     while True:
         c = fetch_add(counter, 1)
         if c >= n_chunks:
@@ -240,12 +240,11 @@ def dequant_job(a):
     svec = carray(ptr(a[D_SVEC]), (n_vec,), np.int64)
     w = carray(ptr(a[D_W]), (a[D_COUNT], n_vec * d), np.float32)
     base, count, step = a[D_BASE], a[D_COUNT], a[D_ROWS_PER_ITEM]
-    counter = a.ctypes.data + 8 * DEQUANT_ARGS
+    counter = work_counter(a)
     while True:
-        r0 = fetch_add(counter, 1) * step
+        r0, r1 = next_rows(counter, step, count)
         if r0 >= count:
             return
-        r1 = min(count, r0 + step)
         dequant_rows(codes, cbf, qcb, a[D_M], d, scales, svec, n_vec, base + r0, base + r1, w[r0:])
 
 

@@ -13,7 +13,7 @@ Only LLVM intrinsics are used (no ctypes function pointers), so the jobs can be 
 from __future__ import annotations
 
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.core.extending import intrinsic
 
 
@@ -38,4 +38,17 @@ def fetch_add(typingctx, address, value):
     return types.int64(types.int64, types.int64), codegen
 
 
-__all__ = ["address_to_pointer", "fetch_add"]
+@njit(nogil=True, inline="always")
+def work_counter(args):
+    """Address of the work counter: the last int64 of a job's argument array."""
+    return args.ctypes.data + 8 * (args.size - 1)
+
+
+@njit(nogil=True, inline="always")
+def next_rows(counter, rows_per_item, count):
+    """The next item's rows [r0, r1) of ``count``; r0 >= count when none is left."""
+    r0 = fetch_add(counter, 1) * rows_per_item
+    return r0, min(count, r0 + rows_per_item)
+
+
+__all__ = ["address_to_pointer", "fetch_add", "next_rows", "work_counter"]
