@@ -72,3 +72,26 @@ def test_single_thread_calls_the_job_directly(monkeypatch):
     monkeypatch.setattr(cpu_threads, "_gomp_parallel", fail)
     layers, inputs = layers_and_inputs()
     assert all(torch.isfinite(y).all() for y in outputs(layers, inputs, 1))
+
+
+def test_concurrent_callers_get_their_own_results(split_everything):
+    """Two Python threads running layers at once (each call starts its own OpenMP team or pool work)."""
+    import threading
+
+    layers, inputs = layers_and_inputs()
+    expected = outputs(layers, inputs, 1)
+    torch.set_num_threads(2)
+    results: dict[int, list[torch.Tensor]] = {}
+
+    def worker(k: int) -> None:
+        with torch.no_grad():
+            results[k] = [layer(x) for _ in range(5) for layer in layers for x in inputs]
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(2):
+        assert len(results[k]) == 5 * len(expected)
+        assert all(torch.equal(y, expected[i % len(expected)]) for i, y in enumerate(results[k]))
