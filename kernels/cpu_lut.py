@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from . import Kernel, KernelBuildError, register_kernel
-from .cpu_threads import run_job
+from .cpu_threads import job_args, run_job
 
 NAME = "cpu_lut"
 QB = 16  # code positions per table block (keep equal to cpu_vq_numba.QB)
@@ -214,14 +214,6 @@ def _padded_input(layer, x: Tensor, in_pad: int) -> Tensor:
     return x2.contiguous()
 
 
-def _job_args(n_fields: int, values: dict[int, int]) -> np.ndarray:
-    """An int64 job-argument template: ``values`` by field position, then the work counter's slot (0)."""
-    args = np.zeros(n_fields + 1, np.int64)
-    for field_, value in values.items():
-        args[field_] = value
-    return args
-
-
 def _lut_template(m, p: Prepared) -> np.ndarray:
     addr = {m.L_BLOCKED: p.blocked, m.L_CBT: p.cbt, m.L_QCB: p.qcb, m.L_SCALES: p.scales}
     sizes = {
@@ -229,7 +221,7 @@ def _lut_template(m, p: Prepared) -> np.ndarray:
         m.L_CBT_N: p.cbt.size, m.L_S_COLS: p.scales.shape[1], m.L_M: p.m_books, m.L_D: p.d, m.L_SGQ: p.sgq,
         m.L_IN_PAD: p.n_vec * p.d,
     }  # fmt: skip
-    return _job_args(m.LUT_ARGS, {**{k: a.ctypes.data for k, a in addr.items()}, **sizes})
+    return job_args(m.LUT_ARGS, {**{k: a.ctypes.data for k, a in addr.items()}, **sizes})
 
 
 def _lut(m, p: Prepared, xp: Tensor, serial: bool) -> Tensor:
@@ -256,7 +248,7 @@ def _dequant(m, p: Prepared, buf: Tensor, base: int, count: int) -> None:
             m.D_S_COLS: p.scales.shape[1], m.D_N_VEC: p.n_vec, m.D_M: p.m_books, m.D_D: p.d,
             m.D_ROWS_PER_ITEM: DEQUANT_ROWS_PER_ITEM,
         }  # fmt: skip
-        p.dequant_args = _job_args(m.DEQUANT_ARGS, {**{k: a.ctypes.data for k, a in addr.items()}, **sizes})
+        p.dequant_args = job_args(m.DEQUANT_ARGS, {**{k: a.ctypes.data for k, a in addr.items()}, **sizes})
     args = p.dequant_args.copy()
     args[m.D_W], args[m.D_BASE], args[m.D_COUNT] = buf.data_ptr(), base, count
     run_job(m.dequant_job, m.dequant_job_c, args, max(1, torch.get_num_threads()))

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import Kernel, register_kernel
 from .cpu_lut import INPUT_DTYPES, _threads, finish, import_loops
-from .cpu_threads import run_job
+from .cpu_threads import job_args, run_job
 
 NAME = "cpu_scalar"
 GEMV_MAX_BATCH = 2  # unpack-and-dot up to here; block dequant + BLAS above (measured: 4096x4096, 4 bits)
@@ -88,16 +88,13 @@ def _group_sums(xp: np.ndarray, group_size: int, n_groups: int) -> np.ndarray:
 
 def _run_rows(m, p: Prepared, layer, values: dict[int, int], count: int, n_threads: int) -> None:
     """scalar_job over ``count`` rows with the layer's fields plus ``values`` (see cpu_scalar_numba)."""
-    args = np.zeros(m.SCALAR_ARGS + 1, np.int64)  # the last slot is the work counter
     fields = {
         m.S_QWEIGHT: p.qweight.ctypes.data, m.S_SCALES: p.scales.ctypes.data, m.S_ZEROS: p.zeros.ctypes.data,
         m.S_N_IN: layer.in_features, m.S_N_OUT: layer.out_features, m.S_QW_N: p.qweight.size,
         m.S_N_GROUPS: p.scales.shape[1], m.S_BITS: layer.bits, m.S_GS: layer.group_size, m.S_COUNT: count,
         m.S_ROWS_PER_ITEM: ROWS_PER_ITEM, **values,
     }  # fmt: skip
-    for field_, value in fields.items():
-        args[field_] = value
-    run_job(m.scalar_job, m.scalar_job_c, args, n_threads)
+    run_job(m.scalar_job, m.scalar_job_c, job_args(m.SCALAR_ARGS, fields), n_threads)
 
 
 def run(layer, x: Tensor) -> Tensor:

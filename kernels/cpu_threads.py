@@ -53,6 +53,14 @@ def openmp_team() -> str | None:
     return None if _find_gomp_parallel() else _why_no_openmp
 
 
+def job_args(n_fields: int, values: dict[int, int]) -> np.ndarray:
+    """An int64 job-argument array: ``values`` by field position, then the work counter's slot (0)."""
+    args = np.zeros(n_fields + 1, np.int64)
+    for field_, value in values.items():
+        args[field_] = value
+    return args
+
+
 def run_job(job, body, args: np.ndarray, n_threads: int) -> None:
     """Run ``job(args)`` on ``n_threads`` threads (the calling thread included) and wait for all.
 
@@ -87,4 +95,4 @@ def _run_on_pool(job, args: np.ndarray, n_threads: int) -> None:
         f.result()
 
 
-__all__ = ["openmp_team", "run_job"]
+__all__ = ["job_args", "openmp_team", "run_job"]
