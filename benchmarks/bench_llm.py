@@ -50,7 +50,7 @@ VQ_FORMATS = {
     4: dict(vector_dim=4, num_codebooks=2, codebook_bits=8, group_size=128),
 }
 SCALAR_GROUP = 128
-E2E = dict(steps=24, batch_size=2)  # vq-e2e: Adam steps and calibration chunks per step (--e2e-steps)
+E2E = dict(steps=24, batch_size=2, schedule="cosine")  # vq-e2e: Adam steps, chunks per step, step-size schedule
 ALL_METHODS = ("fp32", "vq-df", "vq-cal", "vq-e2e", "vq-budget", "rtn", "hqq", "gptq")
 
 
@@ -112,9 +112,9 @@ def run_vq_e2e(ref, bits, cal):
     model, layers, _ = _vq(ref, dict(algorithm="calibrated", **VQ_FORMATS[bits]), cal)
     ids = torch.cat([b["input_ids"] for b in cal])
     small = [dict(b, use_cache=False) for b in calibration_batches(ids, batch_size=E2E["batch_size"])]
-    report = finetune_end_to_end(model, ref, small, EndToEndConfig(steps=E2E["steps"]))
+    report = finetune_end_to_end(model, ref, small, EndToEndConfig(steps=E2E["steps"], schedule=E2E["schedule"]))
     print(report, flush=True)
-    return model, layers, f"{_fmt(VQ_FORMATS[bits])} + e2e {E2E['steps']} steps"
+    return model, layers, f"{_fmt(VQ_FORMATS[bits])} + e2e {E2E['steps']} steps ({E2E['schedule']})"
 
 
 def run_vq_budget(ref, bits, cal):
@@ -260,6 +260,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-chunks", type=int, default=EVAL_CHUNKS, help="256-token evaluation chunks")
     p.add_argument("--calibration-chunks", type=int, default=CALIBRATION_CHUNKS, help="256-token calibration chunks")
     p.add_argument("--e2e-steps", type=int, default=E2E["steps"], help="vq-e2e: end-to-end fine-tune steps")
+    p.add_argument("--e2e-schedule", default=E2E["schedule"], choices=["constant", "cosine"], help="vq-e2e: step size")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
@@ -276,7 +277,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     setup_threads(args.threads)
-    E2E["steps"] = args.e2e_steps
+    E2E["steps"], E2E["schedule"] = args.e2e_steps, args.e2e_schedule
     torch.manual_seed(0)
     ref, tok = load_smollm2()
     ev, cal_ids = eval_and_calibration_ids(tok, args.eval_chunks, args.calibration_chunks)

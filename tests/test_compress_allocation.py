@@ -1,11 +1,13 @@
 """Bit budget (VQConfig.target_bits_per_weight): per-layer formats that never exceed the budget."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from vqlib.compress import VQConfig, VQLinear, compress
-from vqlib.compress.allocation import _hull, allocate_formats, choose
+from vqlib.compress.allocation import _hull, allocate_formats, choose, loss_sensitivity
 
 FAST = dict(kmeans_iters=3, finetune_steps=0)
 
@@ -44,6 +46,7 @@ def test_budget_is_met_and_never_exceeded(target):
     formats = {r.format for r in report.compressed}
     assert all(isinstance(m, VQLinear) for m in (model.up, model.mid, model.down))
     assert all(f.startswith("d") for f in formats) and "(budget" in report.table()
+    assert "weight error only (no calibration)" in report.table()
 
 
 def test_salience_moves_bits_to_the_sensitive_layer():
@@ -78,3 +81,31 @@ def test_budget_below_the_cheapest_formats_is_an_error():
         VQConfig(algorithm="scalar_rtn", target_bits_per_weight=3)
     with pytest.raises(ValueError, match="target_bits_per_weight"):
         VQConfig(target_bits_per_weight=-1)
+
+
+def test_loss_sensitivity_follows_the_gradient_reaching_each_layer():
+    transformers = pytest.importorskip("transformers")
+    del transformers
+    from test_compress_blockwise import tiny_llama, token_batches
+
+    model = tiny_llama()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
+    base, note = loss_sensitivity(model, layers, token_batches())
+    assert "loss sensitivity (40 tokens)" in note  # 2 x 23 predictions, 6 of them at padded positions
+    assert all(v > 0 and math.isfinite(v) for v in base.values())
+    # The same function, but v_proj of block 0 outputs 10x smaller values that o_proj scales back up:
+    # the loss gradient reaching v_proj's output is 10x larger, its squared mean 100x.
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight.div_(10)
+        model.model.layers[0].self_attn.o_proj.weight.mul_(10)
+    scaled, _ = loss_sensitivity(model, layers, token_batches())
+    v, o = "model.layers.0.self_attn.v_proj", "model.layers.0.self_attn.o_proj"
+    assert scaled[v] == pytest.approx(100 * base[v], rel=1e-3)
+    assert scaled[o] == pytest.approx(base[o], rel=1e-3)
+
+
+def test_loss_sensitivity_needs_language_model_batches():
+    model = make()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    weights, note = loss_sensitivity(model, layers, batches())
+    assert set(weights.values()) == {1.0} and "no input_ids" in note

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vqlib.compress import VQConfig, VQLinear, compress
-from vqlib.compress.end_to_end import EndToEndConfig, finetune_end_to_end, logits_of, token_kl
+from vqlib.compress.end_to_end import EndToEndConfig, finetune_end_to_end, logits_of, step_size, token_kl
 
 transformers = pytest.importorskip("transformers")
 
@@ -76,8 +76,21 @@ def test_bad_input_is_named():
         EndToEndConfig(steps=0)
     with pytest.raises(ValueError, match="lr"):
         EndToEndConfig(lr=2.0)
+    with pytest.raises(ValueError, match="schedule must be 'constant' or 'cosine', got 'linear'"):
+        EndToEndConfig(schedule="linear")
     teacher = tiny_llama()
     with pytest.raises(ValueError, match="no VQLinear"):
         finetune_end_to_end(copy.deepcopy(teacher), teacher, token_batches())
     with pytest.raises(TypeError, match="logits"):
         logits_of({"hidden": torch.zeros(1)})
+
+
+def test_cosine_schedule_decays_from_lr_towards_zero():
+    cfg = EndToEndConfig(steps=8, lr=1e-3, schedule="cosine")
+    sizes = [step_size(cfg, t) for t in range(cfg.steps)]
+    assert sizes[0] == pytest.approx(1e-3)
+    assert sizes[4] == pytest.approx(0.5e-3)
+    assert all(a > b for a, b in zip(sizes, sizes[1:]))
+    assert 0 < sizes[-1] < 0.05e-3
+    constant = EndToEndConfig(steps=8, lr=1e-3, schedule="constant")
+    assert {step_size(constant, t) for t in range(8)} == {1e-3}

@@ -12,6 +12,13 @@ of the config is shared). For every layer and candidate we measure
   alike for all), as that sample's relative error times the layer's salience-weighted energy,
   so errors add up across layers.
 
+Layers' output errors do not cost the model alike (an error in an early ``v_proj`` travels through every
+later block). When the calibration batches are language-model batches (``input_ids``), each layer's error
+is weighted by its loss sensitivity: the mean squared gradient of the next-token loss with respect to the
+layer's outputs on one calibration batch (the empirical Fisher, one number per layer, as HAWQ-v2 and
+SliM-LLM weigh layers), so the summed errors approximate the loss increase. Otherwise the weights are 1
+and the allocation says so (``Allocation.sensitivity``).
+
 The choice is a multiple-choice knapsack: minimise the summed error subject to the summed bits
 <= target x weights. We take each layer's lower convex hull of (bits, error), start every layer at
 its cheapest format and repeatedly apply the upgrade with the largest error drop per extra bit
@@ -29,11 +36,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .calibration import batch_token_mask, checked_run, layer_input
+from .calibration import batch_token_mask, checked_run, layer_input, run_batch
 from .config import VQConfig
 from .data_free import quantize_data_free
+from .end_to_end import logits_of
 from .format import VQLinear, decode_weight
 
 # Codes take a whole byte for B <= 8, so the bits come from d and M: about 8 M / d + overhead.
@@ -57,6 +66,7 @@ class Allocation:
     configs: dict[str, VQConfig] = field(default_factory=dict)
     bits: dict[str, float] = field(default_factory=dict)
     weights: dict[str, int] = field(default_factory=dict)
+    sensitivity: str = "input salience only"  # how the layers' errors were weighted
 
     @property
     def bits_per_weight(self) -> float:
@@ -135,6 +145,48 @@ def input_salience(model: nn.Module, layers: dict[str, nn.Linear], batches: list
     return {
         n: (sums[n] / max(counts[n], 1)).float() if counts[n] else torch.ones(layers[n].in_features) for n in layers
     }
+
+
+def loss_sensitivity(
+    model: nn.Module, layers: dict[str, nn.Linear], batches: list[Any]
+) -> tuple[dict[str, float], str]:
+    """Per layer, the mean over tokens and outputs of the squared gradient of the next-token loss with
+    respect to the layer's output, on the first calibration batch; and a note saying what was used.
+    All 1.0 (with the reason) when that batch is not a language-model batch with ``input_ids``."""
+    ones = dict.fromkeys(layers, 1.0)
+    batch = batches[0] if batches else None
+    if not isinstance(batch, dict) or not isinstance(batch.get("input_ids"), Tensor):
+        return ones, "input salience only (no input_ids in the calibration batches for a next-token loss)"
+    outputs: dict[str, list[Tensor]] = {n: [] for n in layers}
+    handles = [m.register_forward_hook(lambda mod, a, y, n=n: outputs[n].append(y)) for n, m in layers.items()]
+    try:
+        with torch.enable_grad():
+            logits = logits_of(run_batch(model, batch))
+            ids = batch["input_ids"].to(logits.device)
+            if tuple(logits.shape[:-1]) != tuple(ids.shape):
+                return (
+                    ones,
+                    f"input salience only (logits {tuple(logits.shape)} do not match input_ids {tuple(ids.shape)})",
+                )
+            labels = ids[..., 1:].clone()
+            mask = batch_token_mask(batch)
+            if mask is not None and tuple(mask.shape) == tuple(ids.shape):
+                labels[~mask[..., 1:].to(labels.device)] = -100
+            loss = F.cross_entropy(logits[..., :-1, :].flatten(0, -2).float(), labels.flatten(), ignore_index=-100)
+            flat = [(n, y) for n, ys in outputs.items() for y in ys if y.requires_grad]
+            grads = torch.autograd.grad(loss, [y for _, y in flat], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    power: dict[str, list[float]] = {n: [] for n in layers}
+    for (name, _), g in zip(flat, grads):
+        if g is not None:
+            power[name].append(float(g.double().pow(2).mean()))
+    missing = [n for n, p in power.items() if not p]
+    if missing:
+        return ones, f"input salience only (no loss gradient reached {missing[:3]})"
+    tokens = int(labels.ne(-100).sum())
+    return {n: sum(p) / len(p) for n, p in power.items()}, f"input salience x loss sensitivity ({tokens} tokens)"
 
 
 def _sample(weight: Tensor, cfg: VQConfig, seed: int) -> tuple[Tensor, Tensor]:
@@ -231,13 +283,18 @@ def allocate_formats(
         raise ValueError("allocate_formats: cfg.target_bits_per_weight is None")
     configs = candidate_configs(cfg, candidates)
     salience = input_salience(model, layers, batches) if batches else {}
+    sensitivity, note = (
+        loss_sensitivity(model, layers, batches)
+        if batches
+        else (dict.fromkeys(layers, 1.0), "weight error only (no calibration)")
+    )
     hulls, weights = {}, {}
     for i, (name, linear) in enumerate(layers.items()):
         w = linear.weight.detach().float()
         sal = salience.get(name, torch.ones(w.shape[1]))
         weights[name] = w.numel()
         options = [
-            (layer_bits(linear, c) * w.numel(), candidate_error(w, sal, c, cfg.seed + 31 * i), k)
+            (layer_bits(linear, c) * w.numel(), sensitivity[name] * candidate_error(w, sal, c, cfg.seed + 31 * i), k)
             for k, c in enumerate(configs)
             if _fits(linear, c)
         ]
@@ -253,7 +310,7 @@ def allocate_formats(
             f"VQConfig.target_bits_per_weight={target} is below the {least:.4f} bits per weight that the cheapest "
             f"candidate formats need for these layers; raise the target or add cheaper candidates"
         ) from None
-    alloc = Allocation(target_bits_per_weight=target, weights=weights)
+    alloc = Allocation(target_bits_per_weight=target, weights=weights, sensitivity=note)
     for name, i in at.items():
         bits, _, k = hulls[name][i]
         alloc.configs[name] = configs[k]

@@ -400,7 +400,8 @@ def compress(
     try:
         with torch.no_grad():
             if cfg.target_bits_per_weight is not None:  # a bit budget: one format per layer, by sensitivity
-                session.layer_cfgs = allocate_formats(model, sel.eligible, cfg, batches).configs
+                allocation = allocate_formats(model, sel.eligible, cfg, batches)
+                session.layer_cfgs, report.allocation = allocation.configs, allocation.sensitivity
             _compress_all(session, batches, blocks)
     finally:
         session.drop_caches()

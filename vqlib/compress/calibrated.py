@@ -22,6 +22,7 @@ from torch import Tensor
 
 from vqlib.core.seeds import derive_seed
 
+from .code_sweep import sweep_codes
 from .codebooks import VQParts, assign_additive, column_scales, rms_scales, round_codebook
 from .config import VQConfig
 from .data_free import fit_group, group_vector_ranges, pad_columns
@@ -363,17 +364,21 @@ def finetune(target: Tensor, h: Tensor, parts: VQParts, cfg: VQConfig, rounds: i
         return None if cs is None else cs[:, ::d]
 
     before = output_error(dec.decode(parts.codebooks.reshape(-1, d), vec_scale_of(scales)), target, h)
-    flat = parts.codebooks.reshape(-1, d)
+    flat, codes = parts.codebooks.reshape(-1, d), parts.codes
     steps = [cfg.finetune_steps // rounds + (1 if r < cfg.finetune_steps % rounds else 0) for r in range(rounds)]
     for n in steps:
         flat = _solve_codebooks(dec, flat, vec_scale_of(scales), target, h, n)
         if scales is not None:
             scales = _solve_scales(dec.decode(flat, None), target, h, scales, cfg.scale_group_size)
+        for _ in range(cfg.code_sweeps):  # the codes the moved codebooks now call for
+            residual = dec.decode(flat, vec_scale_of(scales)) - target
+            codes = sweep_codes(codes, flat.reshape(shape), vec_scale_of(scales), residual, h, cfg)
+            dec = _AdditiveDecoder(codes, shape, cfg)
     values, cb_scales = round_codebook(flat.reshape(shape), cfg.codebook_dtype)
     if scales is not None:
         scales = _solve_scales(dec.decode(values.reshape(-1, d), None), target, h, scales, cfg.scale_group_size)
         scales = scales.to(torch.float16).float()
     after = output_error(dec.decode(values.reshape(-1, d), vec_scale_of(scales)), target, h)
     if after < before:
-        return VQParts(parts.codes, values, cb_scales, scales)
+        return VQParts(codes, values, cb_scales, scales)
     return parts

@@ -70,6 +70,9 @@ class VQConfig:
     ``act_order`` (calibrated): GPTQ's act-order with static groups: the column loop visits codebook groups
     by decreasing input energy (diag H) and each group's vectors likewise; the format is unchanged.
     ``block_size`` (GPTQ columns per lazy-update block) is rounded down to a multiple of vector_dim.
+    ``code_sweeps`` (calibrated, with ``finetune_steps`` > 0): after each codebook/scale fine-tune round,
+    this many passes re-choose every code for the moved codebooks by exact coordinate descent on the
+    layer objective (``vqlib.compress.code_sweep``); each pass can only lower the error.
     ``block_finetune_steps`` (depth-linear path with the original-output target): Adam steps, one
     calibration batch each, on each compressed block's codebooks and scales against the original
     block's output (``vqlib.compress.block_finetune``); 0 turns it off.
@@ -104,6 +107,7 @@ class VQConfig:
     act_order: bool = False
     target_damping: float = 0.1
     finetune_steps: int = 8
+    code_sweeps: int = 0
     original_output_target: bool = True
     device: str | None = None
     seed: int = 0
@@ -231,6 +235,7 @@ _INT_RANGES: dict[str, tuple[int, int | None]] = {
     "refine_passes": (0, None),
     "block_size": (1, None),
     "finetune_steps": (0, None),
+    "code_sweeps": (0, None),
     "seed": (0, None),
     "block_finetune_steps": (0, None),
 }

@@ -13,18 +13,22 @@ scales) and kept only if the rounded model is better on the calibration batches.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..validation import check_choice
 from .block_finetune import refresh_caches, restore, snapshot, trainable_vq
 from .calibration import as_batch_list, batch_token_mask, run_batch
 from .format import VQLinear
+
+LRSchedule = Literal["constant", "cosine"]
 
 
 @dataclass
@@ -36,17 +40,21 @@ class EndToEndConfig:
         entries are weights divided by their row scale, scales train as multipliers around 1).
     train_norms: also train the weights of normalisation layers (classes named ``*Norm``, e.g.
         ``nn.LayerNorm``, Llama's ``RMSNorm``): cheap, and they rescale whole residual streams.
+    schedule: "cosine" decays the step size from ``lr`` to 0 over the steps (the last iterate settles
+        instead of wandering around the optimum, docs/llm.md); "constant" keeps ``lr``.
     """
 
     steps: int = 32
     lr: float = 1e-3
     train_norms: bool = True
+    schedule: LRSchedule = "cosine"
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"EndToEndConfig.steps: expected an int >= 1, got {self.steps!r}")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < 1:
             raise ValueError(f"EndToEndConfig.lr: expected a float in (0, 1), got {self.lr!r}")
+        check_choice("EndToEndConfig.schedule", self.schedule, LRSchedule)
 
 
 @dataclass
@@ -147,6 +155,13 @@ def finetune_end_to_end(
     return EndToEndReport(before, after if kept else before, kept, cfg.steps, time.perf_counter() - start)
 
 
+def step_size(cfg: EndToEndConfig, step: int) -> float:
+    """Adam's step size at ``step`` (0-based) of ``cfg.steps``."""
+    if cfg.schedule == "constant":
+        return cfg.lr
+    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * step / cfg.steps))
+
+
 def _train(model: nn.Module, teacher: nn.Module, batches: list[Any], params: list[Tensor], cfg: EndToEndConfig) -> None:
     frozen = [p for p in model.parameters() if p.requires_grad and not any(p is q for q in params)]
     for p in frozen:
@@ -156,6 +171,8 @@ def _train(model: nn.Module, teacher: nn.Module, batches: list[Any], params: lis
             p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=cfg.lr)
         for step in range(cfg.steps):
+            for group in opt.param_groups:
+                group["lr"] = step_size(cfg, step)
             batch = batches[step % len(batches)]
             with torch.no_grad():
                 target = _logits(teacher, batch)

@@ -37,6 +37,7 @@ class CompressionReport:
     model_bytes_before: int = 0
     model_bytes_after: int = 0
     seconds: float = 0.0
+    allocation: str = ""  # with a bit budget: how the layers' errors were weighted (allocation.Allocation)
 
     @property
     def compressed(self) -> list[LayerReport]:
@@ -60,6 +61,7 @@ class CompressionReport:
             "model_bytes_before": self.model_bytes_before,
             "model_bytes_after": self.model_bytes_after,
             "seconds": self.seconds,
+            "allocation": self.allocation,
         }
 
     def table(self) -> str:
@@ -79,7 +81,11 @@ class CompressionReport:
         lines.append("")
         lines.append(
             f"compressed {n_comp} layer(s), skipped {n_skip}; compressed layers: {self.bits_per_weight:.3f} bits/weight"
-            + (f" (budget {target})" if (target := self.config.get("target_bits_per_weight")) is not None else "")
+            + (
+                f" (budget {target}; {self.allocation})"
+                if (target := self.config.get("target_bits_per_weight")) is not None
+                else ""
+            )
             + ", "
             f"{orig / 2**20:.2f} MiB -> {new / 2**20:.2f} MiB"
         )
