@@ -50,7 +50,7 @@ VQ_FORMATS = {
     4: dict(vector_dim=4, num_codebooks=2, codebook_bits=8, group_size=128),
 }
 SCALAR_GROUP = 128
-E2E = dict(steps=24, batch_size=2, schedule="cosine")  # vq-e2e: Adam steps, chunks per step, step-size schedule
+E2E = dict(steps=24, batch_size=2, schedule="constant")  # vq-e2e: Adam steps, chunks per step, step-size schedule
 ALL_METHODS = ("fp32", "vq-df", "vq-cal", "vq-e2e", "vq-budget", "rtn", "hqq", "gptq")
 
 

@@ -40,14 +40,14 @@ class EndToEndConfig:
         entries are weights divided by their row scale, scales train as multipliers around 1).
     train_norms: also train the weights of normalisation layers (classes named ``*Norm``, e.g.
         ``nn.LayerNorm``, Llama's ``RMSNorm``): cheap, and they rescale whole residual streams.
-    schedule: "cosine" decays the step size from ``lr`` to 0 over the steps (the last iterate settles
-        instead of wandering around the optimum, docs/llm.md); "constant" keeps ``lr``.
+    schedule: "constant" keeps ``lr``; "cosine" decays it to 0 over the steps. On SmolLM2-135M at 64 steps
+        the cosine decay reached the same calibration KL and no better perplexity (docs/llm.md).
     """
 
     steps: int = 32
     lr: float = 1e-3
     train_norms: bool = True
-    schedule: LRSchedule = "cosine"
+    schedule: LRSchedule = "constant"
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
