@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,8 +154,10 @@ def loss_sensitivity(
     respect to the layer's output, on the first calibration batch; and a note saying what was used.
     All 1.0 (with the reason) when that batch is not a language-model batch with ``input_ids``."""
     ones = dict.fromkeys(layers, 1.0)
-    batch = batches[0] if batches else None
-    if not isinstance(batch, dict) or not isinstance(batch.get("input_ids"), Tensor):
+    if not batches:
+        return ones, "weight error only (no calibration)"
+    batch = batches[0]  # a Mapping, not only a dict: tokenizers return a BatchEncoding (a UserDict)
+    if not isinstance(batch, Mapping) or not isinstance(batch.get("input_ids"), Tensor):
         return ones, "input salience only (no input_ids in the calibration batches for a next-token loss)"
     outputs: dict[str, list[Tensor]] = {n: [] for n in layers}
     handles = [m.register_forward_hook(lambda mod, a, y, n=n: outputs[n].append(y)) for n, m in layers.items()]
@@ -283,11 +285,7 @@ def allocate_formats(
         raise ValueError("allocate_formats: cfg.target_bits_per_weight is None")
     configs = candidate_configs(cfg, candidates)
     salience = input_salience(model, layers, batches) if batches else {}
-    sensitivity, note = (
-        loss_sensitivity(model, layers, batches)
-        if batches
-        else (dict.fromkeys(layers, 1.0), "weight error only (no calibration)")
-    )
+    sensitivity, note = loss_sensitivity(model, layers, batches or [])
     hulls, weights = {}, {}
     for i, (name, linear) in enumerate(layers.items()):
         w = linear.weight.detach().float()

@@ -371,8 +371,9 @@ def finetune(target: Tensor, h: Tensor, parts: VQParts, cfg: VQConfig, rounds: i
         if scales is not None:
             scales = _solve_scales(dec.decode(flat, None), target, h, scales, cfg.scale_group_size)
         for _ in range(cfg.code_sweeps):  # the codes the moved codebooks now call for
-            residual = dec.decode(flat, vec_scale_of(scales)) - target
-            codes = sweep_codes(codes, flat.reshape(shape), vec_scale_of(scales), residual, h, cfg)
+            vec_scale = vec_scale_of(scales)
+            residual = dec.decode(flat, vec_scale) - target
+            codes = sweep_codes(codes, flat.reshape(shape), vec_scale, residual, h, cfg)
             dec = _AdditiveDecoder(codes, shape, cfg)
     values, cb_scales = round_codebook(flat.reshape(shape), cfg.codebook_dtype)
     if scales is not None:
