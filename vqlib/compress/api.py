@@ -33,6 +33,7 @@ from .blockwise import (
 from .calibrated import output_error
 from .calibration import LayerStats, as_batch_list, collect_statistics, execution_order, probe_batch
 from .config import VQConfig
+from .output_memo import OutputMemo
 from .report import CompressionReport, LayerReport, ProgressBar, layer_format, model_bytes, weight_bytes
 
 _log = logging.getLogger(__name__)
@@ -186,6 +187,7 @@ class _Session:
         self.called: set[str] = set()
         self.num_compressed = 0
         self.layer_cfgs: dict[str, VQConfig] = {}  # per-layer formats from a bit budget
+        self.compressed: dict[str, nn.Module] = {}  # name -> the layer now in the model
 
     def nothing_compressed(self) -> bool:
         return self.num_compressed == 0
@@ -209,6 +211,7 @@ class _Session:
         # memory the original weight had) until the layer's block is done or compress returns.
         new.weight_cache = dequant.to(device=linear.weight.device, dtype=linear.weight.dtype)
         self.cached.append(new)
+        self.compressed[name] = new
         if name == "":
             self.result = new
         else:
@@ -217,6 +220,9 @@ class _Session:
         rec.seconds = time.perf_counter() - t0
         if self.notify:
             self.notify(rec)
+
+    def compressed_layer(self, name: str) -> nn.Module:
+        return self.compressed[name]
 
     def _replace(self, old: nn.Module, new: nn.Module) -> None:
         """Swap ``old`` for ``new`` under every parent that holds it (shared modules included)."""
@@ -322,7 +328,14 @@ def _run_generic(session: _Session, groups, batches, calls, reference: bool = Tr
 
 
 def _finish_block(
-    session: _Session, block: nn.Module, inputs, streams: Streams, masks, last: bool, original: list[Tensor] | None
+    session: _Session,
+    block: nn.Module,
+    inputs,
+    streams: Streams,
+    masks,
+    last: bool,
+    original: list[Tensor] | None,
+    memo: OutputMemo,
 ) -> Streams:
     """Optionally fine-tune the block against the original block's output; return the next block's inputs.
 
@@ -333,9 +346,10 @@ def _finish_block(
     if session.keep_originals and original is None:
         original = original_outputs(block, inputs, streams, session)
     if steps:
+        memo.close()  # the fine-tune changes the layers: kept outputs would be stale
         before, after = finetune_block(block, block_runs(block, inputs), streams.compressed, original, masks, steps)
         _log.info("block fine-tune: relative output error %.4g -> %.4g", before, after)
-    return streams if last else advance(block, inputs, streams, original)
+    return streams if last else advance(block, inputs, streams, original, memo)
 
 
 def _run_blocks(session: _Session, modules: list[nn.Module], split, batches, calls) -> None:
@@ -356,8 +370,15 @@ def _run_blocks(session: _Session, modules: list[nn.Module], split, batches, cal
     # Blocks after the last one holding selected layers need not run.
     end = max((b + 1 for b, groups in enumerate(per_block) if groups), default=0)
     for b, block in enumerate(modules[:end]):
-        original = compress_block(block, per_block[b], session.sel.eligible, inputs, streams, masks, calls, session)
-        streams = _finish_block(session, block, inputs, streams, masks, b + 1 == end, original)
+        memo = OutputMemo()
+        try:
+            original = compress_block(
+                block, per_block[b], session.sel.eligible, inputs, streams, masks, calls, session, memo
+            )
+            streams = _finish_block(session, block, inputs, streams, masks, b + 1 == end, original, memo)
+        finally:
+            memo.close()
+        _log.debug("block %d: %d layer outputs reused, %d computed", b, memo.hits, memo.misses)
         session.release_originals(not keep_caches)
     # After the blocks only the partly compressed model is left: these layers fit their own output.
     _run_generic(session, suffix, batches, calls, reference=False)

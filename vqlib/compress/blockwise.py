@@ -32,6 +32,7 @@ from .calibration import (
     flat_tokens,
     layer_input,
 )
+from .output_memo import OutputMemo
 
 _STREAM_KWARGS = ("hidden_states", "x", "input", "hidden_state")
 
@@ -233,6 +234,8 @@ class BlockSession(Protocol):
 
     def compress_group(self, group: list[str], stats: dict[str, LayerStats]) -> None: ...
 
+    def compressed_layer(self, name: str) -> nn.Module: ...
+
     def nothing_compressed(self) -> bool: ...
 
     def use_original(self, original: bool) -> None: ...
@@ -249,9 +252,16 @@ class Streams:
     original: list[Tensor]
 
 
-def _run_block(block: nn.Module, inputs: list[BlockInput], streams: list[Tensor]) -> list[Tensor]:
+def _run_block(
+    block: nn.Module, inputs: list[BlockInput], streams: list[Tensor], memo: OutputMemo | None = None
+) -> list[Tensor]:
     device = _device_of(block)
-    return [inp.call(block, x.to(device)).detach().cpu() for inp, x in zip(inputs, streams)]
+    if memo is None:
+        return [inp.call(block, x.to(device)).detach().cpu() for inp, x in zip(inputs, streams)]
+    return [
+        memo.run(i, lambda inp=inp, x=x: inp.call(block, x.to(device))).detach().cpu()
+        for i, (inp, x) in enumerate(zip(inputs, streams))
+    ]
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -263,7 +273,14 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 def _block_passes(
-    block, inputs, streams: Streams, masks, session: BlockSession, reference: bool, recorded: Recorded | None
+    block,
+    inputs,
+    streams: Streams,
+    masks,
+    session: BlockSession,
+    reference: bool,
+    recorded: Recorded | None,
+    memo: OutputMemo,
 ) -> list[BatchPass]:
     device = _device_of(block)
 
@@ -279,13 +296,15 @@ def _block_passes(
     powers = recorded.powers if replayed else [None] * len(inputs)
     return [
         BatchPass(
-            run=lambda inp=inp, x=x: inp.call(block, x.to(device)),
+            run=lambda i=i, inp=inp, x=x: memo.run(i, lambda: inp.call(block, x.to(device))),
             run_reference=(lambda inp=inp, x=xr: original(inp, x)) if reference else None,
             mask=mask,
             reference_inputs=rec,
             reference_powers=power,
         )
-        for inp, x, xr, mask, rec, power in zip(inputs, streams.compressed, streams.original, masks, replay, powers)
+        for i, (inp, x, xr, mask, rec, power) in enumerate(
+            zip(inputs, streams.compressed, streams.original, masks, replay, powers)
+        )
     ]
 
 
@@ -367,8 +386,11 @@ def compress_block(
     masks: list[Tensor | None],
     calls: dict[str, int],
     session: BlockSession,
+    memo: OutputMemo,
 ) -> list[Tensor] | None:
     """Compress one block's layer groups in order, each from statistics of this block alone.
+
+    Every compressed layer is watched by ``memo``: later passes over the same batch reuse its output.
 
     With the original-output target the original block runs once first, recording its layers'
     inputs (within ``RECORD_BUDGET_BYTES``); its outputs (the next original stream) are returned,
@@ -380,13 +402,15 @@ def compress_block(
     for group in groups:
         untouched = session.nothing_compressed()
         reference = session.keep_originals and not untouched
-        passes = _block_passes(block, inputs, streams, masks, session, reference, recorded)
+        passes = _block_passes(block, inputs, streams, masks, session, reference, recorded, memo)
         stats = accumulate_statistics({n: layers[n] for n in group}, passes, calls, reference)
         if session.keep_originals and untouched:
             # Nothing upstream is compressed yet: the inputs are the original model's.
             for st in stats.values():
                 st.cross = st.reference = st.hessian
         session.compress_group(group, stats)
+        for name in group:
+            memo.watch(session.compressed_layer(name))
     return None if recorded is None else recorded.outputs
 
 
@@ -401,10 +425,16 @@ def original_outputs(
         session.use_original(False)
 
 
-def advance(block: nn.Module, inputs: list[BlockInput], streams: Streams, original: list[Tensor] | None) -> Streams:
+def advance(
+    block: nn.Module,
+    inputs: list[BlockInput],
+    streams: Streams,
+    original: list[Tensor] | None,
+    memo: OutputMemo | None = None,
+) -> Streams:
     """The next block's inputs: this block (compressed) on the compressed stream, and ``original``
     (``original_outputs``; None without the original-output target)."""
-    compressed = _run_block(block, inputs, streams.compressed)
+    compressed = _run_block(block, inputs, streams.compressed, memo)
     return Streams(compressed, compressed if original is None else original)
 
 
