@@ -75,15 +75,16 @@ def test_only_where_it_is_faster():
 
 
 def test_a_build_failure_warns_once_and_kmeans_still_runs(monkeypatch):
-    monkeypatch.setattr(lloyd, "_loops", None)
-    monkeypatch.setattr(lloyd, "_failure", None)
+    from vqlib.core import numba_loops
+
+    monkeypatch.setattr(numba_loops, "_loaded", {})
 
     def broken(name):
         raise ImportError("numba is broken here")
 
-    monkeypatch.setattr(lloyd.importlib, "import_module", broken)
+    monkeypatch.setattr(numba_loops.importlib, "import_module", broken)
     x = torch.randn(600, 4, generator=torch.Generator().manual_seed(4))
-    with pytest.warns(RuntimeWarning, match="numba search loops are unavailable.*Faiss"):
+    with pytest.warns(RuntimeWarning, match="numba loops are unavailable.*numba is broken here.*Faiss"):
         assert not lloyd.fused_lloyd_applies(x, x[:8])
     with warnings_as_errors():
         centroids = kmeans(x, 8, num_iters=3)  # no second warning; Faiss path

@@ -27,6 +27,8 @@ from .codebooks import VQParts, assign_additive, column_scales, rms_scales, roun
 from .config import VQConfig
 from .data_free import fit_group, group_vector_ranges, pad_columns
 from .format import flat_code_index, vector_group_index
+from .gptq_loop import compiled_loop_applies
+from .gptq_loop import quantize_block as quantize_block_compiled
 
 
 def damped_hessian(hessian: Tensor, damping: float) -> tuple[Tensor, float, Tensor]:
@@ -227,8 +229,14 @@ class _ColumnLoop:
         d = self.codebooks.shape[-1]
         cs, ce = vs * d, ve * d
         block = self.w[:, cs:ce].clone()  # (out, (ve - vs) * d)
-        errors = torch.zeros_like(block)
         u_block = self.u[cs:ce, cs:ce]
+        if compiled_loop_applies(block, self.codebooks):
+            cb = self.codebooks[self.group_of_vec[vs:ve], 0]  # (nb, K, d)
+            s = self.vec_scale[:, vs:ve]  # (out, nb)
+            errors, self.codes[:, vs:ve, 0] = quantize_block_compiled(block, s, self.transforms[vs:ve], cb, u_block)
+            self.w[:, ce:] -= errors @ self.u[cs:ce, ce:]
+            return
+        errors = torch.zeros_like(block)
         for j in range(vs, ve):
             lc = (j - vs) * d
             cb = self.codebooks[self.group_of_vec[j]]  # (M, K, d)

@@ -14,12 +14,11 @@ their own float64 sums, added in chunk order, whatever the thread count.
 
 from __future__ import annotations
 
-import importlib
-import warnings
-
 import numpy as np
 import torch
 from torch import Tensor
+
+from .numba_loops import load_loops
 
 # Measured on 2 cores (benchmarks/bench_search.py --lloyd): the fused step beats Faiss' search + a bincount
 # update up to d = 8 and k = 1,024; at d = 16 or k = 4,096 the distance GEMM is compute-bound and Faiss wins.
@@ -27,27 +26,18 @@ LLOYD_MAX_DIM = 8
 LLOYD_MAX_CODES = 1024
 CHUNK_POINTS = 2048  # points per work item
 
-_loops = None
-_failure: str | None = None
+_FALLBACK = (
+    "nearest-code search and k-means on CPU use Faiss' exact search instead (slower for low-dimensional vectors)"
+)
 
 
 def _load():
-    """The numba loops (compiled on first use, then from numba's cache), or None with one warning."""
-    global _loops, _failure
-    if _loops is None and _failure is None:
-        try:
-            mod = importlib.import_module("vqlib.core.lloyd_numba")
-            _run(mod, np.zeros((3, 4), np.float32), np.ones(3, np.float32), np.eye(2, 4, dtype=np.float32), True, 1)
-            _loops = mod
-        except Exception as exc:  # numba missing or failing to compile: say so once, never silently
-            _failure = f"{type(exc).__name__}: {exc}"
-            warnings.warn(
-                f"vqlib.core.lloyd: the numba search loops are unavailable ({_failure}); nearest-code search and "
-                "k-means on CPU use Faiss' exact search instead (slower for low-dimensional vectors)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-    return _loops
+    """The numba loops (compiled on first use, then from numba's cache), or None after one warning."""
+    return load_loops("vqlib.core.lloyd_numba", _warm_up, _FALLBACK)
+
+
+def _warm_up(mod) -> None:
+    _run(mod, np.zeros((3, 4), np.float32), np.ones(3, np.float32), np.eye(2, 4, dtype=np.float32), True, 1)
 
 
 def fused_lloyd_applies(x: Tensor, codes: Tensor) -> bool:
@@ -68,7 +58,7 @@ def lloyd_step(x: Tensor, centroids: Tensor, weights: Tensor | None = None) -> t
     xs = np.ascontiguousarray(x.detach().float().cpu().numpy())
     cs = np.ascontiguousarray(centroids.detach().float().cpu().numpy())
     w = None if weights is None else np.ascontiguousarray(weights.detach().float().cpu().numpy())
-    assign, acc = _run(_loops, xs, w, cs, weights is not None, max(1, torch.get_num_threads()))
+    assign, acc = _run(_load(), xs, w, cs, weights is not None, max(1, torch.get_num_threads()))
     sums = None if acc is None else torch.from_numpy(acc.sum(0)).to(x.device)
     return torch.from_numpy(assign).to(x.device), sums
 
