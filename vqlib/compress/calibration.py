@@ -168,7 +168,29 @@ def flat_tokens(x: Tensor, mask: Tensor | None) -> Tensor:
 def _accumulate(acc: dict[str, Tensor], key: str, a: Tensor, b: Tensor) -> None:
     if key not in acc:
         acc[key] = torch.zeros(a.shape[1], b.shape[1], device=b.device)
-    acc[key].addmm_(a.T.to(b.device), b)
+    if a is b:
+        _accumulate_gram(acc[key], a)
+    else:
+        acc[key].addmm_(a.T.to(b.device), b)
+
+
+GRAM_STRIP = 256  # rows per strip of X^T X: 1536 wide, 2,048 tokens, 2 cores: 61 ms instead of 98 (full GEMM)
+
+
+def _accumulate_gram(acc: Tensor, x: Tensor) -> None:
+    """acc += X^T X on and above the diagonal only (``symmetric_from_upper`` fills the rest).
+
+    A Gram matrix is symmetric, so the strips of rows r0:r1 times columns r0:end do ~half of the
+    full product's work; every entry is computed as the full product computes it."""
+    n = x.shape[1]
+    for r0 in range(0, n, GRAM_STRIP):
+        r1 = min(n, r0 + GRAM_STRIP)
+        acc[r0:r1, r0:].addmm_(x[:, r0:r1].T, x[:, r0:])
+
+
+def symmetric_from_upper(m: Tensor) -> Tensor:
+    """The symmetric matrix whose upper triangle (diagonal included) is ``m``'s."""
+    return torch.triu(m) + torch.triu(m, 1).T
 
 
 class _StatsHooks:
@@ -260,6 +282,9 @@ class _StatsHooks:
             if self.counts[key] == 0:
                 raise ValueError(f"calibration: layer {name!r} saw no tokens (every token masked out?)")
             acc = {k: v / self.counts[key] for k, v in self.sums[key].items()}
+            acc["hessian"] = symmetric_from_upper(acc["hessian"])
+            if "reference" in acc:
+                acc["reference"] = symmetric_from_upper(acc["reference"])
             power = self.powers[name] / self.counts[key] if name in self.powers and "reference" not in acc else None
             out[name] = LayerStats(acc["hessian"], acc.get("cross"), acc.get("reference"), power)
         return out
@@ -274,13 +299,31 @@ def accumulate_statistics(
     """
     hooks = _StatsHooks(layers, calls_per_batch, with_reference)
     handles = [layer.register_forward_pre_hook(hooks.hook(n), with_kwargs=True) for n, layer in layers.items()]
+    skipped = _skip_outputs(layers) if hooks.early_stop else []
     try:
         for batch_pass in passes:
             hooks.run(batch_pass)
     finally:
         for h in handles:
             h.remove()
+        for layer in skipped:
+            layer.__dict__.pop("forward", None)
     return hooks.result()
+
+
+def _skip_outputs(layers: dict[str, nn.Module]) -> list[nn.Module]:
+    """During passes that stop at the group's last layer, give the group's layers zeros as outputs.
+
+    A group's layers all take the same input tensor (``execution_order``), so none of their outputs
+    feeds another's input, and the pass ends before anything else uses them: computing them (q and k
+    before v, gate before up: ~16% of a Llama block's linear work in these passes) was wasted."""
+    skipped = []
+    for layer in layers.values():
+        width = getattr(layer, "out_features", None)
+        if isinstance(width, int) and "forward" not in layer.__dict__:
+            layer.forward = lambda x, *args, width=width, **kwargs: x.new_zeros(*x.shape[:-1], width)
+            skipped.append(layer)
+    return skipped
 
 
 def collect_statistics(
