@@ -192,3 +192,22 @@ def test_block_finetune_lowers_the_block_output_error():
         return sum(float((o - r).pow(2).sum() / r.pow(2).sum()) for o, r in zip(out, ref))
 
     assert final_error(24) < 0.99 * final_error(0)
+
+
+def test_narrow_layers_take_w_c_from_the_recorded_outputs(monkeypatch):
+    """down_proj (128 -> 64) gets W C = Y_ref^T X / n from the original block's recorded outputs, never
+    the (in, in) C; the wider groups keep C. (Equality with the generic path, which always uses C, is
+    test_blockwise_matches_whole_model_passes.)"""
+    from vqlib.compress import algorithms
+
+    seen = {}
+    real = algorithms.gptq_vq
+
+    def spy(weight, hessian, cfg, seed, cross=None, weighted_cross=None):
+        seen.setdefault(tuple(weight.shape), []).append((cross is not None, weighted_cross is not None))
+        return real(weight, hessian, cfg, seed, cross=cross, weighted_cross=weighted_cross)
+
+    monkeypatch.setattr(algorithms, "gptq_vq", spy)
+    compress(tiny_llama(), VQConfig(**CFG), calibration=token_batches())
+    assert seen[(64, 128)] == [(False, True)] * 3  # down_proj of each block
+    assert set(seen[(128, 64)]) == {(True, False)}  # gate/up: C

@@ -132,7 +132,9 @@ def _calibrated(linear: nn.Linear, weight: Tensor, stats: LayerStats | None, cfg
     device = weight.device
     # cross is the original-input correlation; when it is the Hessian itself the target is W.
     cross = None if stats.cross is None or stats.cross is stats.hessian else stats.cross.to(device)
-    return vq_linear(linear, gptq_vq(weight, stats.hessian.to(device), cfg, seed, cross=cross), cfg)
+    wc = None if stats.cross_weight is None else stats.cross_weight.to(device)
+    parts = gptq_vq(weight, stats.hessian.to(device), cfg, seed, cross=cross, weighted_cross=wc)
+    return vq_linear(linear, parts, cfg)
 
 
 def _scalar_rtn(linear: nn.Linear, weight: Tensor, stats: LayerStats | None, cfg: VQConfig, seed: int) -> nn.Module:

@@ -96,15 +96,18 @@ def _relative_error(weight: Tensor, dequant: Tensor, stats: LayerStats | None) -
     if stats is None:
         return float((dequant - weight).norm() / weight.norm().clamp_min(1e-30)), "weight"
     h = stats.hessian.to(weight.device)
-    if stats.cross is None:
+    if stats.cross is None and stats.cross_weight is None:
         base = output_error(torch.zeros_like(weight), weight, h)
         return math.sqrt(output_error(dequant, weight, h) / max(base, 1e-30)), "layer"
-    cross = stats.cross.to(weight.device)
+    if stats.cross_weight is not None:
+        weighted_cross = stats.cross_weight.to(weight.device)
+    else:
+        weighted_cross = weight @ stats.cross.to(weight.device)
     if stats.reference is not None:
         base = float(((weight @ stats.reference.to(weight.device)) * weight).sum())
     else:  # measured on the original layer's outputs while its inputs were recorded
         base = stats.reference_power
-    err = float(((dequant @ h) * dequant).sum()) - 2 * float((dequant * (weight @ cross)).sum()) + base
+    err = float(((dequant @ h) * dequant).sum()) - 2 * float((dequant * weighted_cross).sum()) + base
     return math.sqrt(max(err, 0.0) / max(base, 1e-30)), "output"
 
 

@@ -294,6 +294,7 @@ def _block_passes(
     replayed = reference and recorded is not None
     replay = recorded.inputs if replayed else [None] * len(inputs)
     powers = recorded.powers if replayed else [None] * len(inputs)
+    outputs = recorded.layer_outputs if replayed else [None] * len(inputs)
     return [
         BatchPass(
             run=lambda i=i, inp=inp, x=x: memo.run(i, lambda: inp.call(block, x.to(device))),
@@ -301,9 +302,10 @@ def _block_passes(
             mask=mask,
             reference_inputs=rec,
             reference_powers=power,
+            reference_outputs=out,
         )
-        for i, (inp, x, xr, mask, rec, power) in enumerate(
-            zip(inputs, streams.compressed, streams.original, masks, replay, powers)
+        for i, (inp, x, xr, mask, rec, power, out) in enumerate(
+            zip(inputs, streams.compressed, streams.original, masks, replay, powers, outputs)
         )
     ]
 
@@ -323,6 +325,7 @@ class Recorded:
     inputs: list[dict[str, list[Tensor]]]
     powers: list[dict[str, float]]
     outputs: list[Tensor]
+    layer_outputs: list[dict[str, list[Tensor]]]  # x_ref W^T per call, for ``output_target_layers`` only
 
 
 def record_original(
@@ -333,22 +336,29 @@ def record_original(
     streams: Streams,
     masks: list[Tensor | None],
     session: BlockSession,
+    keep_outputs: set[str] = frozenset(),
 ) -> Recorded | None:
     """Run the original block once per batch, keeping its selected layers' inputs and output power
     (the reported errors' denominator, here for free instead of an (in, in) moment per layer); None
     (nothing kept) as soon as the kept inputs extrapolate to more than ``RECORD_BUDGET_BYTES`` for all batches."""
     per_batch: list[dict[str, list[Tensor]]] = []
     powers: list[dict[str, float]] = []
+    layer_outputs: list[dict[str, list[Tensor]]] = []
     handles = [layers[n].register_forward_pre_hook(_recorder(n, per_batch), with_kwargs=True) for n in names]
-    handles += [layers[n].register_forward_hook(_power_meter(n, powers, masks)) for n in names]
+    handles += [
+        layers[n].register_forward_hook(_power_meter(n, powers, masks, layer_outputs if n in keep_outputs else None))
+        for n in names
+    ]
     outputs, kept = [], 0
     session.use_original(True)
     try:
         for inp, x in zip(inputs, streams.original):
             per_batch.append({})
             powers.append({})
+            layer_outputs.append({})
             outputs.append(inp.call(block, x.to(_device_of(block))).detach().cpu())
-            unique = {id(t): t for ts in per_batch[-1].values() for t in ts}.values()  # q/k/v share one
+            tensors = [t for d in (per_batch[-1], layer_outputs[-1]) for ts in d.values() for t in ts]
+            unique = {id(t): t for t in tensors}.values()  # q/k/v share one input
             kept += sum(t.numel() * t.element_size() for t in unique)
             if kept * len(inputs) > RECORD_BUDGET_BYTES * len(per_batch):
                 return None
@@ -356,18 +366,37 @@ def record_original(
         session.use_original(False)
         for h in handles:
             h.remove()
-    return Recorded(per_batch, powers, outputs)
+    return Recorded(per_batch, powers, outputs, layer_outputs)
 
 
-def _power_meter(name: str, powers: list[dict[str, float]], masks: list[Tensor | None]) -> Callable:
+def _power_meter(
+    name: str, powers: list[dict[str, float]], masks: list[Tensor | None], keep: list[dict] | None
+) -> Callable:
+    """Adds the layer's output power ||x_ref W^T||^2 (and with ``keep`` keeps x_ref W^T itself)."""
+
     def hook(module, args, output):
         y = output.detach()
         if getattr(module, "bias", None) is not None:
             y = y - module.bias.detach()  # the reported error compares weights: x W^T, without the bias
         flat = flat_tokens(y, masks[len(powers) - 1])
         powers[-1][name] = powers[-1].get(name, 0.0) + float(flat.double().pow(2).sum())
+        if keep is not None:
+            keep[-1].setdefault(name, []).append(y)
 
     return hook
+
+
+def output_target_layers(groups: list[list[str]], layers: dict[str, nn.Module]) -> set[str]:
+    """Layers of groups whose outputs are narrower than their shared input (e.g. a Llama down_proj):
+    for them W C comes from the recorded original outputs, tokens x out x in flops instead of
+    C = X_ref^T X's tokens x in^2 (docs/llm.md, "Compression time")."""
+    chosen: set[str] = set()
+    for group in groups:
+        widths = [(getattr(layers[n], "out_features", None), getattr(layers[n], "in_features", None)) for n in group]
+        if all(isinstance(o, int) and isinstance(i, int) for o, i in widths):
+            if sum(o for o, _ in widths) < widths[0][1]:
+                chosen.update(group)
+    return chosen
 
 
 def _recorder(name: str, per_batch: list[dict[str, list[Tensor]]]) -> Callable:
@@ -396,9 +425,10 @@ def compress_block(
     inputs (within ``RECORD_BUDGET_BYTES``); its outputs (the next original stream) are returned,
     None when nothing was recorded."""
     names = [n for g in groups for n in g]
-    recorded = (
-        record_original(block, names, layers, inputs, streams, masks, session) if session.keep_originals else None
-    )
+    recorded = None
+    if session.keep_originals:
+        narrow = output_target_layers(groups, layers)
+        recorded = record_original(block, names, layers, inputs, streams, masks, session, narrow)
     for group in groups:
         untouched = session.nothing_compressed()
         reference = session.keep_originals and not untouched

@@ -69,27 +69,38 @@ def pad_hessian(hessian: Tensor, size: int) -> Tensor:
     return torch.nn.functional.pad(hessian, (0, pad, 0, pad)) if pad else hessian
 
 
-def regression_target(weight: Tensor, cross: Tensor, h_damped: Tensor, lam: float, dead: Tensor) -> Tensor:
-    """W* = (W C + lam W)(H + lam I)^-1 with C = X_ref^T X / n: the weight whose outputs on the
-    compressed-model inputs X best match the original outputs X_ref W^T, pulled towards W where
-    the calibration data says nothing (ridge); W* = W when X = X_ref (dead inputs count as such)."""
-    cross = cross.clone()
-    cross[dead, dead] = 1.0
-    rhs = weight @ cross + lam * weight
+def regression_target(weight: Tensor, weighted_cross: Tensor, h_damped: Tensor, lam: float, dead: Tensor) -> Tensor:
+    """W* = (W C + lam W)(H + lam I)^-1 with W C = ``weighted_cross`` and C = X_ref^T X / n: the weight
+    whose outputs on the compressed-model inputs X best match the original outputs X_ref W^T, pulled
+    towards W where the calibration data says nothing (ridge); W* = W when X = X_ref (dead inputs,
+    whose columns of X are zero, count as such)."""
+    rhs = weighted_cross.clone()
+    rhs[:, dead] = weight[:, dead]
+    rhs += lam * weight
     lower, info = torch.linalg.cholesky_ex(h_damped.float())  # float32 as inverse_hessian_factor
     if int(info) != 0:
         return torch.cholesky_solve(rhs.double().T, torch.linalg.cholesky(h_damped.double())).T.float()
     return torch.cholesky_solve(rhs.T, lower).T
 
 
-def gptq_vq(weight: Tensor, hessian: Tensor, cfg: VQConfig, seed: int, cross: Tensor | None = None) -> VQParts:
+def gptq_vq(
+    weight: Tensor,
+    hessian: Tensor,
+    cfg: VQConfig,
+    seed: int,
+    cross: Tensor | None = None,
+    weighted_cross: Tensor | None = None,
+) -> VQParts:
     """Calibration-aware VQ of a float32 (out, in) weight with input Hessian (in, in).
 
     With ``cross`` = X_ref^T X / n (inputs of the original model vs. the partly compressed one),
-    the target is the original layer output instead of this layer's output on compressed inputs,
-    so the layer also compensates the error of the layers before it.
+    or directly ``weighted_cross`` = W C (out, in), the target is the original layer output instead
+    of this layer's output on compressed inputs, so the layer also compensates the error of the
+    layers before it.
     """
-    target, h = _target_and_hessian(weight, hessian, cfg, cross)
+    if weighted_cross is None and cross is not None:
+        weighted_cross = weight @ cross
+    target, h = _target_and_hessian(weight, hessian, cfg, weighted_cross)
     scales = rms_scales(target[:, : weight.shape[1]], cfg.scale_granularity, cfg.scale_group_size)
     col_scale = column_scales(scales, target.shape[1], cfg.scale_group_size)
     if col_scale is None:
@@ -124,17 +135,18 @@ def gptq_vq(weight: Tensor, hessian: Tensor, cfg: VQConfig, seed: int, cross: Te
     return parts
 
 
-def _target_and_hessian(weight: Tensor, hessian: Tensor, cfg: VQConfig, cross: Tensor | None):
+def _target_and_hessian(weight: Tensor, hessian: Tensor, cfg: VQConfig, weighted_cross: Tensor | None):
     """(padded target weight (out, in_p), damped H (in_p, in_p))."""
     target = pad_columns(weight, cfg.vector_dim)
     in_p = target.shape[1]
     h, lam, dead = damped_hessian(pad_hessian(hessian, in_p), cfg.damping)
-    if cross is not None:
+    if weighted_cross is not None:
         # A stronger ridge than GPTQ's damping: with few calibration tokens the regression would
         # otherwise fit noise in weakly-excited input directions.
         extra = cfg.target_damping * float(torch.diagonal(h).mean())
         h_target = h + extra * torch.eye(in_p, device=h.device)
-        target = regression_target(target, pad_hessian(cross, in_p), h_target, lam + extra, dead)
+        wc = pad_columns(weighted_cross, cfg.vector_dim)  # (out, in_p)
+        target = regression_target(target, wc, h_target, lam + extra, dead)
     return target, h
 
 

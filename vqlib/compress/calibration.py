@@ -141,6 +141,7 @@ class LayerStats:
     cross: Tensor | None = None
     reference: Tensor | None = None
     reference_power: float | None = None  # instead of ``reference``: mean ||x_ref W^T||^2 per token
+    cross_weight: Tensor | None = None  # instead of ``cross``: W C = Y_ref^T X / n (out, in), see BatchPass
 
 
 @dataclass
@@ -156,6 +157,9 @@ class BatchPass:
     mask: Tensor | None = None
     reference_inputs: dict[str, list[Tensor]] | None = None  # recorded original inputs: replayed, not re-run
     reference_powers: dict[str, float] | None = None  # recorded: sum of ||x_ref W^T||^2 over counted tokens
+    # Recorded original outputs Y_ref = X_ref W^T (bias removed), per layer and call, for layers narrower
+    # than their input: W C = Y_ref^T X costs tokens x out x in instead of C's tokens x in x in.
+    reference_outputs: dict[str, list[Tensor]] | None = None
 
 
 def flat_tokens(x: Tensor, mask: Tensor | None) -> Tensor:
@@ -207,8 +211,10 @@ class _StatsHooks:
         self.sums: dict[int, dict[str, Tensor]] = {}
         self.counts: dict[int, int] = {}
         self.owner: dict[str, int] = {}
-        self.seen: dict[int, tuple[Tensor, int]] = {}  # this batch's inputs (kept alive so ids stay unique)
+        self.seen: dict[int, tuple[Tensor, int, Tensor]] = {}  # this batch's inputs: (x, key, flat tokens)
         self.ref_inputs: dict[str, list[Tensor]] = {}
+        self.ref_outputs: dict[str, list[Tensor]] = {}
+        self.cross_weight: dict[str, Tensor] = {}
         self.powers: dict[str, float] = {}  # per layer, from recorded batches
         self.powers_given = False  # this batch brings its reference powers: no (in, in) R moment
         self.mask: Tensor | None = None
@@ -243,11 +249,15 @@ class _StatsHooks:
                         "in the original model; the original-output target needs the same call pattern"
                     )
                 ref = flat_tokens(self.ref_inputs[name][call - 1], self.mask)
-                _accumulate(acc, "cross", ref, feats)
+                if not all(n in self.ref_outputs for n in self.layers):
+                    _accumulate(acc, "cross", ref, feats)
                 if not self.powers_given:
                     _accumulate(acc, "reference", ref, ref)
-            self.seen[id(x)] = (x, key)
+            self.seen[id(x)] = (x, key, feats)
         self.owner.setdefault(name, self.seen[id(x)][1])
+        if self.with_reference and name in self.ref_outputs:
+            y_ref = flat_tokens(self.ref_outputs[name][call - 1], self.mask)
+            _accumulate(self.cross_weight, name, y_ref, self.seen[id(x)][2])
 
     def run(self, batch_pass: BatchPass) -> None:
         """One batch: the reference pass (if any), then the compressed pass."""
@@ -259,12 +269,15 @@ class _StatsHooks:
         try:
             if self.with_reference and batch_pass.reference_inputs is not None:
                 self.ref_inputs = {n: list(batch_pass.reference_inputs.get(n, [])) for n in self.layers}
+                outputs = batch_pass.reference_outputs or {}
+                self.ref_outputs = {n: outputs[n] for n in self.layers if n in outputs}
             elif self.with_reference:
                 self._run(batch_pass.run_reference, reference=True)
             self._run(batch_pass.run, reference=False)
         finally:
             self.seen.clear()
             self.ref_inputs.clear()
+            self.ref_outputs = {}
 
     def _run(self, run: Callable[[], Any], reference: bool) -> None:
         self.calls, self.reference_pass = {}, reference
@@ -286,7 +299,8 @@ class _StatsHooks:
             if "reference" in acc:
                 acc["reference"] = symmetric_from_upper(acc["reference"])
             power = self.powers[name] / self.counts[key] if name in self.powers and "reference" not in acc else None
-            out[name] = LayerStats(acc["hessian"], acc.get("cross"), acc.get("reference"), power)
+            cross_weight = self.cross_weight[name] / self.counts[key] if name in self.cross_weight else None
+            out[name] = LayerStats(acc["hessian"], acc.get("cross"), acc.get("reference"), power, cross_weight)
         return out
 
 
