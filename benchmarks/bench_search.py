@@ -7,6 +7,12 @@ queries one query at a time for low-dimensional data; vqlib lowers the threshold
 
     python benchmarks/bench_search.py
     python benchmarks/bench_search.py --codebook-sizes 65536 --dims 4 8 --queries 4096
+
+``--lloyd``: one weighted k-means (Lloyd) step instead, as ``vqlib.core.kmeans`` runs it: the fused
+numba pass (``vqlib.core.lloyd``: search and sums together) against Faiss' search plus the bincount
+update, with the rule that picks between them (d <= 8, k <= 1,024).
+
+    python benchmarks/bench_search.py --lloyd
 """
 
 from __future__ import annotations
@@ -40,7 +46,11 @@ def main(argv=None) -> None:
     p.add_argument("--queries", type=int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lloyd", action="store_true", help="time one weighted k-means step instead (see above)")
     args = p.parse_args(argv)
+    if args.lloyd:
+        lloyd_table(args)
+        return
 
     import faiss
 
@@ -79,6 +89,48 @@ def main(argv=None) -> None:
                     f"{t_default / t_vqlib:.1f}x | {'yes' if same else 'NO'} |",
                     flush=True,
                 )
+
+
+def lloyd_table(args) -> None:
+    import faiss
+
+    from vqlib.core import kmeans as km
+    from vqlib.core import lloyd
+    from vqlib.core.search import nearest_code
+
+    setup_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    print(f"machine: {machine_description()}; faiss {faiss.__version__}")
+    print("one weighted Lloyd step (nearest centroid + weighted sums), best of", args.repeats, "calls, milliseconds\n")
+    print(
+        "| points | dim | centroids | fused (numba) | Faiss search + bincount | ratio | same assignment | used by k-means |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---|---|")
+    g = torch.Generator().manual_seed(0)
+    lloyd.fused_lloyd_applies(torch.zeros(1, 4), torch.zeros(2, 4))  # compile / load outside the timings
+    for n, d, k in [
+        (18432, 4, 256),
+        (49152, 4, 256),
+        (49152, 8, 256),
+        (16384, 2, 256),
+        (16384, 16, 256),
+        (4096, 4, 4096),
+    ]:
+        x, c, w = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g), torch.rand(n, generator=g)
+        weighted = torch.cat([x * w[:, None], w[:, None]], 1).double()
+
+        def plain():
+            assign = nearest_code(x, c, backend="faiss")
+            return assign, km._sums(weighted, assign, k)
+
+        t_fused, (a_fused, _) = best_time(lambda: lloyd.lloyd_step(x, c, w), args.repeats)
+        t_plain, (a_plain, _) = best_time(plain, args.repeats)
+        used = "fused" if d <= lloyd.LLOYD_MAX_DIM and k <= lloyd.LLOYD_MAX_CODES else "Faiss"
+        print(
+            f"| {n} | {d} | {k} | {t_fused * 1e3:.2f} | {t_plain * 1e3:.2f} | {t_plain / t_fused:.2f}x | "
+            f"{'yes' if torch.equal(a_fused, a_plain) else 'NO'} | {used} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
