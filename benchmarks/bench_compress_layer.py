@@ -2,8 +2,8 @@
 extrapolation to whole Llama-2-7B / Llama-2-70B models.
 
 A layer's calibrated compression in ``vqlib.compress`` costs: accumulating its input statistics
-(H = X^T X, and with the original-output target C = X_ref^T X and R = X_ref^T X_ref) over the
-calibration tokens, then ``gptq_vq`` (Hessian-weighted k-means per codebook group, the GPTQ
+(H = X^T X, and with the original-output target C = X_ref^T X, or W C = Y_ref^T X for a layer narrower
+than its input) over the calibration tokens, then ``gptq_vq`` (Hessian-weighted k-means per codebook group, the GPTQ
 column loop, codebook/scale fine-tuning). Both are timed here on synthetic but LLM-like inputs:
 tokens with a decaying spectrum and a few outlier channels (as LLM activations have), weights
 with varying row norms, and X_ref = X plus a small perturbation (the upstream compression error).
@@ -27,6 +27,7 @@ from _common import machine_description, setup_threads
 
 from vqlib.compress import VQConfig
 from vqlib.compress.calibrated import gptq_vq
+from vqlib.compress.calibration import _accumulate_gram, symmetric_from_upper
 
 # (out, in) -> layers per block; blocks. Llama-2-70B uses grouped-query attention (8 kv heads).
 MODELS = {
@@ -46,16 +47,23 @@ def synthetic_inputs(n_in: int, tokens: int, gen: torch.Generator, device: str) 
     return x + 0.05 * torch.randn(tokens, n_in, generator=gen).to(device)
 
 
-def statistics(x: torch.Tensor, x_ref: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, ...]:
-    """H, C, R as ``vqlib.compress.calibration`` accumulates them (float32, chunked like batches)."""
+def statistics(x: torch.Tensor, x_ref: torch.Tensor, y_ref: torch.Tensor | None, chunk: int = 8192):
+    """(H, C, W C) as the block path accumulates them (float32, chunked like batches): X^T X on and above
+    the diagonal; C = X_ref^T X, or for a layer narrower than its input W C = Y_ref^T X from the original
+    outputs ``y_ref`` (which the original block's pass computes anyway: not timed here), C then None."""
     n = x.shape[1]
-    h, c, r = (torch.zeros(n, n, device=x.device) for _ in range(3))
+    h = torch.zeros(n, n, device=x.device)
+    c = None if y_ref is not None else torch.zeros(n, n, device=x.device)
+    wc = None if y_ref is None else torch.zeros(y_ref.shape[1], n, device=x.device)
     for s in range(0, x.shape[0], chunk):
-        a, b = x_ref[s : s + chunk], x[s : s + chunk]
-        h.addmm_(b.T, b)
-        c.addmm_(a.T, b)
-        r.addmm_(a.T, a)
-    return h / x.shape[0], c / x.shape[0], r / x.shape[0]
+        b = x[s : s + chunk]
+        _accumulate_gram(h, b)
+        if wc is not None:
+            wc.addmm_(y_ref[s : s + chunk].T, b)
+        else:
+            c.addmm_(x_ref[s : s + chunk].T, b)
+    scale = 1.0 / x.shape[0]
+    return symmetric_from_upper(h) * scale, None if c is None else c * scale, None if wc is None else wc * scale
 
 
 def sync(device: str) -> None:
@@ -69,12 +77,13 @@ def time_layer(out_f: int, in_f: int, cfg: VQConfig, tokens: int, device: str, s
     weight = (torch.randn(out_f, in_f, generator=gen) * torch.rand(out_f, 1, generator=gen).add(0.5) * 0.02).to(device)
     x = synthetic_inputs(in_f, tokens, gen, device)
     x_ref = x + 0.1 * x.std() * torch.randn(x.shape, generator=gen).to(device)
+    y_ref = x_ref @ weight.T if out_f < in_f else None
     sync(device)
     t0 = time.perf_counter()
-    h, c, _ = statistics(x, x_ref)
+    h, c, wc = statistics(x, x_ref, y_ref)
     sync(device)
     t1 = time.perf_counter()
-    gptq_vq(weight, h, cfg, seed, cross=c)
+    gptq_vq(weight, h, cfg, seed, cross=c, weighted_cross=wc)
     sync(device)
     return t1 - t0, time.perf_counter() - t1
 
