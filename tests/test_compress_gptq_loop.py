@@ -46,6 +46,7 @@ def test_not_for_several_codebooks_or_large_ones():
     assert not gptq_loop.compiled_loop_applies(w, torch.zeros(1, 2, 256, 4))  # M = 2: torch loop
     assert not gptq_loop.compiled_loop_applies(w, torch.zeros(1, 1, 4096, 4))  # 2**12 entries
     assert not gptq_loop.compiled_loop_applies(w.to("meta"), torch.zeros(1, 1, 16, 4))
+    assert not gptq_loop.compiled_loop_applies(w.double(), torch.zeros(1, 1, 16, 4))  # float32 only
 
 
 def test_same_result_on_one_and_two_threads():

@@ -19,9 +19,11 @@ _FALLBACK = "the GPTQ column loop runs as torch ops (slower per vector)"
 
 
 def compiled_loop_applies(w: Tensor, codebooks: Tensor) -> bool:
-    """One codebook (M = 1), at most MAX_CODES entries, CPU tensors, and the loop compiled."""
+    """One codebook (M = 1), at most MAX_CODES entries, float32 CPU tensors, and the loop compiled."""
     _, m, k, _ = codebooks.shape  # (G, M, K, d)
     if m != 1 or k > MAX_CODES or w.device.type != "cpu":
+        return False
+    if w.dtype != torch.float32 or codebooks.dtype != torch.float32:  # the loop reads float32 memory
         return False
     return _load() is not None
 
