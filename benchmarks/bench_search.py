@@ -39,6 +39,17 @@ def best_time(fn, repeats: int) -> tuple[float, torch.Tensor]:
     return min(times), out
 
 
+def set_up(args, what: str):
+    """Both tables: torch's and Faiss' thread counts, the machine line and the header; returns faiss."""
+    import faiss
+
+    setup_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    print(f"machine: {machine_description()}; faiss {faiss.__version__}")
+    print(f"{what}, best of", args.repeats, "calls, milliseconds\n")
+    return faiss
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--codebook-sizes", type=int, nargs="+", default=[4096, 65536])
@@ -52,14 +63,9 @@ def main(argv=None) -> None:
         lloyd_table(args)
         return
 
-    import faiss
-
     from vqlib.core.search import faiss_blas_path, nearest_code
 
-    setup_threads(args.threads)
-    faiss.omp_set_num_threads(args.threads)
-    print(f"machine: {machine_description()}; faiss {faiss.__version__}")
-    print("best of", args.repeats, "calls, milliseconds\n")
+    faiss = set_up(args, "exact nearest-code search")
     print(
         "| codes | dim | queries | vqlib torch blocked | Faiss default | Faiss as vqlib calls it | default / vqlib | same indices |"
     )
@@ -92,16 +98,11 @@ def main(argv=None) -> None:
 
 
 def lloyd_table(args) -> None:
-    import faiss
-
     from vqlib.core import kmeans as km
     from vqlib.core import lloyd
     from vqlib.core.search import nearest_code
 
-    setup_threads(args.threads)
-    faiss.omp_set_num_threads(args.threads)
-    print(f"machine: {machine_description()}; faiss {faiss.__version__}")
-    print("one weighted Lloyd step (nearest centroid + weighted sums), best of", args.repeats, "calls, milliseconds\n")
+    set_up(args, "one weighted Lloyd step (nearest centroid + weighted sums)")
     print(
         "| points | dim | centroids | fused (numba) | Faiss search + bincount | ratio | same assignment | used by k-means |"
     )
