@@ -13,8 +13,8 @@ Methods (``--methods``, comma separated): fp32 (reference), vq-df (vqlib data-fr
 (vqlib calibrated VQ), vq-e2e (vq-cal, then ``finetune_end_to_end`` against the fp32 model's logits,
 ``--e2e-steps`` Adam steps on batches of 2 calibration chunks), vq-budget (vqlib calibrated with ``target_bits_per_weight`` = the uniform
 vq-cal format's bits, allocated per layer), rtn (vqlib scalar round-to-nearest, g128), hqq (PyPI
-``hqq``, data-free, axis 1, g128, its fp16 scale and zero per group counted), gptq (through
-``gptqmodel``, when it is installed and runs here). Every method compresses the same 210 linear
+``hqq``, data-free, axis 1, g128, its fp16 scale and zero per group counted), gptq (llmcompressor's
+GPTQ, asymmetric, g64, run in a second environment given by ``--gptq-python``: see gptq_llmcompressor.py). Every method compresses the same 210 linear
 layers of the decoder blocks (``lm_head`` is tied to the embedding and left alone by all). A peer
 that is not installed or fails is skipped with its reason printed. Peers' perplexity is measured
 with their dequantized weights in fp32 (what their kernels compute, without kernel rounding).
@@ -38,6 +38,7 @@ from _llm import (  # noqa: E402
     CALIBRATION_CHUNKS,
     EVAL_CHUNKS,
     calibration_batches,
+    default_cache,
     eval_and_calibration_ids,
     load_smollm2,
     perplexity,
@@ -171,21 +172,47 @@ def run_hqq(ref, bits, cal):
     return model, layers, f"axis 1, g{SCALAR_GROUP}, fp16 scale+zero"
 
 
-# Why no GPTQ peer runs here (checked with the pinned stack: torch 2.9.1, transformers 5.24, 2 CPU cores):
-GPTQ_UNAVAILABLE = (
-    "no maintained GPTQ package installs with this stack: llmcompressor 0.10.0.4 requires "
-    "transformers<=4.57.6 (pip would downgrade transformers 5.24 and huggingface_hub); gptqmodel 7.7.0 "
-    "ships only a source distribution that builds its C++/CUDA extensions at install time, and pip "
-    "did not finish resolving/building it within 10 minutes here"
+# GPTQ: llmcompressor (the maintained GPTQ package) requires transformers<=4.57.6 and vqlib pins 5.24, so it runs
+# in a second virtual environment (benchmarks/gptq_llmcompressor.py) and hands back dequantized weights; the
+# perplexity is measured here with the same code as every other method. gptqmodel ships only a source
+# distribution that builds C++/CUDA extensions at install time (pip did not finish within 10 minutes here).
+GPTQ = dict(python=None, threads=2)  # --gptq-python: that environment's interpreter
+GPTQ_SETUP = (
+    "GPTQ needs a second environment: python3 -m venv gptq-env && gptq-env/bin/pip install torch==2.9.1 "
+    "llmcompressor; then pass --gptq-python gptq-env/bin/python (llmcompressor requires transformers<=4.57.6, "
+    "vqlib pins 5.24)"
 )
 
 
 def run_gptq(ref, bits, cal):
-    try:
-        import gptqmodel  # noqa: F401
-    except ImportError:
-        raise Skip(GPTQ_UNAVAILABLE) from None
-    raise Skip("gptqmodel is importable, but this benchmark has no adapter for it yet (see GPTQ_UNAVAILABLE)")
+    import subprocess
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    if GPTQ["python"] is None:
+        raise Skip(GPTQ_SETUP)
+    helper = Path(__file__).resolve().parent / "gptq_llmcompressor.py"
+    with tempfile.TemporaryDirectory() as tmp:
+        out, ids = Path(tmp) / "gptq.safetensors", Path(tmp) / "calibration.safetensors"
+        save_file({"input_ids": torch.cat([b["input_ids"] for b in cal]).contiguous()}, str(ids))
+        cmd = [GPTQ["python"], str(helper), "--bits", str(bits), "--calibration", str(ids)]
+        cmd += ["--threads", str(GPTQ["threads"]), "--model-dir", str(default_cache()), "--out", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise Skip(f"{helper.name} failed (exit {done.returncode}): {done.stderr.strip()[-800:]}")
+        info = json.loads(done.stdout.split("GPTQ_RESULT ")[-1])
+        weights = load_file(str(out))
+    model = copy.deepcopy(ref)
+    layers = {}
+    group = 64  # gptq_llmcompressor.GROUP
+    for name, lin in decoder_linears(model).items():
+        lin.weight.data.copy_(weights.pop(f"{name}.weight"))
+        layers[name] = (lin.weight.numel(), bits + (16 + bits) / group)  # 16-bit scale + b-bit zero per group
+    if weights:
+        raise RuntimeError(f"GPTQ returned weights for layers this benchmark does not compress: {sorted(weights)[:3]}")
+    GPTQ["seconds"] = info["seconds"]
+    return model, layers, f"llmcompressor {info['llmcompressor']} GPTQ, asym, g{group}, 16-bit scale + zero"
 
 
 RUNNERS = {
@@ -208,6 +235,8 @@ def run_one(method, bits, ref, cal, ev, fp32_ppl):
     t0 = time.perf_counter()
     model, layers, note = RUNNERS[method](ref, bits, cal)
     seconds = time.perf_counter() - t0
+    if method == "gptq":  # its own timing of the quantization, without the second process's start and model load
+        seconds = GPTQ.pop("seconds")
     ppl = perplexity(model, ev)
     weights = sum(n for n, _ in layers.values())
     linear_bits = sum(n * b for n, b in layers.values()) / weights if weights else 32.0
@@ -262,6 +291,7 @@ def parse_args(argv=None):
     p.add_argument("--e2e-steps", type=int, default=E2E["steps"], help="vq-e2e: end-to-end fine-tune steps")
     p.add_argument("--e2e-schedule", default=E2E["schedule"], choices=["constant", "cosine"], help="vq-e2e: step size")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--gptq-python", default=None, help="gptq: python of the environment with llmcompressor")
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -278,6 +308,7 @@ def main(argv=None):
     args = parse_args(argv)
     setup_threads(args.threads)
     E2E["steps"], E2E["schedule"] = args.e2e_steps, args.e2e_schedule
+    GPTQ["python"], GPTQ["threads"] = args.gptq_python, args.threads
     torch.manual_seed(0)
     ref, tok = load_smollm2()
     ev, cal_ids = eval_and_calibration_ids(tok, args.eval_chunks, args.calibration_chunks)
