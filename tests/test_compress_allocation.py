@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from vqlib.compress import VQConfig, VQLinear, compress
-from vqlib.compress.allocation import _hull, allocate_formats, candidate_error, choose, loss_sensitivity, sample_columns
+from vqlib.compress.allocation import _hull, allocate_formats, choose, loss_sensitivity
 
 FAST = dict(kmeans_iters=3, finetune_steps=0)
 
@@ -20,12 +20,11 @@ class MLP(nn.Module):
         self.up = nn.Linear(64, 256, bias=False)
         self.mid = nn.Linear(256, 128)
         self.down = nn.Linear(128, 64, bias=False)
-        self.gain = 1.0  # scales down's inputs only
         with torch.no_grad():
             self.mid.weight.mul_(4.0)
 
     def forward(self, x):
-        return self.down(self.gain * torch.relu(self.mid(torch.relu(self.up(x)))))
+        return self.down(torch.relu(self.mid(torch.relu(self.up(x)))))
 
 
 def make(seed=0):
@@ -57,9 +56,8 @@ def test_salience_moves_bits_to_the_sensitive_layer():
         model, layers, VQConfig(algorithm="calibrated", target_bits_per_weight=2.6, **FAST), batches()
     )
     assert plain.bits_per_weight <= 2.6
-    # down's inputs get 20x larger (no weight changes): its output errors weigh 400x more. (A constant offset
-    # would not do: GPTQ's error feedback cancels errors along a constant input direction.)
-    model.gain = 20.0
+    with torch.no_grad():  # down's inputs get much larger (its weights do not): its errors weigh more
+        model.mid.bias.fill_(5.0)
     louder = allocate_formats(
         model, layers, VQConfig(algorithm="calibrated", target_bits_per_weight=2.6, **FAST), batches()
     )
@@ -111,18 +109,3 @@ def test_loss_sensitivity_needs_language_model_batches():
     layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     weights, note = loss_sensitivity(model, layers, batches())
     assert set(weights.values()) == {1.0} and "no input_ids" in note
-
-
-def test_calibrated_estimate_quantizes_against_the_measured_hessian():
-    # Inputs confined to 8 of 128 directions: GPTQ's error feedback pushes the error into the other 120,
-    # which the layer never sees; a data-free estimate (or an isotropic Hessian) cannot.
-    torch.manual_seed(0)
-    w, a = torch.randn(512, 128), torch.randn(128, 8)
-    low_rank = a @ a.T / 8
-    cfg = VQConfig(algorithm="calibrated", vector_dim=4, kmeans_iters=3, finetune_steps=0)
-    cols, salience = sample_columns(128, 128, 0), torch.diagonal(low_rank).clone()
-    calibrated = candidate_error(w, salience, cfg, 0, cols, low_rank)
-    data_free = candidate_error(w, salience, cfg, 0, cols, None)
-    isotropic = candidate_error(w, salience, cfg, 0, cols, torch.eye(128))
-    assert calibrated < 0.2 * data_free
-    assert isotropic > 0.5 * data_free  # without structure in H, the two estimates agree

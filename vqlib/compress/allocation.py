@@ -7,14 +7,10 @@ of the config is shared). For every layer and candidate we measure
 * its error: ``sum_j h_j * ||W[:, j] - Q[:, j]||^2``, weighted by the salience ``h_j`` of each input
   column, the mean squared activation of input ``j`` over calibration tokens (the diagonal of the
   layer's Hessian; SliM-LLM's salience is weight x activation of the same kind); ``h = 1`` without
-  calibration (weight error). It is estimated on one codebook group of ~4096 vectors (the same
-  columns for every candidate, the same number of vectors, so small-sample biases are alike for all)
-  as that sample's relative error times the layer's salience-weighted energy, so errors add up
-  across layers. For the calibrated algorithm the sample is quantized as ``compress`` will quantize
-  it (``gptq_vq`` against the measured second moments of those columns: GPTQ's error feedback and
-  the codebook fine-tune recover more for some formats than for others, which a data-free estimate
-  missed: it gave 1.1-bit d8 1x8 to 57 of SmolLM2's 210 layers and lost to the uniform format, see
-  docs/llm.md); for the data-free algorithm, by a quick data-free quantization.
+  calibration (weight error). It is estimated from a quick data-free quantization of one codebook
+  group on ~4096 vectors (the same number for every candidate, so k-means' small-sample bias is
+  alike for all), as that sample's relative error times the layer's salience-weighted energy,
+  so errors add up across layers.
 
 Layers' output errors do not cost the model alike (an error in an early ``v_proj`` travels through every
 later block). When the calibration batches are language-model batches (``input_ids``), each layer's error
@@ -43,7 +39,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .calibrated import gptq_vq
 from .calibration import batch_token_mask, checked_run, layer_input, run_batch
 from .config import VQConfig
 from .data_free import quantize_data_free
@@ -121,14 +116,9 @@ def _fits(linear: nn.Linear, cfg: VQConfig) -> bool:
 
 
 @torch.no_grad()
-def input_statistics(
-    model: nn.Module, layers: dict[str, nn.Linear], batches: list[Any], columns: dict[str, Tensor]
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Over a few batches, per layer: the mean squared activation of every input column, (in,) float32
-    (the salience), and the second moments X_S^T X_S / n of the sampled columns ``columns[name]``
-    ((|S|, |S|) float32: the Hessian the calibrated error estimate quantizes that group against)."""
+def input_salience(model: nn.Module, layers: dict[str, nn.Linear], batches: list[Any]) -> dict[str, Tensor]:
+    """Mean squared activation of every input column of every layer, (in,) float32, over a few batches."""
     sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in layers.items()}
-    grams = {n: torch.zeros(columns[n].numel(), columns[n].numel(), dtype=torch.float64) for n in layers}
     counts = dict.fromkeys(layers, 0)
     mask: list[Tensor | None] = [None]
 
@@ -138,10 +128,8 @@ def input_statistics(
             m = mask[0]
             if m is not None and tuple(m.shape) == tuple(x.shape[:-1]):
                 x = x[m]
-            x = x.reshape(-1, x.shape[-1]).double().cpu()  # (tokens, in)
-            sums[name] += (x * x).sum(0)
-            xs = x[:, columns[name]]  # (tokens, |S|)
-            grams[name] += xs.T @ xs
+            x = x.reshape(-1, x.shape[-1]).double()
+            sums[name] += (x * x).sum(0).cpu()
             counts[name] += x.shape[0]
 
         return fn
@@ -154,11 +142,9 @@ def input_statistics(
     finally:
         for h in handles:
             h.remove()
-    missing = [n for n in layers if not counts[n]]
-    if missing:
-        raise ValueError(f"allocation: the calibration batches never reached layer(s) {missing[:3]}")
-    salience = {n: (sums[n] / counts[n]).float() for n in layers}
-    return salience, {n: (grams[n] / counts[n]).float() for n in layers}
+    return {
+        n: (sums[n] / max(counts[n], 1)).float() if counts[n] else torch.ones(layers[n].in_features) for n in layers
+    }
 
 
 def loss_sensitivity(
@@ -205,57 +191,39 @@ def loss_sensitivity(
     return {n: sum(p) / len(p) for n, p in power.items()}, f"input salience x loss sensitivity ({tokens} tokens)"
 
 
-def sample_columns(in_features: int, group_size: int | None, seed: int) -> Tensor:
-    """The input columns of one codebook group of a layer, drawn by ``seed`` (the same for every candidate)."""
-    width = min(in_features, group_size or in_features)
+def _sample(weight: Tensor, cfg: VQConfig, seed: int) -> tuple[Tensor, Tensor]:
+    """(rows, columns) of one codebook group of ``weight``, rows subsampled to ~SAMPLE_VECTORS vectors."""
+    out_features, in_features = weight.shape
     g = torch.Generator().manual_seed(seed)
+    width = min(in_features, cfg.group_size or in_features)
     start = int(torch.randint(0, -(-in_features // width), (1,), generator=g)) * width
-    return torch.arange(start, min(start + width, in_features))
-
-
-def sample_rows(out_features: int, n_cols: int, cfg: VQConfig, seed: int) -> Tensor:
-    """Rows holding ~SAMPLE_VECTORS vectors of ``n_cols`` columns (and at least a codebook's worth), sorted."""
-    vec_per_row = -(-n_cols // cfg.vector_dim)
+    cols = torch.arange(start, min(start + width, in_features))
+    vec_per_row = -(-cols.numel() // cfg.vector_dim)
     n_rows = min(out_features, max(-(-cfg.codebook_size // vec_per_row), -(-SAMPLE_VECTORS // vec_per_row)))
-    g = torch.Generator().manual_seed(seed + 1)
-    return torch.randperm(out_features, generator=g)[:n_rows].sort().values
+    rows = torch.randperm(out_features, generator=g)[:n_rows].sort().values
+    return rows, cols
 
 
-def _dequantized(parts, cfg: VQConfig, n_cols: int) -> Tensor:
-    return decode_weight(
+def candidate_error(weight: Tensor, salience: Tensor, cfg: VQConfig, seed: int) -> float:
+    """Salience-weighted squared error ``sum_j h_j ||W[:, j] - Q[:, j]||^2`` of the whole layer, estimated
+    from a quick data-free quantization of one codebook group on a subsample of rows: the sample's
+    relative error times the layer's salience-weighted energy ``sum_j h_j ||W[:, j]||^2``."""
+    rows, cols = _sample(weight, cfg, seed)
+    sample = weight[rows][:, cols]  # (rows', group columns)
+    quick = dataclasses.replace(
+        cfg, group_size=None, kmeans_iters=min(cfg.kmeans_iters, ERROR_KMEANS_ITERS), refine_passes=0
+    )
+    parts = quantize_data_free(sample, quick, seed)
+    dequant = decode_weight(
         parts.codes,
         parts.codebooks,
         parts.scales,
-        vector_dim=cfg.vector_dim,
+        vector_dim=quick.vector_dim,
         group_size=None,
-        scale_group_size=cfg.scale_group_size if cfg.scale_granularity == "group" else None,
-    )[:, :n_cols]
-
-
-def candidate_error(
-    weight: Tensor, salience: Tensor, cfg: VQConfig, seed: int, cols: Tensor, gram: Tensor | None = None
-) -> float:
-    """Salience-weighted squared error ``sum_j h_j ||W[:, j] - Q[:, j]||^2`` of the whole layer, estimated on
-    one codebook group (``cols``) and a subsample of rows: the sample's relative error times the layer's
-    salience-weighted energy ``sum_j h_j ||W[:, j]||^2``.
-
-    With ``gram`` (X_S^T X_S / n of those columns) the sample is quantized as ``compress`` will do it, by
-    ``gptq_vq`` (k-means, GPTQ's error feedback, codebook and scale fine-tune) against that Hessian, and its
-    relative error is tr(D G D^T) / tr(W G W^T): formats that calibration rescues more are ranked so. Without
-    it, a quick data-free quantization and the diagonal weighting (a data-free compression)."""
-    rows = sample_rows(weight.shape[0], cols.numel(), cfg, seed)
-    sample = weight[rows][:, cols]  # (rows', group columns)
-    if gram is None:
-        quick = dataclasses.replace(
-            cfg, group_size=None, kmeans_iters=min(cfg.kmeans_iters, ERROR_KMEANS_ITERS), refine_passes=0
-        )
-        delta = _dequantized(quantize_data_free(sample, quick, seed), quick, cols.numel()) - sample
-        h = salience[cols][None, :]
-        relative = float((delta**2 * h).sum()) / max(float((sample**2 * h).sum()), 1e-30)
-    else:
-        quick = dataclasses.replace(cfg, group_size=None, act_order=False)
-        delta = _dequantized(gptq_vq(sample, gram, quick, seed), quick, cols.numel()) - sample
-        relative = float(((delta @ gram) * delta).sum()) / max(float(((sample @ gram) * sample).sum()), 1e-30)
+        scale_group_size=quick.scale_group_size if quick.scale_granularity == "group" else None,
+    )[:, : cols.numel()]
+    h = salience[cols][None, :]
+    relative = float(((dequant - sample) ** 2 * h).sum()) / max(float((sample**2 * h).sum()), 1e-30)
     return relative * float((weight**2 * salience[None, :]).sum())
 
 
@@ -316,23 +284,15 @@ def allocate_formats(
     if target is None:
         raise ValueError("allocate_formats: cfg.target_bits_per_weight is None")
     configs = candidate_configs(cfg, candidates)
-    seeds = {name: cfg.seed + 31 * i for i, name in enumerate(layers)}
-    columns = {n: sample_columns(m.in_features, cfg.group_size, seeds[n]) for n, m in layers.items()}
-    salience, grams = input_statistics(model, layers, batches, columns) if batches else ({}, {})
-    if cfg.algorithm != "calibrated":
-        grams = {}  # the layers will be compressed without data: so is the estimate
+    salience = input_salience(model, layers, batches) if batches else {}
     sensitivity, note = loss_sensitivity(model, layers, batches or [])
     hulls, weights = {}, {}
-    for name, linear in layers.items():
+    for i, (name, linear) in enumerate(layers.items()):
         w = linear.weight.detach().float()
         sal = salience.get(name, torch.ones(w.shape[1]))
         weights[name] = w.numel()
         options = [
-            (
-                layer_bits(linear, c) * w.numel(),
-                sensitivity[name] * candidate_error(w, sal, c, seeds[name], columns[name], grams.get(name)),
-                k,
-            )
+            (layer_bits(linear, c) * w.numel(), sensitivity[name] * candidate_error(w, sal, c, cfg.seed + 31 * i), k)
             for k, c in enumerate(configs)
             if _fits(linear, c)
         ]
