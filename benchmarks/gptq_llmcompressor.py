@@ -2,9 +2,10 @@
 
 llmcompressor (the maintained GPTQ implementation of vLLM's project) requires transformers<=4.57.6,
 while vqlib's stack pins transformers 5.24, so it cannot be installed beside vqlib. This script runs
-in a second virtual environment and does only the quantization: it loads the same fp32 model and
-the same calibration chunks as ``bench_llm.py`` (``_llm.py``: same GGUF file, same cache, same text),
-runs llmcompressor's ``oneshot`` with a ``GPTQModifier`` on the 210 decoder linears, and writes their
+in a second virtual environment and does only the quantization: it loads the fp32 model that
+``bench_llm.py`` converted from the GGUF file (its cache folder, ``--model-dir``, safetensors/JSON) and the
+calibration token ids ``bench_llm.py`` cut (``--calibration``, a safetensors file; no tokenizer runs here), runs
+llmcompressor's ``oneshot`` with a ``GPTQModifier`` on the 210 decoder linears, and writes their
 dequantized weights (fp32, what the quantized model computes with) to a safetensors file.
 ``bench_llm.py --methods gptq --gptq-python <that env's python>`` calls it and measures perplexity on
 those weights in its own process, with the same code as every other method.
@@ -14,8 +15,9 @@ those weights in its own process, with the same code as every other method.
         --calibration cal.safetensors --out gptq4.safetensors   # cal.safetensors: {"input_ids": (n, 256) int64}
 
 Format (as GPTQ's paper and AutoGPTQ run low bits): b-bit integer levels, asymmetric, one scale and
-one zero point per group of 64 input columns (576 is not a multiple of 128) along each row; llmcompressor's defaults otherwise
-(its activation ordering, dampening 0.01, block size 128).
+one zero point per group of 64 input columns along each row (576 is not a multiple of 128); llmcompressor's
+defaults otherwise (its activation ordering, dampening 0.01, block size 128). The weights are checked to lie on a
+grid (at most 2**b distinct values per group) before they are written.
 """
 
 from __future__ import annotations
