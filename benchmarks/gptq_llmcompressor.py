@@ -17,7 +17,7 @@ those weights in its own process, with the same code as every other method.
 Format (as GPTQ's paper and AutoGPTQ run low bits): b-bit integer levels, asymmetric, one scale and
 one zero point per group of 64 input columns along each row (576 is not a multiple of 128); llmcompressor's
 defaults otherwise (its activation ordering, dampening 0.01, block size 128). The weights are checked to lie on a
-grid (at most 2**b distinct values per group) before they are written.
+grid (at most 2**b distinct values per group, first and last row of every layer) before they are written.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def decoder_linear_weights(model) -> dict[str, torch.Tensor]:
 
 
 def check_on_grid(weights: dict[str, torch.Tensor], bits: int) -> None:
-    """Every group of 128 weights of a row holds at most 2**bits distinct values (they are dequantized levels)."""
+    """In the first and last row of every layer, each group holds at most 2**bits distinct values (dequantized levels)."""
     for name, w in weights.items():
         starts = range(0, w.shape[1], GROUP)
         distinct = max(len(torch.unique(w[r, c : c + GROUP])) for r in (0, w.shape[0] - 1) for c in starts)
