@@ -205,7 +205,8 @@ def run_gptq(ref, bits, cal):
         weights = load_file(str(out))
     model = copy.deepcopy(ref)
     layers = {}
-    group = 64  # gptq_llmcompressor.GROUP
+    from gptq_llmcompressor import GROUP as group  # the helper's group size (it imports only torch here)
+
     for name, lin in decoder_linears(model).items():
         lin.weight.data.copy_(weights.pop(f"{name}.weight"))
         layers[name] = (lin.weight.numel(), bits + (16 + bits) / group)  # 16-bit scale + b-bit zero per group

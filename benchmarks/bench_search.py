@@ -126,7 +126,7 @@ def lloyd_table(args) -> None:
 
         t_fused, (a_fused, _) = best_time(lambda: lloyd.lloyd_step(x, c, w), args.repeats)
         t_plain, (a_plain, _) = best_time(plain, args.repeats)
-        used = "fused" if d <= lloyd.LLOYD_MAX_DIM and k <= lloyd.LLOYD_MAX_CODES else "Faiss"
+        used = "fused" if lloyd.fused_lloyd_applies(x, c) else "Faiss"  # the rule k-means itself applies
         print(
             f"| {n} | {d} | {k} | {t_fused * 1e3:.2f} | {t_plain * 1e3:.2f} | {t_plain / t_fused:.2f}x | "
             f"{'yes' if torch.equal(a_fused, a_plain) else 'NO'} | {used} |",
