@@ -11,7 +11,7 @@ perplexity on held-out text, compression time and size. Set-up and texts: see be
 
 Methods (``--methods``, comma separated): fp32 (reference), vq-df (vqlib data-free VQ), vq-cal
 (vqlib calibrated VQ), vq-e2e (vq-cal, then ``finetune_end_to_end`` against the fp32 model's logits,
-``--e2e-steps`` Adam steps on batches of 2 calibration chunks), vq-budget (vqlib calibrated with ``target_bits_per_weight`` = the uniform
+``--e2e-steps`` Adam steps on batches of 2 calibration chunks, cycling when there are fewer), vq-budget (vqlib calibrated with ``target_bits_per_weight`` = the uniform
 vq-cal format's bits, allocated per layer), rtn (vqlib scalar round-to-nearest, g128), hqq (PyPI
 ``hqq``, data-free, axis 1, g128, its fp16 scale and zero per group counted), gptq (llmcompressor's
 GPTQ, asymmetric, g64, run in a second environment given by ``--gptq-python``: see gptq_llmcompressor.py). Every method compresses the same 210 linear
@@ -111,7 +111,8 @@ def run_vq_e2e(ref, bits, cal):
     from vqlib.compress.end_to_end import EndToEndConfig, finetune_end_to_end
 
     model, layers, _ = _vq(ref, dict(algorithm="calibrated", **VQ_FORMATS[bits]), cal)
-    ids = torch.cat([b["input_ids"] for b in cal])
+    # The chunks the steps go through, and no more: the before/after KL check runs on these batches only.
+    ids = torch.cat([b["input_ids"] for b in cal])[: E2E["steps"] * E2E["batch_size"]]
     small = [dict(b, use_cache=False) for b in calibration_batches(ids, batch_size=E2E["batch_size"])]
     report = finetune_end_to_end(model, ref, small, EndToEndConfig(steps=E2E["steps"], schedule=E2E["schedule"]))
     print(report, flush=True)
