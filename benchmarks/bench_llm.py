@@ -292,6 +292,12 @@ def parse_args(argv=None):
     p.add_argument("--calibration-chunks", type=int, default=CALIBRATION_CHUNKS, help="256-token calibration chunks")
     p.add_argument("--e2e-steps", type=int, default=E2E["steps"], help="vq-e2e: end-to-end fine-tune steps")
     p.add_argument("--e2e-schedule", default=E2E["schedule"], choices=["constant", "cosine"], help="vq-e2e: step size")
+    p.add_argument(
+        "--vq-group-size",
+        type=int,
+        default=None,
+        help="vq-*: codebook group size instead of the formats' own (64 at ~2 bits: 2.204 bits/w, docs/llm.md)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--gptq-python", default=None, help="gptq: python of the environment with llmcompressor")
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
@@ -310,6 +316,8 @@ def main(argv=None):
     args = parse_args(argv)
     setup_threads(args.threads)
     E2E["steps"], E2E["schedule"] = args.e2e_steps, args.e2e_schedule
+    for fmt in VQ_FORMATS.values() if args.vq_group_size else ():
+        fmt["group_size"] = args.vq_group_size
     GPTQ["python"], GPTQ["threads"] = args.gptq_python, args.threads
     torch.manual_seed(0)
     ref, tok = load_smollm2()
