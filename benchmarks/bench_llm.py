@@ -316,8 +316,9 @@ def main(argv=None):
     args = parse_args(argv)
     setup_threads(args.threads)
     E2E["steps"], E2E["schedule"] = args.e2e_steps, args.e2e_schedule
-    for fmt in VQ_FORMATS.values() if args.vq_group_size else ():
-        fmt["group_size"] = args.vq_group_size
+    if args.vq_group_size:
+        for fmt in VQ_FORMATS.values():
+            fmt["group_size"] = args.vq_group_size
     GPTQ["python"], GPTQ["threads"] = args.gptq_python, args.threads
     torch.manual_seed(0)
     ref, tok = load_smollm2()
