@@ -11,7 +11,8 @@ perplexity on held-out text, compression time and size. Set-up and texts: see be
 
 Methods (``--methods``, comma separated): fp32 (reference), vq-df (vqlib data-free VQ), vq-cal
 (vqlib calibrated VQ), vq-e2e (vq-cal, then ``finetune_end_to_end`` against the fp32 model's logits,
-``--e2e-steps`` Adam steps on batches of 2 calibration chunks, cycling when there are fewer), vq-budget (vqlib calibrated with ``target_bits_per_weight`` = the uniform
+``--e2e-steps`` Adam steps on batches of 2 calibration chunks, cycling when there are fewer; with
+``--e2e-anneal-steps N`` a second call of N steps whose step size decays to 0, on the last 2N chunks), vq-budget (vqlib calibrated with ``target_bits_per_weight`` = the uniform
 vq-cal format's bits, allocated per layer), rtn (vqlib scalar round-to-nearest, g128), hqq (PyPI
 ``hqq``, data-free, axis 1, g128, its fp16 scale and zero per group counted), gptq (llmcompressor's
 GPTQ, asymmetric, g64, run in a second environment given by ``--gptq-python``: see gptq_llmcompressor.py). Every method compresses the same 210 linear
@@ -51,7 +52,8 @@ VQ_FORMATS = {
     4: dict(vector_dim=4, num_codebooks=2, codebook_bits=8, group_size=128),
 }
 SCALAR_GROUP = 128
-E2E = dict(steps=24, batch_size=2, schedule="constant")  # vq-e2e: Adam steps, chunks per step, step-size schedule
+# vq-e2e: Adam steps, chunks per step, step-size schedule, then optional annealing steps (cosine decay to 0)
+E2E = dict(steps=24, batch_size=2, schedule="constant", anneal_steps=0)
 ALL_METHODS = ("fp32", "vq-df", "vq-cal", "vq-e2e", "vq-budget", "rtn", "hqq", "gptq")
 
 
@@ -108,15 +110,25 @@ def run_vq_cal(ref, bits, cal):
 
 
 def run_vq_e2e(ref, bits, cal):
-    from vqlib.compress.end_to_end import EndToEndConfig, finetune_end_to_end
 
     model, layers, _ = _vq(ref, dict(algorithm="calibrated", **VQ_FORMATS[bits]), cal)
-    # The chunks the steps go through, and no more: the before/after KL check runs on these batches only.
-    ids = torch.cat([b["input_ids"] for b in cal])[: E2E["steps"] * E2E["batch_size"]]
+    ids = torch.cat([b["input_ids"] for b in cal])
+    _e2e_phase(model, ref, ids[: E2E["steps"] * E2E["batch_size"]], E2E["steps"], E2E["schedule"])
+    note = f"{_fmt(VQ_FORMATS[bits])} + e2e {E2E['steps']} steps ({E2E['schedule']})"
+    if E2E["anneal_steps"]:
+        # A decay to 0 after the constant phase took 15.68 -> 14.79 at 2 bits (100 steps, docs/llm.md).
+        n = E2E["anneal_steps"]
+        _e2e_phase(model, ref, ids[-n * E2E["batch_size"] :], n, "cosine")
+        note += f" + {n} (cosine)"
+    return model, layers, note
+
+
+def _e2e_phase(model, ref, ids, steps, schedule):
+    """One ``finetune_end_to_end`` call over these chunks (its before/after KL check runs on them only)."""
+    from vqlib.compress.end_to_end import EndToEndConfig, finetune_end_to_end
+
     small = [dict(b, use_cache=False) for b in calibration_batches(ids, batch_size=E2E["batch_size"])]
-    report = finetune_end_to_end(model, ref, small, EndToEndConfig(steps=E2E["steps"], schedule=E2E["schedule"]))
-    print(report, flush=True)
-    return model, layers, f"{_fmt(VQ_FORMATS[bits])} + e2e {E2E['steps']} steps ({E2E['schedule']})"
+    print(finetune_end_to_end(model, ref, small, EndToEndConfig(steps=steps, schedule=schedule)), flush=True)
 
 
 def run_vq_budget(ref, bits, cal):
@@ -292,6 +304,7 @@ def parse_args(argv=None):
     p.add_argument("--calibration-chunks", type=int, default=CALIBRATION_CHUNKS, help="256-token calibration chunks")
     p.add_argument("--e2e-steps", type=int, default=E2E["steps"], help="vq-e2e: end-to-end fine-tune steps")
     p.add_argument("--e2e-schedule", default=E2E["schedule"], choices=["constant", "cosine"], help="vq-e2e: step size")
+    p.add_argument("--e2e-anneal-steps", type=int, default=0, help="vq-e2e: then this many steps decaying to 0")
     p.add_argument(
         "--vq-group-size",
         type=int,
@@ -315,7 +328,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     setup_threads(args.threads)
-    E2E["steps"], E2E["schedule"] = args.e2e_steps, args.e2e_schedule
+    E2E["steps"], E2E["schedule"], E2E["anneal_steps"] = args.e2e_steps, args.e2e_schedule, args.e2e_anneal_steps
     if args.vq_group_size:
         for fmt in VQ_FORMATS.values():
             fmt["group_size"] = args.vq_group_size
