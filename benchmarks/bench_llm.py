@@ -110,7 +110,6 @@ def run_vq_cal(ref, bits, cal):
 
 
 def run_vq_e2e(ref, bits, cal):
-
     model, layers, _ = _vq(ref, dict(algorithm="calibrated", **VQ_FORMATS[bits]), cal)
     ids = torch.cat([b["input_ids"] for b in cal])
     _e2e_phase(model, ref, ids[: E2E["steps"] * E2E["batch_size"]], E2E["steps"], E2E["schedule"])
@@ -319,6 +318,8 @@ def parse_args(argv=None):
     bad = [m for m in args.methods if m not in RUNNERS]
     if bad:
         p.error(f"unknown method(s) {bad}; expected some of {list(RUNNERS)}")
+    if args.e2e_anneal_steps < 0:  # checked before minutes of compression, not after
+        p.error(f"--e2e-anneal-steps: expected an int >= 0, got {args.e2e_anneal_steps}")
     args.bits = [int(b) for b in args.bits.split(",") if b.strip()]
     if not args.bits or any(b not in VQ_FORMATS for b in args.bits):
         p.error(f"--bits: expected values among {sorted(VQ_FORMATS)}, got {args.bits}")
