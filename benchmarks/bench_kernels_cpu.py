@@ -1,5 +1,9 @@
-"""CPU kernels side by side: vqlib's cpu_lut kernel vs dense fp32 / bf16 F.linear, int8
+"""CPU kernels side by side: vqlib's CPU kernels vs dense fp32 / bf16 F.linear, int8
 ``quantize_dynamic`` and vqlib's reference path; then greedy-decoding tokens/s of a causal LM.
+
+"vqlib" rows run what dispatch picks (the kernel is named in brackets: ``cpu_lut_avx512`` on CPUs with
+AVX-512BW, ``cpu_lut`` elsewhere); where that is ``cpu_lut_avx512``, the default format also runs
+``cpu_lut`` (fp32 tables) on the same layers, so both loops are measured side by side.
 
 Decoding protocol: every weight is read once per token, so each method runs a chain of distinct
 layers whose weights together exceed the 32 MiB L3 (CHAIN_BYTES); the time reported is per layer
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import os
 import statistics
 import sys
 import time
@@ -35,7 +40,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_average, machine_description, setup_threads  # noqa: E402
-from vqlib.kernels import cpu_lut, cpu_threads  # noqa: E402
+from vqlib.kernels import cpu_lut, cpu_lut_avx512, cpu_threads  # noqa: E402
 
 from vqlib import kernels  # noqa: E402
 from vqlib.compress import VQConfig, VQLinear, compress  # noqa: E402
@@ -100,8 +105,13 @@ def vq_methods(n_in: int, n_out: int, x: torch.Tensor, fmt_names: list[str], ref
     for name in fmt_names:
         probe = random_vq(n_in, n_out, FORMATS[name])
         layers = [probe] + [random_vq(n_in, n_out, FORMATS[name]) for _ in range(chain_len(probe.storage_bytes()) - 1)]
-        assert kernels.explain(probe, x).path == "cpu_lut"
-        methods.append((f"vqlib {name}", lambda layer: layer(x), layers, probe.storage_bytes()))
+        path = kernels.explain(probe, x).path
+        assert path.startswith("cpu_lut"), kernels.explain(probe, x).reason
+        methods.append((f"vqlib {name} [{path}]", lambda layer: layer(x), layers, probe.storage_bytes()))
+        if path == cpu_lut_avx512.NAME and name == fmt_names[0]:
+            methods.append(
+                (f"vqlib {name} [cpu_lut]", lambda layer: cpu_lut.run(layer, x), layers, probe.storage_bytes())
+            )
         if reference_ok and name == fmt_names[0]:
             ref = (f"reference {name}", lambda layer: layer._reference_linear(x), layers[:2], probe.storage_bytes())
             methods.append(ref)
@@ -164,29 +174,42 @@ def tiny_model():
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def generate_seconds(model, ids: torch.Tensor, new_tokens: int) -> float:
+def generate_seconds(model, ids: torch.Tensor, new_tokens: int, kernels_env: str | None = None) -> float:
+    """Seconds of one greedy ``generate``; ``kernels_env`` sets VQLINEAR_KERNELS for the call."""
     greedy = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
-    with torch.no_grad():
-        start = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **greedy)
-        elapsed = time.perf_counter() - start
+    saved = os.environ.get(kernels.ENV_SWITCH)
+    if kernels_env is not None:
+        os.environ[kernels.ENV_SWITCH] = kernels_env
+    try:
+        with torch.no_grad():
+            start = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **greedy)
+            elapsed = time.perf_counter() - start
+    finally:
+        if saved is None:
+            os.environ.pop(kernels.ENV_SWITCH, None)
+        else:
+            os.environ[kernels.ENV_SWITCH] = saved
     assert out.shape[1] - ids.shape[1] == new_tokens
     return elapsed
 
 
-def build_variants(llm: str) -> list[tuple[str, nn.Module, float]]:
-    """(name, model, bits per weight of the compressed linears) for fp32, int8 dynamic and vqlib ~2/~3 bits."""
+def build_variants(llm: str) -> list[tuple[str, nn.Module, float, str | None]]:
+    """(name, model, bits per weight of the compressed linears, VQLINEAR_KERNELS) for fp32, int8 dynamic and
+    vqlib ~2/~3 bits; on AVX-512BW CPUs the ~2-bit model also runs with ``cpu_lut`` (fp32 tables)."""
     make = smollm2_model if llm == "smollm2" else tiny_model
-    built = [("fp32", make(), 32.0)]
+    built = [("fp32", make(), 32.0, None)]
     int8 = torch.ao.quantization.quantize_dynamic(make(), {nn.Linear}, dtype=torch.qint8)
-    built.append(("int8 dynamic", int8, 8.0))
+    built.append(("int8 dynamic", int8, 8.0, None))
     for name, fmt in [
         ("vqlib ~2 bit (d4 1x8 g128)", dict(vector_dim=4, num_codebooks=1)),
         ("vqlib ~3 bit (d8 3x8 g128)", dict(vector_dim=8, num_codebooks=3)),
     ]:
         cfg = VQConfig(algorithm="data_free", kmeans_iters=4, finetune_steps=0, skip_modules=[], **fmt)
         model, report = compress(make(), cfg)
-        built.append((name, model, report.bits_per_weight))
+        built.append((name, model, report.bits_per_weight, None))
+        if "~2 bit" in name and cpu_lut_avx512.isa_missing() is None:
+            built.append((f"{name}, cpu_lut (fp32 tables)", model, report.bits_per_weight, "cpu_lut,cpu_scalar"))
     return built
 
 
@@ -196,9 +219,12 @@ def end_to_end(args) -> None:
     ids = torch.randint(10, 1000, (1, 16))
     for threads in args.threads:
         setup_threads(threads)
-        methods = [(name, lambda m: generate_seconds(m, ids, new_tokens), [model]) for name, model, _ in variants]
-        for _, model, _ in variants:
-            generate_seconds(model, ids, 4)  # warm-up (and kernel load)
+        methods = [
+            (name, lambda m, env=env: generate_seconds(m, ids, new_tokens, env), [model])
+            for name, model, _, env in variants
+        ]
+        for _, model, _, env in variants:
+            generate_seconds(model, ids, 4, env)  # warm-up (and kernel load)
         seconds = time_interleaved(methods)
         print(
             f"\n## End to end ({args.llm}), greedy, batch 1, {new_tokens} new tokens, {threads} thread(s), "
@@ -206,7 +232,7 @@ def end_to_end(args) -> None:
         )
         print("| model | bits/weight (compressed linears) | tokens/s | x fp32 |")
         print("|---|---|---|---|")
-        for (name, _, bits), sec in zip(variants, seconds):
+        for (name, _, bits, _), sec in zip(variants, seconds):
             print(f"| {name} | {bits:.2f} | {new_tokens / sec:.1f} | {seconds[0] / sec:.2f} |", flush=True)
 
 
@@ -222,8 +248,12 @@ def main() -> None:
         args.llm = "tiny"
     start = time.perf_counter()
     cpu_lut.load_numba()
+    avx512_missing = cpu_lut_avx512.isa_missing()
+    if avx512_missing is None:
+        cpu_lut_avx512.load_numba()
     print(f"# bench_kernels_cpu ({machine_description()})")
     print(f"numba kernels ready in {time.perf_counter() - start:.1f} s (compile, or load from numba's cache)")
+    print(f"cpu_lut_avx512: {'runs (int16 tables, vpermi2w)' if avx512_missing is None else avx512_missing}")
     why_not = cpu_threads.openmp_team()
     print("kernel threads: torch's OpenMP team" if why_not is None else f"kernel threads: a Python pool ({why_not})")
     if not args.no_layers:

@@ -236,6 +236,7 @@ def _register_builtin_kernels() -> None:
     """Import the kernel modules that register themselves; each guards its own optional dependency."""
     from . import (  # noqa: F401  (CPU: numba is imported on first run; its absence fails loudly there)
         cpu_lut,
+        cpu_lut_avx512,
         cpu_scalar,
         triton_vq,  # noqa: F401  (CUDA: registers only when triton and a GPU are present)
     )

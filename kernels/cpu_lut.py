@@ -106,7 +106,7 @@ def _warm_up(mod) -> None:
     w = np.empty((3, 4), np.float32)
     svec = np.zeros(2, np.int64)  # one scale column per vector (n_vec = 2)
     mod.dequant_rows(codes.reshape(-1), cbf, qcb, 1, 2, scales, svec, 2, 0, 3, w)
-    p = Prepared(None, codes, blocked, cbt, cbf, qcb, scales, 2, svec, 2, 2, 1)
+    p = Prepared(None, codes, cbt, cbf, qcb, scales, 2, svec, 2, 2, 1, blocked=blocked)
     _lut(mod, p, torch.from_numpy(x), serial=True)
     _dequant(mod, p, torch.from_numpy(w), 0, 3)
 
@@ -117,7 +117,6 @@ class Prepared:
 
     key: tuple
     codes: np.ndarray  # (out, nq) uint8, a view of layer.codes
-    blocked: np.ndarray  # (ceil(nq / 16), out, 2) uint64: copy of the codes, block-major, zero-padded
     cbt: np.ndarray  # (G*M*d*256,) float32
     cbf: np.ndarray  # (G*M*256*d,) float32
     qcb: np.ndarray  # (nq,) int32
@@ -127,8 +126,23 @@ class Prepared:
     n_vec: int
     d: int
     m_books: int
-    lut_args: np.ndarray | None = None  # job argument templates with this layer's fields (built on first use)
+    # Built on first use by the kernel that reads them (each is another copy of the codes):
+    blocked: np.ndarray | None = None  # (ceil(nq / 16), out, 2) uint64: the codes block-major, zero-padded
+    tiles: np.ndarray | None = None  # cpu_lut_avx512's layout (see cpu_vq_avx512_numba)
+    scales_t: np.ndarray | None = None  # (S, out) float32, for cpu_lut_avx512
+    lut_args: np.ndarray | None = None  # job argument templates with this layer's fields
+    lut16_args: np.ndarray | None = None
     dequant_args: np.ndarray | None = None
+
+
+def blocked_codes(p: Prepared) -> np.ndarray:
+    """(ceil(nq / 16), out, 2) uint64: 16 codes of a row and table block in two little-endian words."""
+    if p.blocked is None:
+        n_out, nq = p.codes.shape
+        n_blk = -(-nq // QB)
+        padded = np.pad(p.codes, ((0, 0), (0, n_blk * QB - nq)))  # padded positions: code 0, zero table
+        p.blocked = np.ascontiguousarray(padded.reshape(n_out, n_blk, QB).transpose(1, 0, 2)).view(np.uint64)
+    return p.blocked
 
 
 def _buffer_key(layer) -> tuple:
@@ -163,12 +177,9 @@ def prepare(layer) -> Prepared:
         scales = layer.scales.float()
         sgq = nq if layer.scale_granularity == "row" else layer.scale_group_size // d * m
     codes = layer.codes.detach().reshape(layer.out_features, nq)
-    n_blk = -(-nq // QB)
-    blocked = torch.nn.functional.pad(codes, (0, n_blk * QB - nq)).reshape(layer.out_features, n_blk, QB)
     prepared = Prepared(
         key=key,
         codes=codes.numpy(),
-        blocked=blocked.transpose(0, 1).contiguous().numpy().view(np.uint64),  # 16 codes = 2 words
         cbt=values.permute(0, 1, 3, 2).contiguous().reshape(-1).numpy(),
         cbf=values.contiguous().reshape(-1).numpy(),
         qcb=qcb.numpy(),
@@ -204,7 +215,7 @@ def _threads(work: int) -> int:
     return 1 if work < SERIAL_MAX_CODES else n
 
 
-def _padded_input(layer, x: Tensor, in_pad: int) -> Tensor:
+def padded_input(layer, x: Tensor, in_pad: int) -> Tensor:
     """(b, in_pad) float32 C-contiguous input, zero-padded (padded columns drop out)."""
     if x.dtype == torch.float32 and x.dim() == 2 and in_pad == x.shape[1] and x.is_contiguous():
         return x.detach()  # decoding's common case, without three no-op tensor calls
@@ -215,9 +226,10 @@ def _padded_input(layer, x: Tensor, in_pad: int) -> Tensor:
 
 
 def _lut_template(m, p: Prepared) -> np.ndarray:
-    addr = {m.L_BLOCKED: p.blocked, m.L_CBT: p.cbt, m.L_QCB: p.qcb, m.L_SCALES: p.scales}
+    blocked = blocked_codes(p)
+    addr = {m.L_BLOCKED: blocked, m.L_CBT: p.cbt, m.L_QCB: p.qcb, m.L_SCALES: p.scales}
     sizes = {
-        m.L_N_BLK: p.blocked.shape[0], m.L_N_OUT: p.blocked.shape[1], m.L_NQ: p.codes.shape[1],
+        m.L_N_BLK: blocked.shape[0], m.L_N_OUT: blocked.shape[1], m.L_NQ: p.codes.shape[1],
         m.L_CBT_N: p.cbt.size, m.L_S_COLS: p.scales.shape[1], m.L_M: p.m_books, m.L_D: p.d, m.L_SGQ: p.sgq,
         m.L_IN_PAD: p.n_vec * p.d,
     }  # fmt: skip
@@ -226,7 +238,7 @@ def _lut_template(m, p: Prepared) -> np.ndarray:
 
 def _lut(m, p: Prepared, xp: Tensor, serial: bool) -> Tensor:
     """(b, out) float32 table-lookup result on torch's threads (see cpu_vq_numba.lut_job)."""
-    b, n_blk, n_out = xp.shape[0], p.blocked.shape[0], p.blocked.shape[1]
+    b, n_blk, n_out = xp.shape[0], -(-p.codes.shape[1] // QB), p.codes.shape[0]
     n_chunks = 1 if serial else max(1, min(LUT_CHUNKS, n_blk, ACC_BYTES // (4 * b * n_out)))
     acc = torch.empty(n_chunks, b, n_out)  # one accumulator per chunk of table blocks (the job zeroes it)
     if p.lut_args is None:
@@ -254,7 +266,7 @@ def _dequant(m, p: Prepared, buf: Tensor, base: int, count: int) -> None:
     run_job(m.dequant_job, m.dequant_job_c, args, max(1, torch.get_num_threads()))
 
 
-def _blas(m, p: Prepared, xp: Tensor) -> Tensor:
+def blas_linear(m, p: Prepared, xp: Tensor) -> Tensor:
     """x @ W^T with W dequantized in bounded row blocks (prefill)."""
     n_out, in_pad = p.codes.shape[0], p.n_vec * p.d
     rows = max(64, min(1024, BLAS_BLOCK_BYTES // (4 * in_pad)))
@@ -270,10 +282,10 @@ def _blas(m, p: Prepared, xp: Tensor) -> Tensor:
 def run(layer, x: Tensor) -> Tensor:
     mod = load_numba()
     p = prepare(layer)
-    xp = _padded_input(layer, x, p.n_vec * p.d)
+    xp = padded_input(layer, x, p.n_vec * p.d)
     b = xp.shape[0]
     if b > LUT_MAX_BATCH:
-        out = _blas(mod, p, xp)
+        out = blas_linear(mod, p, xp)
     else:
         out = _lut(mod, p, xp, serial=p.codes.size * b < SERIAL_MAX_CODES)
     return finish(out, layer, x)
@@ -292,4 +304,7 @@ def finish(out: Tensor, layer, x: Tensor) -> Tensor:
 KERNEL = Kernel(name=NAME, layer_type="VQLinear", device_type="cpu", run=run, supports=supports, priority=10)
 register_kernel(KERNEL)
 
-__all__ = ["KERNEL", "NAME", "compile_seconds", "finish", "load_numba", "prepare", "run", "supports"]
+__all__ = [
+    "KERNEL", "NAME", "blas_linear", "blocked_codes", "compile_seconds", "finish", "import_loops", "load_numba",
+    "padded_input", "prepare", "run", "supports",
+]  # fmt: skip

@@ -1,0 +1,176 @@
+"""``cpu_lut_avx512``: ``cpu_lut`` with int16 tables read by AVX-512 permutes (x86 CPUs with AVX-512BW).
+
+Why: ``cpu_lut``'s scalar loop costs one load and one add per lookup and is bound by that, not by
+memory (docs/kernels.md), so int8 ``quantize_dynamic`` stays ahead of it at batch 1. T-MAC makes the
+lookups vector operations by keeping 16-entry tables in registers (``pshufb``). AVX-512BW's
+``vpermi2w`` reads 64 int16 entries held in two registers, so a 256-entry table fits in 8 registers and
+32 rows look up their codes in 4 permutes and 3 selects (by index bits 6 and 7): about 3x fewer
+cycles per lookup than the scalar loop on the Zen4 test machine (docs/kernels.md).
+
+Precision: the tables of one token and one block of 16 code positions are rounded to integers in
+[-8190, 8190] with one scale (``max |entry| / 8190``), so that 4 lookups add up in int16 lanes before
+they are widened (a third faster than widening every lookup); the 16 lookups of a row are summed
+exactly, then scaled back and accumulated in fp32. Each entry is off by at most half a step, 6.1e-5 of
+the block's largest entry: far below the weights' own 2-bit error, and finer than the 8-bit
+activations or tables of llama.cpp and T-MAC. The stated tolerance is in
+tests/test_kernels_cpu_avx512.py. ``VQLINEAR_KERNELS=cpu_lut`` forces the fp32-table loop.
+
+Layout: the codes are re-laid once per layer into tiles of 16 positions x 128 rows, position-major
+(``Prepared.tiles``: as many bytes as the codes), so a tile is one 2 KiB sequential read. Everything
+else (formats covered, threads, chunked accumulators summed in chunk order, dequant + BLAS above
+``cpu_lut.LUT_MAX_BATCH`` tokens) is ``cpu_lut``'s.
+
+The instruction set is checked before anything is compiled: on a CPU (or a numba target set with
+``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES``) without AVX-512F and AVX-512BW the kernel declines every call
+with that reason, warns once, and ``cpu_lut`` runs.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import Kernel, register_kernel
+from . import cpu_lut as base
+from .cpu_threads import job_args, run_job
+
+NAME = "cpu_lut_avx512"
+REQUIRED_FEATURES = ("avx512f", "avx512bw")
+
+_numba_mod = None
+_compile_seconds: float | None = None
+_isa_reason: str | None = None  # "" once checked and present
+_warned = False
+
+
+def isa_missing() -> str | None:
+    """None when numba compiles for a target with AVX-512F/BW, otherwise why not (checked once)."""
+    global _isa_reason
+    if _isa_reason is None:
+        _isa_reason = _check_isa()
+    return _isa_reason or None
+
+
+def _check_isa() -> str:
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"needs an x86-64 CPU with {' and '.join(REQUIRED_FEATURES)}, this is {platform.machine()}"
+    try:
+        from llvmlite import binding
+        from numba.core import config
+    except ImportError as exc:
+        return f"numba is not importable ({exc})"
+    if config.CPU_FEATURES:  # numba compiles for these features, not the host's
+        features = {f[1:] for f in config.CPU_FEATURES.split(",") if f.startswith("+")}
+        where = f"NUMBA_CPU_FEATURES={config.CPU_FEATURES}"
+    elif config.CPU_NAME:
+        return f"NUMBA_CPU_NAME={config.CPU_NAME} without NUMBA_CPU_FEATURES: the target's features are unknown"
+    else:
+        features = {name for name, present in binding.get_host_cpu_features().items() if present}
+        where = f"this CPU ({binding.get_host_cpu_name()})"
+    missing = [f for f in REQUIRED_FEATURES if f not in features]
+    return f"{where} lacks {', '.join(missing)} (vpermi2w)" if missing else ""
+
+
+def _warn_isa_once(reason: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"vqlib.kernels: {NAME} cannot run: {reason}; decoding uses cpu_lut (fp32 tables, about 3x slower "
+            "lookups, see docs/kernels.md)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def supports(layer, x: Tensor) -> str | None:
+    why = base.supports(layer, x)
+    if why is not None:
+        return why
+    missing = isa_missing()
+    if missing is not None:
+        _warn_isa_once(missing)
+    return missing
+
+
+def load_numba():
+    """Import (compile or load from cache) the AVX-512 loops, or raise KernelBuildError."""
+    global _numba_mod, _compile_seconds
+    if _numba_mod is None:
+        _numba_mod, _compile_seconds = base.import_loops("cpu_vq_avx512_numba", _warm_up, NAME)
+    return _numba_mod
+
+
+def compile_seconds() -> float | None:
+    return _compile_seconds
+
+
+def _warm_up(mod) -> None:
+    """Compile the job on a tiny problem (3 rows, 2 positions, d = 2) so a failure surfaces here."""
+    codes = np.zeros((3, 2), np.uint8)
+    cbt = np.zeros(2 * 256, np.float32)
+    p = base.Prepared(None, codes, cbt, np.zeros(2 * 256, np.float32), np.zeros(2, np.int32),
+                      np.ones((3, 1), np.float32), 2, np.zeros(2, np.int64), 2, 2, 1)  # fmt: skip
+    _lut16(mod, p, torch.zeros(1, 4), serial=True)
+
+
+def tiles(p: base.Prepared, mod) -> np.ndarray:
+    """(n_blk, n_rt, 16 * 128) uint8: each tile's codes position-major, zero-padded (built once per layer)."""
+    if p.tiles is None:
+        n_out, nq = p.codes.shape
+        qb, rows = base.QB, mod.TILE_ROWS
+        n_blk, n_rt = -(-nq // qb), -(-n_out // rows)
+        padded = np.pad(p.codes, ((0, n_rt * rows - n_out), (0, n_blk * qb - nq)))  # (n_rt*rows, n_blk*qb)
+        tiled = padded.reshape(n_rt, rows, n_blk, qb).transpose(2, 0, 3, 1)  # (n_blk, n_rt, qb, rows)
+        p.tiles = np.ascontiguousarray(tiled).reshape(n_blk, n_rt, qb * rows)
+        p.scales_t = np.ascontiguousarray(p.scales.T)
+    return p.tiles
+
+
+def _template(m, p: base.Prepared) -> np.ndarray:
+    t = tiles(p, m)
+    addr = {m.T_TILES: t, m.T_CBT: p.cbt, m.T_QCB: p.qcb, m.T_SCALES_T: p.scales_t}
+    sizes = {
+        m.T_IN_PAD: p.n_vec * p.d, m.T_N_BLK: t.shape[0], m.T_N_RT: t.shape[1], m.T_N_OUT: p.codes.shape[0],
+        m.T_NQ: p.codes.shape[1], m.T_CBT_N: p.cbt.size, m.T_S_COLS: p.scales_t.shape[0], m.T_M: p.m_books,
+        m.T_D: p.d, m.T_SGQ: p.sgq,
+    }  # fmt: skip
+    return job_args(m.LUT16_ARGS, {**{k: a.ctypes.data for k, a in addr.items()}, **sizes})
+
+
+def _lut16(m, p: base.Prepared, xp: Tensor, serial: bool) -> Tensor:
+    """(b, out) float32 lookup result on torch's threads (see cpu_vq_avx512_numba.lut16_job)."""
+    b, n_out, n_blk = xp.shape[0], p.codes.shape[0], -(-p.codes.shape[1] // base.QB)
+    n_chunks = 1 if serial else max(1, min(base.LUT_CHUNKS, n_blk, base.ACC_BYTES // (4 * b * n_out)))
+    acc = torch.empty(n_chunks, b, n_out)  # the job zeroes each chunk's accumulator
+    if p.lut16_args is None:
+        p.lut16_args = _template(m, p)
+    args = p.lut16_args.copy()
+    args[m.T_X], args[m.T_ACC], args[m.T_B], args[m.T_N_CHUNKS] = xp.data_ptr(), acc.data_ptr(), b, n_chunks
+    run_job(m.lut16_job, m.lut16_job_c, args, 1 if serial else max(1, torch.get_num_threads()))
+    if n_chunks == 1:
+        return acc[0]
+    return torch.from_numpy(np.add.reduce(acc.numpy(), axis=0))  # chunk order: thread-count independent
+
+
+def run(layer, x: Tensor) -> Tensor:
+    mod = load_numba()
+    p = base.prepare(layer)
+    xp = base.padded_input(layer, x, p.n_vec * p.d)
+    b = xp.shape[0]
+    if b > base.LUT_MAX_BATCH:
+        out = base.blas_linear(base.load_numba(), p, xp)
+    else:
+        out = _lut16(mod, p, xp, serial=p.codes.size * b < base.SERIAL_MAX_CODES)
+    return base.finish(out, layer, x)
+
+
+KERNEL = Kernel(name=NAME, layer_type="VQLinear", device_type="cpu", run=run, supports=supports, priority=20)
+register_kernel(KERNEL)
+
+__all__ = ["KERNEL", "NAME", "compile_seconds", "isa_missing", "load_numba", "run", "supports"]
