@@ -128,7 +128,7 @@ def tiles(p: base.Prepared, mod) -> np.ndarray:
         padded = np.pad(p.codes, ((0, n_rt * rows - n_out), (0, n_blk * qb - nq)))  # (n_rt*rows, n_blk*qb)
         tiled = padded.reshape(n_rt, rows, n_blk, qb).transpose(2, 0, 3, 1)  # (n_blk, n_rt, qb, rows)
         p.tiles = np.ascontiguousarray(tiled).reshape(n_blk, n_rt, qb * rows)
-        p.scales_t = np.ascontiguousarray(p.scales.T)
+        p.scales_t = np.ascontiguousarray(np.pad(p.scales.T, ((0, 0), (0, n_rt * rows - n_out))))
     return p.tiles
 
 
@@ -136,26 +136,25 @@ def _template(m, p: base.Prepared) -> np.ndarray:
     t = tiles(p, m)
     addr = {m.T_TILES: t, m.T_CBT: p.cbt, m.T_QCB: p.qcb, m.T_SCALES_T: p.scales_t}
     sizes = {
-        m.T_IN_PAD: p.n_vec * p.d, m.T_N_BLK: t.shape[0], m.T_N_RT: t.shape[1], m.T_N_OUT: p.codes.shape[0],
-        m.T_NQ: p.codes.shape[1], m.T_CBT_N: p.cbt.size, m.T_S_COLS: p.scales_t.shape[0], m.T_M: p.m_books,
-        m.T_D: p.d, m.T_SGQ: p.sgq,
+        m.T_IN_PAD: p.n_vec * p.d, m.T_N_BLK: t.shape[0], m.T_N_RT: t.shape[1], m.T_NQ: p.codes.shape[1],
+        m.T_CBT_N: p.cbt.size, m.T_M: p.m_books, m.T_D: p.d, m.T_SGQ: p.sgq,
     }  # fmt: skip
     return job_args(m.LUT16_ARGS, {**{k: a.ctypes.data for k, a in addr.items()}, **sizes})
 
 
 def _lut16(m, p: base.Prepared, xp: Tensor, serial: bool) -> Tensor:
     """(b, out) float32 lookup result on torch's threads (see cpu_vq_avx512_numba.lut16_job)."""
-    b, n_out, n_blk = xp.shape[0], p.codes.shape[0], -(-p.codes.shape[1] // base.QB)
-    n_chunks = 1 if serial else max(1, min(base.LUT_CHUNKS, n_blk, base.ACC_BYTES // (4 * b * n_out)))
-    acc = torch.empty(n_chunks, b, n_out)  # the job zeroes each chunk's accumulator
+    t = tiles(p, m)
+    b, n_out, n_blk, n_pad = xp.shape[0], p.codes.shape[0], t.shape[0], t.shape[1] * m.TILE_ROWS
+    n_chunks = 1 if serial else max(1, min(base.LUT_CHUNKS, n_blk, base.ACC_BYTES // (4 * b * n_pad)))
+    acc = torch.empty(n_chunks, b, n_pad)  # the job zeroes each chunk's accumulator
     if p.lut16_args is None:
         p.lut16_args = _template(m, p)
     args = p.lut16_args.copy()
     args[m.T_X], args[m.T_ACC], args[m.T_B], args[m.T_N_CHUNKS] = xp.data_ptr(), acc.data_ptr(), b, n_chunks
     run_job(m.lut16_job, m.lut16_job_c, args, 1 if serial else max(1, torch.get_num_threads()))
-    if n_chunks == 1:
-        return acc[0]
-    return torch.from_numpy(np.add.reduce(acc.numpy(), axis=0))  # chunk order: thread-count independent
+    out = acc[0] if n_chunks == 1 else torch.from_numpy(np.add.reduce(acc.numpy(), axis=0))  # chunk order
+    return out if n_pad == n_out else out[:, :n_out].contiguous()  # callers .view() the output
 
 
 def run(layer, x: Tensor) -> Tensor:

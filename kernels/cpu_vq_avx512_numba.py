@@ -6,7 +6,8 @@ Import this module only on a CPU (or numba target) with AVX-512F and AVX-512BW: 
 Shapes (C-contiguous numpy arrays), in addition to those of ``cpu_vq_numba``:
 - ``tiles``    (n_blk, n_rt, 16 * 128) uint8: the codes of table block ``blk`` (16 code positions) and row
   tile ``rt`` (128 rows), position-major (``[p * 128 + r]``), zero-padded in both directions
-- ``scales_t`` (S, out) float32: the scales transposed, so one scale group's column is contiguous
+- ``scales_t`` (S, n_pad) float32: the scales transposed (one scale group's column contiguous), rows
+  zero-padded to ``n_pad = n_rt * 128``; the accumulators are (n_chunks, b, n_pad) float32 too
 - ``tq``       (16 * 256,) int16: one token's tables of one block, quantized with one scale
 """
 
@@ -25,9 +26,13 @@ TILE_ROWS = 128  # rows per tile: 4 vectors of 32 int16 lanes share each table's
 SUM16 = 4  # lookups summed in int16 lanes before widening to int32 (widening is a third of the loop's work)
 TABLE_MAX = 8190.0  # largest |entry| after rounding: SUM16 of them fit in int16 (4 x 8190 <= 32767)
 
+TILE_BYTES = QB * TILE_ROWS  # uint8 codes of one tile
+TABLES_BYTES = QB * ENTRIES * 2  # int16 tables of one token and block
+
 _V_I8 = ir.VectorType(ir.IntType(8), 32)
 _V_I16 = ir.VectorType(ir.IntType(16), 32)
 _V_I32 = ir.VectorType(ir.IntType(32), 32)
+_V_F32 = ir.VectorType(ir.FloatType(), 32)
 _I64 = ir.IntType(64)
 
 
@@ -56,21 +61,24 @@ def _lookup32(builder, perm, table, idx):
 
 
 @intrinsic
-def lut_tile(typingctx, table_address, codes_address, sums_address):
-    """sums[r] = sum_p table[p, codes[p, r]] for one tile: 16 positions x 128 rows (int32, overwritten).
+def lut_tile(typingctx, table_address, codes_address, out_address, scales_address, table_scale):
+    """out[r] += table_scale * scales[r] * sum_p table[p, codes[p, r]] for one tile of 16 positions x 128 rows.
 
-    ``table`` (16, 256) int16, ``codes`` (16, 128) uint8, ``sums`` (128,) int32; unaligned addresses are
-    fine. Each position's table is loaded into 8 registers once and read by 4 x 32 rows; each lookup
-    is one lane of a ``vpermi2w`` (T-MAC's idea with AVX-512's 64-entry word permutes instead of
-    ``pshufb``), so 32 lookups cost about 10 instructions instead of 32 scalar loads and adds. SUM16
-    positions are summed in int16 lanes (exact: |entry| <= TABLE_MAX), then widened into int32.
+    ``table`` (16, 256) int16, ``codes`` (16, 128) uint8, ``out`` and ``scales`` (128,) float32; unaligned
+    addresses are fine. Each position's table is loaded into 8 registers once and read by 4 x 32 rows;
+    each lookup is one lane of a ``vpermi2w`` (T-MAC's idea with AVX-512's 64-entry word permutes instead
+    of ``pshufb``), so 32 lookups cost about 10 instructions instead of 32 scalar loads and adds. SUM16
+    positions are summed in int16 lanes (exact: |entry| <= TABLE_MAX), then widened into int32; the
+    tile's exact sums are scaled and added to ``out`` in registers (a store and reload of the sums cost
+    a fifth of the loop).
     """
 
     def codegen(context, builder, signature, args):
         perm = _vpermi2w(builder.module)
         tables = builder.inttoptr(args[0], _V_I16.as_pointer())
         codes = builder.inttoptr(args[1], _V_I8.as_pointer())
-        sums = builder.inttoptr(args[2], _V_I32.as_pointer())
+        outs = builder.inttoptr(args[2], _V_F32.as_pointer())
+        scales = builder.inttoptr(args[3], _V_F32.as_pointer())
         n_vecs = TILE_ROWS // 32
         acc = [_splat(_V_I32, 0)] * n_vecs
         for p0 in range(0, QB, SUM16):
@@ -81,11 +89,16 @@ def lut_tile(typingctx, table_address, codes_address, sums_address):
                     code = builder.load(builder.gep(codes, [ir.Constant(_I64, p * n_vecs + v)]), align=1)
                     acc16[v] = builder.add(acc16[v], _lookup32(builder, perm, table, builder.zext(code, _V_I16)))
             acc = [builder.add(acc[v], builder.sext(acc16[v], _V_I32)) for v in range(n_vecs)]
+        splat = builder.insert_element(ir.Constant(_V_F32, None), args[4], ir.Constant(ir.IntType(32), 0))
+        table_scale = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(ir.IntType(32), 32), [0] * 32))
         for v in range(n_vecs):
-            builder.store(acc[v], builder.gep(sums, [ir.Constant(_I64, v)]), align=4)
+            out_v = builder.gep(outs, [ir.Constant(_I64, v)])
+            scale = builder.fmul(builder.load(builder.gep(scales, [ir.Constant(_I64, v)]), align=4), table_scale)
+            total = builder.fadd(builder.load(out_v, align=4), builder.fmul(builder.sitofp(acc[v], _V_F32), scale))
+            builder.store(total, out_v, align=4)
         return context.get_dummy_value()
 
-    return types.void(types.int64, types.int64, types.int64), codegen
+    return types.void(types.int64, types.int64, types.int64, types.int64, types.float32), codegen
 
 
 @njit(nogil=True, inline="always")
@@ -117,15 +130,8 @@ def quantize_table(tf, tq):
 
 # Field positions of the job's args (then one int64 work counter, as in cpu_vq_numba):
 T_X, T_TILES, T_CBT, T_QCB, T_SCALES_T, T_ACC = range(6)  # addresses
-T_B, T_IN_PAD, T_N_BLK, T_N_RT, T_N_OUT, T_NQ, T_CBT_N, T_S_COLS, T_M, T_D, T_SGQ, T_N_CHUNKS = range(6, 18)
-LUT16_ARGS = 18
-
-
-@njit(nogil=True, fastmath=FASTMATH, inline="always")
-def _add_tile(out, part, o0, n_rows, scale, col):
-    """out[o0 + i] += part[i] * scale * col[o0 + i] for the tile's real rows (padding rows dropped)."""
-    for i in range(n_rows):
-        out[o0 + i] += np.float32(part[i]) * (scale * col[o0 + i])
+T_B, T_IN_PAD, T_N_BLK, T_N_RT, T_NQ, T_CBT_N, T_M, T_D, T_SGQ, T_N_CHUNKS = range(6, 16)
+LUT16_ARGS = 16
 
 
 @njit(nogil=True, fastmath=FASTMATH, cache=True)
@@ -135,18 +141,17 @@ def lut16_job(a):
     Per block and token the 16 fp32 tables are built, then quantized to int16 with one scale; every
     row tile's exact int32 sums are scaled back and added into the chunk's fp32 accumulator.
     """
-    b, n_blk, n_rt, n_out, nq = a[T_B], a[T_N_BLK], a[T_N_RT], a[T_N_OUT], a[T_NQ]
+    b, n_blk, n_rt, nq = a[T_B], a[T_N_BLK], a[T_N_RT], a[T_NQ]
     n_chunks, sgq = a[T_N_CHUNKS], a[T_SGQ]
     x = carray(ptr(a[T_X]), (b, a[T_IN_PAD]), np.float32)
-    tiles = carray(ptr(a[T_TILES]), (n_blk, n_rt, QB * TILE_ROWS), np.uint8)
     cbt = carray(ptr(a[T_CBT]), (a[T_CBT_N],), np.float32)
     qcb = carray(ptr(a[T_QCB]), (nq,), np.int32)
-    scales_t = carray(ptr(a[T_SCALES_T]), (a[T_S_COLS], n_out), np.float32)
-    acc = carray(ptr(a[T_ACC]), (n_chunks, b, n_out), np.float32)
+    n_pad = n_rt * TILE_ROWS
+    acc = carray(ptr(a[T_ACC]), (n_chunks, b, n_pad), np.float32)
     tf = np.empty(QB * ENTRIES, np.float32)
     tq = np.empty((b, QB * ENTRIES), np.int16)
     table_scale = np.empty(b, np.float32)
-    part = np.empty(TILE_ROWS, np.int32)
+    tq_address = tq.ctypes.data
     counter = work_counter(a)
     while True:
         c = fetch_add(counter, 1)
@@ -159,12 +164,15 @@ def lut16_job(a):
                 fill_table(x[t], cbt, qcb, blk * QB, n_pos, a[T_M], a[T_D], tf)
                 tf[n_pos * ENTRIES :] = 0.0  # padded positions (code 0) add nothing
                 table_scale[t] = quantize_table(tf, tq[t])
-            col = scales_t[blk * QB // sgq]
+            tile_address = a[T_TILES] + blk * n_rt * TILE_BYTES  # plain addresses: no array views per tile
+            scale_address = a[T_SCALES_T] + (blk * QB // sgq) * n_pad * 4
+            out_address = acc[c].ctypes.data
             for rt in range(n_rt):
-                o0 = rt * TILE_ROWS
                 for t in range(b):
-                    lut_tile(tq[t].ctypes.data, tiles[blk, rt].ctypes.data, part.ctypes.data)
-                    _add_tile(acc[c, t], part, o0, min(TILE_ROWS, n_out - o0), table_scale[t], col)
+                    out_t = out_address + (t * n_pad + rt * TILE_ROWS) * 4
+                    lut_tile(tq_address + t * TABLES_BYTES, tile_address, out_t, scale_address, table_scale[t])
+                tile_address += TILE_BYTES
+                scale_address += TILE_ROWS * 4
 
 
 @cfunc(types.void(types.voidptr), cache=True)
