@@ -1,14 +1,16 @@
 """Numba loops behind the ``cpu_lut_avx512`` VQLinear kernel (see ``cpu_lut_avx512`` for the design).
 
-Import this module only on a CPU (or numba target) with AVX-512F and AVX-512BW: ``lut_tile`` calls the
-``vpermi2w`` intrinsic, which LLVM cannot lower for other targets (``cpu_lut_avx512.isa_missing``).
+Import this module only on a CPU (or numba target) with AVX-512F/BW/VBMI: ``lut_tile`` calls the
+``vpermi2b`` intrinsic, which LLVM cannot lower for other targets (``cpu_lut_avx512.isa_missing``).
 
 Shapes (C-contiguous numpy arrays), in addition to those of ``cpu_vq_numba``:
 - ``tiles``    (n_blk, n_rt, 16 * 128) uint8: the codes of table block ``blk`` (16 code positions) and row
-  tile ``rt`` (128 rows), position-major (``[p * 128 + r]``), zero-padded in both directions
+  tile ``rt`` (128 rows), position-major (``[p * 128 + byte]``), zero-padded in both directions; within
+  each group of 64 rows the bytes are in ``ROW_OF_BYTE`` order (see ``lut_tile``)
 - ``scales_t`` (S, n_pad) float32: the scales transposed (one scale group's column contiguous), rows
   zero-padded to ``n_pad = n_rt * 128``; the accumulators are (n_chunks, b, n_pad) float32 too
-- ``tq``       (16 * 256,) int16: one token's tables of one block, quantized with one scale
+- ``tq``       (16 * 512,) uint8: one token's tables of one block as integers (one scale), each position's
+  256 low bytes then its 256 high bytes
 """
 
 from __future__ import annotations
@@ -22,79 +24,111 @@ from .cpu_vq_numba import ENTRIES, FASTMATH, QB, fill_table
 from .numba_threads import address_to_pointer as ptr
 from .numba_threads import fetch_add, work_counter
 
-TILE_ROWS = 128  # rows per tile: 4 vectors of 32 int16 lanes share each table's 8 registers
+TILE_ROWS = 128  # rows per tile: 2 groups of 64 byte lanes share each table's 8 registers
 SUM16 = 4  # lookups summed in int16 lanes before widening to int32 (widening is a third of the loop's work)
 TABLE_MAX = 8190.0  # largest |entry| after rounding: SUM16 of them fit in int16 (4 x 8190 <= 32767)
 
 TILE_BYTES = QB * TILE_ROWS  # uint8 codes of one tile
-TABLES_BYTES = QB * ENTRIES * 2  # int16 tables of one token and block
+TABLES_BYTES = QB * ENTRIES * 2  # the integer tables of one token and block (low and high bytes)
 
-_V_I8 = ir.VectorType(ir.IntType(8), 32)
+_V_I8 = ir.VectorType(ir.IntType(8), 64)
 _V_I16 = ir.VectorType(ir.IntType(16), 32)
 _V_I32 = ir.VectorType(ir.IntType(32), 32)
 _V_F32 = ir.VectorType(ir.FloatType(), 32)
 _I64 = ir.IntType(64)
 
 
+def _interleave(low_half: bool) -> list[int]:
+    """``vpunpck{l,h}bw`` as a shuffle of (low bytes, high bytes): in each 128-bit lane, bytes 0-7 (or 8-15)
+    of both, interleaved, i.e. 32 little-endian int16 words."""
+    first = 0 if low_half else 8
+    return [lane * 16 + first + i // 2 + (64 if i % 2 else 0) for lane in range(4) for i in range(16)]
+
+
+def _row_of_byte() -> np.ndarray:
+    """Row (0-63) whose code sits at byte b of a 64-byte group, so that the two interleaves give rows 0-31 and
+    32-63 in order: word w of the low interleave comes from byte (w // 8) * 16 + w % 8, of the high one from
+    the byte 8 further."""
+    row = np.empty(64, np.int64)
+    for r in range(64):
+        w = r % 32
+        row[(w // 8) * 16 + w % 8 + (8 if r >= 32 else 0)] = r
+    return row
+
+
+ROW_OF_BYTE = _row_of_byte()
+
+
 def _splat(vector_type, value):
     return ir.Constant(vector_type, [ir.Constant(vector_type.element, value)] * vector_type.count)
 
 
-def _vpermi2w(module):
-    """``vpermi2w`` on 512-bit registers: lane i = concat(a, b)[idx[i] & 63] (64 int16 entries)."""
-    name = "llvm.x86.avx512.vpermi2var.hi.512"
+def _vpermi2b(module):
+    """``vpermi2b`` on 512-bit registers: byte i = concat(a, b)[idx[i] & 127] (128 byte entries)."""
+    name = "llvm.x86.avx512.vpermi2var.qi.512"
     fn = module.globals.get(name)
     if fn is None:
-        fn = ir.Function(module, ir.FunctionType(_V_I16, [_V_I16, _V_I16, _V_I16]), name)
+        fn = ir.Function(module, ir.FunctionType(_V_I8, [_V_I8, _V_I8, _V_I8]), name)
     return fn
 
 
-def _lookup32(builder, perm, table, idx):
-    """32 lanes of a 256-entry int16 table (8 registers): 4 permutes, then select by index bits 6 and 7."""
-    quarter = [builder.call(perm, [table[2 * i], idx, table[2 * i + 1]]) for i in range(4)]
-    zero = _splat(_V_I16, 0)
-    bit6 = builder.icmp_unsigned("!=", builder.and_(idx, _splat(_V_I16, 64)), zero)
-    bit7 = builder.icmp_unsigned("!=", builder.and_(idx, _splat(_V_I16, 128)), zero)
-    low = builder.select(bit6, quarter[1], quarter[0])
-    high = builder.select(bit6, quarter[3], quarter[2])
-    return builder.select(bit7, high, low)
+def _lookup64(builder, perm, table, idx):
+    """64 rows' int16 entries of one 256-entry table, as two vectors of 32 words (rows in ROW_OF_BYTE order).
+
+    ``table`` is 8 registers: low bytes of entries 0-127, 128-255, then the high bytes likewise. Each half
+    is 2 byte permutes and a select by index bit 7; the interleave of low and high bytes makes the words.
+    """
+    upper = builder.icmp_signed("<", idx, _splat(_V_I8, 0))  # bit 7: entries 128-255
+    low = builder.select(
+        upper, builder.call(perm, [table[2], idx, table[3]]), builder.call(perm, [table[0], idx, table[1]])
+    )
+    high = builder.select(
+        upper, builder.call(perm, [table[6], idx, table[7]]), builder.call(perm, [table[4], idx, table[5]])
+    )
+    words = []
+    for low_half in (True, False):
+        mask = ir.Constant(ir.VectorType(ir.IntType(32), 64), _interleave(low_half))
+        words.append(builder.bitcast(builder.shuffle_vector(low, high, mask), _V_I16))
+    return words
 
 
 @intrinsic
 def lut_tile(typingctx, table_address, codes_address, out_address, scales_address, table_scale):
     """out[r] += table_scale * scales[r] * sum_p table[p, codes[p, r]] for one tile of 16 positions x 128 rows.
 
-    ``table`` (16, 256) int16, ``codes`` (16, 128) uint8, ``out`` and ``scales`` (128,) float32; unaligned
-    addresses are fine. Each position's table is loaded into 8 registers once and read by 4 x 32 rows;
-    each lookup is one lane of a ``vpermi2w`` (T-MAC's idea with AVX-512's 64-entry word permutes instead
-    of ``pshufb``), so 32 lookups cost about 10 instructions instead of 32 scalar loads and adds. SUM16
+    ``table`` (16 positions x 512 bytes, see ``tq``), ``codes`` (16, 128) uint8 (rows in ROW_OF_BYTE order
+    per 64), ``out`` and ``scales`` (128,) float32; unaligned addresses are fine. Each position's table is
+    loaded into 8 registers once and read by 2 x 64 rows; a lookup is one byte lane of ``vpermi2b`` for
+    its low byte and one for its high byte (T-MAC's idea with AVX-512's 128-entry byte permutes instead of
+    ``pshufb``): 64 lookups cost about 12 instructions instead of 64 scalar loads and adds. SUM16
     positions are summed in int16 lanes (exact: |entry| <= TABLE_MAX), then widened into int32; the
-    tile's exact sums are scaled and added to ``out`` in registers (a store and reload of the sums cost
-    a fifth of the loop).
+    tile's exact sums are scaled and added to ``out`` in registers.
     """
 
     def codegen(context, builder, signature, args):
-        perm = _vpermi2w(builder.module)
-        tables = builder.inttoptr(args[0], _V_I16.as_pointer())
+        perm = _vpermi2b(builder.module)
+        tables = builder.inttoptr(args[0], _V_I8.as_pointer())
         codes = builder.inttoptr(args[1], _V_I8.as_pointer())
         outs = builder.inttoptr(args[2], _V_F32.as_pointer())
         scales = builder.inttoptr(args[3], _V_F32.as_pointer())
-        n_vecs = TILE_ROWS // 32
-        acc = [_splat(_V_I32, 0)] * n_vecs
+        n_groups = TILE_ROWS // 64
+        acc = [_splat(_V_I32, 0)] * (2 * n_groups)  # 32 rows each, in order
         for p0 in range(0, QB, SUM16):
-            acc16 = [_splat(_V_I16, 0)] * n_vecs
+            acc16 = [_splat(_V_I16, 0)] * (2 * n_groups)
             for p in range(p0, min(QB, p0 + SUM16)):
-                table = [builder.load(builder.gep(tables, [ir.Constant(_I64, p * 8 + i)]), align=2) for i in range(8)]
-                for v in range(n_vecs):
-                    code = builder.load(builder.gep(codes, [ir.Constant(_I64, p * n_vecs + v)]), align=1)
-                    acc16[v] = builder.add(acc16[v], _lookup32(builder, perm, table, builder.zext(code, _V_I16)))
-            acc = [builder.add(acc[v], builder.sext(acc16[v], _V_I32)) for v in range(n_vecs)]
-        splat = builder.insert_element(ir.Constant(_V_F32, None), args[4], ir.Constant(ir.IntType(32), 0))
-        table_scale = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(ir.IntType(32), 32), [0] * 32))
-        for v in range(n_vecs):
+                table = [builder.load(builder.gep(tables, [ir.Constant(_I64, p * 8 + i)]), align=1) for i in range(8)]
+                for g in range(n_groups):
+                    idx = builder.load(builder.gep(codes, [ir.Constant(_I64, p * n_groups + g)]), align=1)
+                    first, second = _lookup64(builder, perm, table, idx)
+                    acc16[2 * g] = builder.add(acc16[2 * g], first)
+                    acc16[2 * g + 1] = builder.add(acc16[2 * g + 1], second)
+            acc = [builder.add(a, builder.sext(a16, _V_I32)) for a, a16 in zip(acc, acc16)]
+        one = builder.insert_element(ir.Constant(_V_F32, None), args[4], ir.Constant(ir.IntType(32), 0))
+        table_scale = builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(ir.IntType(32), 32), [0] * 32))
+        for v, total in enumerate(acc):
             out_v = builder.gep(outs, [ir.Constant(_I64, v)])
             scale = builder.fmul(builder.load(builder.gep(scales, [ir.Constant(_I64, v)]), align=4), table_scale)
-            total = builder.fadd(builder.load(out_v, align=4), builder.fmul(builder.sitofp(acc[v], _V_F32), scale))
+            total = builder.fadd(builder.load(out_v, align=4), builder.fmul(builder.sitofp(total, _V_F32), scale))
             builder.store(total, out_v, align=4)
         return context.get_dummy_value()
 
@@ -117,14 +151,19 @@ def max_abs(tf):
 
 @njit(nogil=True, fastmath=FASTMATH, inline="always")
 def quantize_table(tf, tq):
-    """tq = round(tf / s) as int16 with s = max|tf| / TABLE_MAX; returns s (0 for an all-zero table)."""
+    """Round the (16, 256) fp32 tables ``tf`` to integers v = round(tf / s), s = max|tf| / TABLE_MAX, stored
+    in ``tq`` as low bytes then high bytes per position (``tq[p*512 + k]``, ``tq[p*512 + 256 + k]``).
+    Returns s (0 for all-zero tables)."""
     top = max_abs(tf)
     if top == 0.0:
         tq[:] = 0
         return np.float32(0.0)
     inv = np.float32(TABLE_MAX) / top
-    for i in range(tf.size):
-        tq[i] = np.int16(np.floor(tf[i] * inv + np.float32(0.5)))
+    for p in range(QB):
+        for k in range(ENTRIES):
+            v = np.int32(np.floor(tf[p * ENTRIES + k] * inv + np.float32(0.5)))
+            tq[p * 2 * ENTRIES + k] = np.uint8(v & 255)
+            tq[p * 2 * ENTRIES + ENTRIES + k] = np.uint8((v >> 8) & 255)
     return top / np.float32(TABLE_MAX)
 
 
@@ -138,7 +177,7 @@ LUT16_ARGS = 16
 def lut16_job(a):
     """Take chunks of table blocks off the shared counter (as ``cpu_vq_numba.lut_job``), int16 tables.
 
-    Per block and token the 16 fp32 tables are built, then quantized to int16 with one scale; every
+    Per block and token the 16 fp32 tables are built, then rounded to integers with one scale; every
     row tile's exact int32 sums are scaled back and added into the chunk's fp32 accumulator.
     """
     b, n_blk, n_rt, nq = a[T_B], a[T_N_BLK], a[T_N_RT], a[T_NQ]
@@ -149,7 +188,7 @@ def lut16_job(a):
     n_pad = n_rt * TILE_ROWS
     acc = carray(ptr(a[T_ACC]), (n_chunks, b, n_pad), np.float32)
     tf = np.empty(QB * ENTRIES, np.float32)
-    tq = np.empty((b, QB * ENTRIES), np.int16)
+    tq = np.empty((b, TABLES_BYTES), np.uint8)
     table_scale = np.empty(b, np.float32)
     tq_address = tq.ctypes.data
     counter = work_counter(a)

@@ -1,4 +1,4 @@
-"""vqlib.kernels.cpu_lut_avx512: int16 tables read by vpermi2w equal the reference path.
+"""vqlib.kernels.cpu_lut_avx512: integer tables read by vpermi2b equal the reference path.
 
 Tolerance, fp32 inputs, relative to the output's max |value|: 1e-3. Each table entry is rounded to an
 integer in [-8190, 8190] with one scale per token and block of 16 code positions (an error of at most
@@ -107,12 +107,14 @@ def test_tiles_follow_buffer_changes_and_are_never_saved():
 def test_tile_layout_is_position_major():
     layer = random_vq(in_f=80, out_f=130, d=4, m=1)  # 20 positions (2 blocks), 130 rows (2 row tiles)
     p = cpu_lut.prepare(layer)
-    t = cpu_lut_avx512.tiles(p, cpu_lut_avx512.load_numba())
+    m = cpu_lut_avx512.load_numba()
+    t = cpu_lut_avx512.tiles(p, m)
     codes = layer.codes.reshape(130, 20).numpy()
     assert t.shape == (2, 2, 16 * 128)
-    assert np.array_equal(t[0, 0].reshape(16, 128)[:, 5], codes[5, :16])
-    assert np.array_equal(t[1, 1].reshape(16, 128)[:4, 1], codes[129, 16:])
-    assert not t[1, 1].reshape(16, 128)[4:].any() and not t[1, 1].reshape(16, 128)[:, 2:].any()  # zero padding
+    rows = t.reshape(2, 2, 16, 2, 64)[..., np.argsort(m.ROW_OF_BYTE)].reshape(2, 2, 16, 128)  # byte -> row order
+    assert np.array_equal(rows[0, 0, :, 5], codes[5, :16])
+    assert np.array_equal(rows[1, 1, :4, 1], codes[129, 16:])
+    assert not rows[1, 1, 4:].any() and not rows[1, 1, :, 2:].any()  # zero padding
 
 
 @needs_avx512
@@ -124,12 +126,12 @@ def test_env_switch_selects_the_fp32_table_loop(monkeypatch):
 
 
 def test_missing_instruction_set_declines_and_warns_once(monkeypatch):
-    monkeypatch.setattr(cpu_lut_avx512, "_isa_reason", "this CPU (test) lacks avx512bw (vpermi2w)")
+    monkeypatch.setattr(cpu_lut_avx512, "_isa_reason", "this CPU (test) lacks avx512vbmi (vpermi2b)")
     monkeypatch.setattr(cpu_lut_avx512, "_warned", False)
     layer, x = random_vq(), torch.randn(1, 251)
-    with pytest.warns(RuntimeWarning, match="cpu_lut_avx512 cannot run: this CPU .* lacks avx512bw"):
+    with pytest.warns(RuntimeWarning, match="cpu_lut_avx512 cannot run: this CPU .* lacks avx512vbmi"):
         decision = kernels.explain(layer, x)
-    assert decision.path == "cpu_lut" and "lacks avx512bw" in decision.reason
+    assert decision.path == "cpu_lut" and "lacks avx512vbmi" in decision.reason
     with torch.no_grad():
         y = cpu_lut.run(layer, x)
     assert rel_err(y, layer._reference_linear(x)) < 2e-5
@@ -139,8 +141,10 @@ def test_isa_check_follows_numba_target_settings(monkeypatch):
     from numba.core import config
 
     monkeypatch.setattr(config, "CPU_FEATURES", "+avx2,+fma")
-    assert "lacks avx512f, avx512bw" in cpu_lut_avx512._check_isa()
-    monkeypatch.setattr(config, "CPU_FEATURES", "+avx512f,+avx512bw")
+    assert "lacks avx512f, avx512bw, avx512vbmi" in cpu_lut_avx512._check_isa()
+    monkeypatch.setattr(config, "CPU_FEATURES", "+avx512f,+avx512bw")  # Skylake-X: no byte permutes
+    assert "lacks avx512vbmi" in cpu_lut_avx512._check_isa()
+    monkeypatch.setattr(config, "CPU_FEATURES", "+avx512f,+avx512bw,+avx512vbmi")
     assert cpu_lut_avx512._check_isa() == ""
     monkeypatch.setattr(config, "CPU_FEATURES", None)
     monkeypatch.setattr(config, "CPU_NAME", "generic")
