@@ -8,6 +8,10 @@ for cpu_lut.
 """
 
 import itertools
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -149,3 +153,50 @@ def test_isa_check_follows_numba_target_settings(monkeypatch):
     monkeypatch.setattr(config, "CPU_FEATURES", None)
     monkeypatch.setattr(config, "CPU_NAME", "generic")
     assert "features are unknown" in cpu_lut_avx512._check_isa()
+
+
+# Loads the loop module by path inside a stand-in package (numpy + numba only, no torch) and runs the job once on
+# a tiny problem (1 token, 2 positions of d = 2, one tile), printing numba's cache hits and misses for it.
+CACHE_SCRIPT = textwrap.dedent(
+    """
+    import importlib.util, os, sys, types
+    import numpy as np
+    package = sys.modules["loops"] = types.ModuleType("loops")
+    package.__path__ = [os.path.dirname(sys.argv[1])]
+    spec = importlib.util.spec_from_file_location("loops.cpu_vq_avx512_numba", sys.argv[1])
+    m = sys.modules["loops.cpu_vq_avx512_numba"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    x, tiles = np.ones((1, 4), np.float32), np.zeros(m.TILE_BYTES, np.uint8)
+    cbt, qcb = np.ones(2 * 256, np.float32), np.zeros(2, np.int32)
+    scales_t, acc = np.ones((1, m.TILE_ROWS), np.float32), np.zeros((1, 1, m.TILE_ROWS), np.float32)
+    a = np.zeros(m.LUT16_ARGS + 1, np.int64)
+    for field, arr in [(m.T_X, x), (m.T_TILES, tiles), (m.T_CBT, cbt), (m.T_QCB, qcb), (m.T_SCALES_T, scales_t),
+                       (m.T_ACC, acc)]:
+        a[field] = arr.ctypes.data
+    for field, value in [(m.T_B, 1), (m.T_IN_PAD, 4), (m.T_N_BLK, 1), (m.T_N_RT, 1), (m.T_NQ, 2), (m.T_CBT_N, 512),
+                         (m.T_M, 1), (m.T_D, 2), (m.T_SGQ, 2), (m.T_N_CHUNKS, 1)]:
+        a[field] = value
+    m.lut16_job(a)
+    assert abs(acc[0, 0, 0] - 4.0) < 1e-3, acc[0, 0, :4]  # two positions, each 1*1 + 1*1
+    print(sum(m.lut16_job.stats.cache_hits.values()), sum(m.lut16_job.stats.cache_misses.values()))
+    """
+)
+
+
+@needs_avx512
+def test_numba_cache_is_written_then_reused(tmp_path):
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    source = os.path.join(os.path.dirname(kernels.__file__), "cpu_vq_avx512_numba.py")
+
+    def run():
+        return subprocess.run(
+            [sys.executable, "-c", CACHE_SCRIPT, source], env=env, capture_output=True, text=True, timeout=240
+        )
+
+    first = run()
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.split() == ["0", "1"]  # compiled
+    assert list(tmp_path.rglob("*lut16_job*.nbi")), "numba wrote no cache index under NUMBA_CACHE_DIR"
+    second = run()
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.split() == ["1", "0"]  # loaded from the cache, not compiled
