@@ -136,28 +136,36 @@ def lut_tile(typingctx, table_address, codes_address, out_address, scales_addres
 
 
 @njit(nogil=True, inline="always")
-def max_abs(tf):
-    """max |tf| of finite floats, as an integer max over the bit patterns without the sign bit.
+def max_abs_bits(tf):
+    """Bit pattern of max |tf|: an integer max over the patterns without the sign bit.
 
-    (Non-negative floats order like their bit patterns; LLVM vectorizes this integer reduction, and
-    measured 8x faster than the float ``max(top, abs(v))`` loop, which it left scalar.)
+    Non-negative floats order like their bit patterns, and LLVM vectorizes this integer reduction (8x faster
+    than the float ``max(top, abs(v))`` loop, which it left scalar). NaN and inf patterns are the largest,
+    and integers are safe from the fast-math flags, which assume neither occurs.
     """
     bits = tf.view(np.int32)
     top = np.int32(0)
     for i in range(bits.size):
         top = max(top, bits[i] & np.int32(0x7FFFFFFF))
-    return np.array([top], np.int32).view(np.float32)[0]
+    return top
+
+
+@njit(nogil=True, inline="always")
+def _float_of_bits(bits):
+    return np.array([bits], np.int32).view(np.float32)[0]
 
 
 @njit(nogil=True, fastmath=FASTMATH, inline="always")
 def quantize_table(tf, tq):
     """Round the (16, 256) fp32 tables ``tf`` to integers v = round(tf / s), s = max|tf| / TABLE_MAX, stored
     in ``tq`` as low bytes then high bytes per position (``tq[p*512 + k]``, ``tq[p*512 + 256 + k]``).
-    Returns s (0 for all-zero tables)."""
-    top = max_abs(tf)
-    if top == 0.0:
+    Returns s: 0 for all-zero tables, NaN when an entry is inf or NaN (so every output it feeds is NaN,
+    as the reference's would be non-finite, instead of garbage from converting NaN to an integer)."""
+    top_bits = max_abs_bits(tf)
+    if top_bits == 0 or top_bits >= np.int32(0x7F800000):
         tq[:] = 0
-        return np.float32(0.0)
+        return _float_of_bits(np.int32(0) if top_bits == 0 else np.int32(0x7FC00000))
+    top = _float_of_bits(top_bits)
     inv = np.float32(TABLE_MAX) / top
     for p in range(QB):
         for k in range(ENTRIES):

@@ -83,6 +83,18 @@ def test_zero_input_and_outlier_input():
 
 
 @needs_avx512
+def test_non_finite_input_gives_non_finite_outputs():
+    layer = random_vq(in_f=300, out_f=130, d=4, m=1, scales="row", bias=False)
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(2, 300)
+        x[1, 123] = bad  # token 1 only: token 0 must stay exact
+        with torch.no_grad():
+            y, ref = layer(x), layer._reference_linear(x)
+        assert torch.equal(torch.isfinite(y), torch.isfinite(ref)), bad
+        assert rel_err(y[0], ref[0]) < TOL
+
+
+@needs_avx512
 def test_two_threads_equal_one_thread(monkeypatch):
     layer = random_vq(in_f=600, out_f=260, d=4, m=2, scales="group")
     monkeypatch.setattr(cpu_lut, "SERIAL_MAX_CODES", 0)  # split even this small layer
