@@ -253,7 +253,7 @@ def main() -> None:
         cpu_lut_avx512.load_numba()
     print(f"# bench_kernels_cpu ({machine_description()})")
     print(f"numba kernels ready in {time.perf_counter() - start:.1f} s (compile, or load from numba's cache)")
-    print(f"cpu_lut_avx512: {'runs (int16 tables, vpermi2w)' if avx512_missing is None else avx512_missing}")
+    print(f"cpu_lut_avx512: {'runs (16-bit integer tables, vpermi2b)' if avx512_missing is None else avx512_missing}")
     why_not = cpu_threads.openmp_team()
     print("kernel threads: torch's OpenMP team" if why_not is None else f"kernel threads: a Python pool ({why_not})")
     if not args.no_layers:

@@ -181,6 +181,14 @@ T_B, T_IN_PAD, T_N_BLK, T_N_RT, T_NQ, T_CBT_N, T_M, T_D, T_SGQ, T_N_CHUNKS = ran
 LUT16_ARGS = 16
 
 
+@njit(nogil=True, inline="always")
+def _tile_loop(table_address, tiles_address, out_address, scales_address, n_rt, table_scale):
+    """One token's lookups of one block of positions for every row tile (the block's tiles are contiguous)."""
+    for rt in range(n_rt):
+        lut_tile(table_address, tiles_address + rt * TILE_BYTES, out_address + rt * TILE_ROWS * 4,
+                 scales_address + rt * TILE_ROWS * 4, table_scale)  # fmt: skip
+
+
 @njit(nogil=True, fastmath=FASTMATH, cache=True)
 def lut16_job(a):
     """Take chunks of table blocks off the shared counter (as ``cpu_vq_numba.lut_job``), int16 tables.
@@ -211,15 +219,13 @@ def lut16_job(a):
                 fill_table(x[t], cbt, qcb, blk * QB, n_pos, a[T_M], a[T_D], tf)
                 tf[n_pos * ENTRIES :] = 0.0  # padded positions (code 0) add nothing
                 table_scale[t] = quantize_table(tf, tq[t])
-            tile_address = a[T_TILES] + blk * n_rt * TILE_BYTES  # plain addresses: no array views per tile
-            scale_address = a[T_SCALES_T] + (blk * QB // sgq) * n_pad * 4
-            out_address = acc[c].ctypes.data
-            for rt in range(n_rt):
-                for t in range(b):
-                    out_t = out_address + (t * n_pad + rt * TILE_ROWS) * 4
-                    lut_tile(tq_address + t * TABLES_BYTES, tile_address, out_t, scale_address, table_scale[t])
-                tile_address += TILE_BYTES
-                scale_address += TILE_ROWS * 4
+            tiles_address = a[T_TILES] + blk * n_rt * TILE_BYTES  # plain addresses: no array views per tile
+            scales_address = a[T_SCALES_T] + (blk * QB // sgq) * n_pad * 4
+            for t in range(b):  # tokens outside the tile loop: a token loop inside it measured 15% slower
+                out_address = acc[c, t].ctypes.data
+                _tile_loop(
+                    tq_address + t * TABLES_BYTES, tiles_address, out_address, scales_address, n_rt, table_scale[t]
+                )
 
 
 @cfunc(types.void(types.voidptr), cache=True)
