@@ -20,8 +20,8 @@ tests/test_kernels_cpu_avx512.py. ``VQLINEAR_KERNELS=cpu_lut`` forces the fp32-t
 Layout: the codes are re-laid once per layer into tiles of 16 positions x 128 rows, position-major
 with the rows of each 64 in the order the interleave produces (``Prepared.tiles``: as many bytes as the
 codes), so a tile is one 2 KiB sequential read. Everything else (formats covered, threads, chunked
-accumulators summed in chunk order, dequant + BLAS above ``cpu_lut.LUT_MAX_BATCH`` tokens) is
-``cpu_lut``'s.
+accumulators summed in chunk order, dequant + BLAS for prefill) is ``cpu_lut``'s, except that the
+lookups stay faster than dequant + BLAS up to hundreds of tokens (``lut_max_batch``).
 
 The instruction set is checked before anything is compiled: on a CPU (or a numba target set with
 ``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES``) without AVX-512F, BW and VBMI (e.g. Skylake-X and Cascade
@@ -43,6 +43,13 @@ from .cpu_threads import job_args, run_job
 
 NAME = "cpu_lut_avx512"
 REQUIRED_FEATURES = ("avx512f", "avx512bw", "avx512vbmi")
+# Lookups beat dequant + BLAS far above cpu_lut's 16 tokens. Measured (4096x4096, 2 threads, ms per layer, lookups vs
+# dequant + BLAS): d4 1x8 64 tokens 9.3 vs 19.0, 256: 31 vs 55, 1,024: 172 vs 195; d8 2x8 256: 35 vs 60; d4 2x8
+# (twice the lookups per weight) 64: 18 vs 25, 256: 67 vs 56. So the limit scales with d / M (weights per lookup):
+# LUT_TOKENS_PER_LOOKUP_RATIO * d / M tokens (256 for d4 1x8, 128 for d4 2x8), capped at LUT_MAX_TOKENS to bound
+# the per-chunk accumulators (tokens x out fp32 each).
+LUT_TOKENS_PER_LOOKUP_RATIO = 64
+LUT_MAX_TOKENS = 512
 
 _numba_mod = None
 _compile_seconds: float | None = None
@@ -151,7 +158,10 @@ def _lut16(m, p: base.Prepared, xp: Tensor, serial: bool) -> Tensor:
     """(b, out) float32 lookup result on torch's threads (see cpu_vq_avx512_numba.lut16_job)."""
     t = tiles(p, m)
     b, n_out, n_blk, n_pad = xp.shape[0], p.codes.shape[0], t.shape[0], t.shape[1] * m.TILE_ROWS
-    n_chunks = 1 if serial else max(1, min(base.LUT_CHUNKS, n_blk, base.ACC_BYTES // (4 * b * n_pad)))
+    threads = max(1, torch.get_num_threads())
+    # Chunks bound the accumulators' memory (ACC_BYTES), but never below one per thread: at prefill sizes one
+    # chunk would leave the other threads idle (measured: 48 tokens, 2 threads, as slow as 1 thread).
+    n_chunks = 1 if serial else min(n_blk, max(threads, min(base.LUT_CHUNKS, base.ACC_BYTES // (4 * b * n_pad))))
     acc = torch.empty(n_chunks, b, n_pad)  # the job zeroes each chunk's accumulator
     if p.lut16_args is None:
         p.lut16_args = _template(m, p)
@@ -162,12 +172,18 @@ def _lut16(m, p: base.Prepared, xp: Tensor, serial: bool) -> Tensor:
     return out if n_pad == n_out else out[:, :n_out].contiguous()  # callers .view() the output
 
 
+def lut_max_batch(layer) -> int:
+    """Most tokens per call that take the lookup path; more go to dequant + BLAS (see LUT_TOKENS_PER_LOOKUP_RATIO)."""
+    by_format = LUT_TOKENS_PER_LOOKUP_RATIO * layer.vector_dim // layer.num_codebooks
+    return max(base.LUT_MAX_BATCH, min(LUT_MAX_TOKENS, by_format))
+
+
 def run(layer, x: Tensor) -> Tensor:
     mod = load_numba()
     p = base.prepare(layer)
     xp = base.padded_input(layer, x, p.n_vec * p.d)
     b = xp.shape[0]
-    if b > base.LUT_MAX_BATCH:
+    if b > lut_max_batch(layer):
         out = base.blas_linear(base.load_numba(), p, xp)
     else:
         out = _lut16(mod, p, xp, serial=p.codes.size * b < base.SERIAL_MAX_CODES)
@@ -177,4 +193,4 @@ def run(layer, x: Tensor) -> Tensor:
 KERNEL = Kernel(name=NAME, layer_type="VQLinear", device_type="cpu", run=run, supports=supports, priority=20)
 register_kernel(KERNEL)
 
-__all__ = ["KERNEL", "NAME", "compile_seconds", "isa_missing", "load_numba", "run", "supports"]
+__all__ = ["KERNEL", "NAME", "compile_seconds", "isa_missing", "load_numba", "lut_max_batch", "run", "supports"]

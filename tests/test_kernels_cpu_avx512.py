@@ -29,7 +29,7 @@ NAME = cpu_lut_avx512.NAME
 needs_avx512 = pytest.mark.skipif(
     cpu_lut_avx512.isa_missing() is not None, reason=f"{NAME} cannot run here: {cpu_lut_avx512.isa_missing()}"
 )
-BATCHES = (1, 3, 8, 9, cpu_lut.LUT_MAX_BATCH + 1)  # the last one takes the dequant + BLAS path
+BATCHES = (1, 3, 8, 9, 17)  # all on the lookup path (test_prefill_... covers the dequant + BLAS one)
 FORMATS = list(itertools.product((2, 4, 8), (1, 2), ("fp16", "int8"), (None, 128), ("row", "group", "none")))
 FORMATS += [(8, 3, "int8", 128, "row"), (3, 1, "fp16", None, "row")]
 
@@ -51,6 +51,19 @@ def test_matches_reference_fp32(d, m, cb, gs, scales):
             y, ref = layer(x), layer._reference_linear(x)
         assert y.shape == ref.shape and y.dtype == torch.float32
         assert rel_err(y, ref) < TOL, (b, rel_err(y, ref))
+
+
+@needs_avx512
+def test_prefill_above_the_lookup_limit_uses_dequant_blas():
+    layer = random_vq(in_f=300, out_f=301, d=4, m=2, scales="group")
+    limit = cpu_lut_avx512.lut_max_batch(layer)
+    assert limit == 128 and cpu_lut_avx512.lut_max_batch(random_vq(d=4, m=1)) == 256
+    with torch.no_grad():
+        x = torch.randn(limit + 1, 300)
+        assert rel_err(layer(x), layer._reference_linear(x)) < 2e-5  # fp32 dequant + BLAS: no table rounding
+        x = x[:limit]
+        err = rel_err(layer(x), layer._reference_linear(x))
+    assert 2e-5 < err < TOL  # the rounded tables: measurably not the exact path
 
 
 @needs_avx512

@@ -1,6 +1,6 @@
 """vqlib.kernels.cpu_threads: the CPU kernels' jobs run on torch's OpenMP team, or visibly on a pool.
 
-Both kernels are checked with 2 threads against 1 thread: every output is computed by the same
+The kernels (``cpu_lut_avx512`` where the CPU has it, else ``cpu_lut``; ``cpu_scalar``) are checked with 2 threads against 1 thread: every output is computed by the same
 code in the same order whichever thread takes it, so the results are bitwise equal.
 """
 
@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("numba", reason="numba is not installed (a core dependency of vqlib)")
 
-from vqlib.kernels import cpu_lut, cpu_scalar, cpu_threads  # noqa: E402
+from vqlib.kernels import cpu_lut, cpu_lut_avx512, cpu_scalar, cpu_threads  # noqa: E402
 
 from vqlib.compress import VQLinear  # noqa: E402
 from vqlib.compress.scalar import ScalarLinear  # noqa: E402
@@ -21,7 +21,8 @@ def layers_and_inputs():
     vq.codebooks.normal_()
     vq.codes.random_(0, 256)
     scalar = ScalarLinear.from_linear(torch.nn.Linear(300, 101), bits=4, group_size=64)
-    inputs = [torch.randn(b, 300) for b in (1, 3, cpu_lut.LUT_MAX_BATCH + 5)]  # LUT, LUT, dequant + BLAS
+    prefill = max(cpu_lut.LUT_MAX_BATCH, cpu_lut_avx512.lut_max_batch(vq)) + 5  # dequant + BLAS in either kernel
+    inputs = [torch.randn(b, 300) for b in (1, 3, cpu_lut.LUT_MAX_BATCH + 1, prefill)]
     return (vq, scalar), inputs
 
 
