@@ -47,9 +47,10 @@ REQUIRED_FEATURES = ("avx512f", "avx512bw", "avx512vbmi")
 # dequant + BLAS): d4 1x8 64 tokens 9.3 vs 19.0, 256: 31 vs 55, 1,024: 172 vs 195; d8 2x8 256: 35 vs 60; d4 2x8
 # (twice the lookups per weight) 64: 18 vs 25, 256: 67 vs 56. So the limit scales with d / M (weights per lookup):
 # LUT_TOKENS_PER_LOOKUP_RATIO * d / M tokens (256 for d4 1x8, 128 for d4 2x8), capped at LUT_MAX_TOKENS to bound
-# the per-chunk accumulators (tokens x out fp32 each).
+# the per-chunk accumulators (tokens x out fp32 each, at least MIN_CHUNKS of them).
 LUT_TOKENS_PER_LOOKUP_RATIO = 64
-LUT_MAX_TOKENS = 512
+LUT_MAX_TOKENS = 256
+MIN_CHUNKS = 2  # accumulator chunks of a call on the team, whatever its size (see _lut16)
 
 _numba_mod = None
 _compile_seconds: float | None = None
@@ -158,10 +159,11 @@ def _lut16(m, p: base.Prepared, xp: Tensor, serial: bool) -> Tensor:
     """(b, out) float32 lookup result on torch's threads (see cpu_vq_avx512_numba.lut16_job)."""
     t = tiles(p, m)
     b, n_out, n_blk, n_pad = xp.shape[0], p.codes.shape[0], t.shape[0], t.shape[1] * m.TILE_ROWS
-    threads = max(1, torch.get_num_threads())
-    # Chunks bound the accumulators' memory (ACC_BYTES), but never below one per thread: at prefill sizes one
-    # chunk would leave the other threads idle (measured: 48 tokens, 2 threads, as slow as 1 thread).
-    n_chunks = 1 if serial else min(n_blk, max(threads, min(base.LUT_CHUNKS, base.ACC_BYTES // (4 * b * n_pad))))
+    # Chunks bound the accumulators' memory (ACC_BYTES), but never below MIN_CHUNKS: at prefill sizes one chunk
+    # left the second thread idle (measured: 48 tokens, 2 threads, as slow as 1 thread). Not tied to the thread
+    # count, so results stay bitwise the same with 1 or 2 threads.
+    by_memory = base.ACC_BYTES // (4 * b * n_pad)
+    n_chunks = 1 if serial else min(n_blk, max(MIN_CHUNKS, min(base.LUT_CHUNKS, by_memory)))
     acc = torch.empty(n_chunks, b, n_pad)  # the job zeroes each chunk's accumulator
     if p.lut16_args is None:
         p.lut16_args = _template(m, p)

@@ -118,6 +118,13 @@ def test_two_threads_equal_one_thread(monkeypatch):
         two = layer(x)
     assert torch.equal(one, two)  # chunks are summed in a fixed order
     assert rel_err(two, layer._reference_linear(x)) < TOL
+    big = torch.randn(100, 600)  # accumulators over ACC_BYTES: the fewest chunks, still not thread-dependent
+    monkeypatch.setattr(cpu_lut, "ACC_BYTES", 4 * 100 * 384)
+    with torch.no_grad():
+        torch.set_num_threads(1)
+        one = layer(big)
+        torch.set_num_threads(2)
+        assert torch.equal(one, layer(big))
 
 
 @needs_avx512
