@@ -17,6 +17,11 @@ def _layer(**kw):
     return VQLinear(4, 2, **args)
 
 
+def within_kernel_tolerance(y, exact) -> bool:
+    """The CPU kernels' stated tolerance: 1e-3 of max |output| (cpu_lut_avx512 rounds its tables to 14 bits)."""
+    return bool((y - exact).abs().max() <= 1e-3 * exact.abs().max())
+
+
 def test_dequantize_matches_hand_computed_weight():
     layer = _layer(num_codebooks=2)
     # codebooks (G=1, M=2, K=4, d=2)
@@ -34,7 +39,9 @@ def test_dequantize_matches_hand_computed_weight():
     assert torch.equal(layer.dequantize_weight(), expected)
     x = torch.randn(3, 4)
     layer.bias.data.copy_(torch.tensor([0.25, -1.0]))
-    assert torch.allclose(layer(x), F.linear(x, expected, layer.bias), atol=1e-6)
+    exact = F.linear(x, expected, layer.bias)
+    assert torch.allclose(layer._reference_linear(x), exact, atol=1e-6)  # the format's semantics
+    assert within_kernel_tolerance(layer(x), exact)  # whichever kernel dispatch picks
 
 
 def test_groups_int8_codebooks_and_group_scales():
@@ -68,7 +75,8 @@ def test_padding_is_dropped_at_forward_time():
     w = layer.dequantize_weight()
     assert w.shape == (3, 5)
     x = torch.randn(2, 5)
-    assert torch.allclose(layer(x), x @ w.T, atol=1e-6)
+    assert torch.allclose(layer._reference_linear(x), x @ w.T, atol=1e-6)
+    assert within_kernel_tolerance(layer(x), x @ w.T)
     with pytest.raises(ValueError, match="expected 5 input features"):
         layer(torch.randn(2, 8))
 
