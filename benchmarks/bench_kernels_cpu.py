@@ -2,7 +2,7 @@
 ``quantize_dynamic`` and vqlib's reference path; then greedy-decoding tokens/s of a causal LM.
 
 "vqlib" rows run what dispatch picks (the kernel is named in brackets: ``cpu_lut_avx512`` on CPUs with
-AVX-512BW, ``cpu_lut`` elsewhere); where that is ``cpu_lut_avx512``, the default format also runs
+AVX-512 VBMI, ``cpu_lut`` elsewhere); where that is ``cpu_lut_avx512``, the default format also runs
 ``cpu_lut`` (fp32 tables) on the same layers, so both loops are measured side by side.
 
 Decoding protocol: every weight is read once per token, so each method runs a chain of distinct
@@ -196,7 +196,7 @@ def generate_seconds(model, ids: torch.Tensor, new_tokens: int, kernels_env: str
 
 def build_variants(llm: str) -> list[tuple[str, nn.Module, float, str | None]]:
     """(name, model, bits per weight of the compressed linears, VQLINEAR_KERNELS) for fp32, int8 dynamic and
-    vqlib ~2/~3 bits; on AVX-512BW CPUs the ~2-bit model also runs with ``cpu_lut`` (fp32 tables)."""
+    vqlib ~2/~3 bits; on AVX-512 VBMI CPUs the ~2-bit model also runs with ``cpu_lut`` (fp32 tables)."""
     make = smollm2_model if llm == "smollm2" else tiny_model
     built = [("fp32", make(), 32.0, None)]
     int8 = torch.ao.quantization.quantize_dynamic(make(), {nn.Linear}, dtype=torch.qint8)

@@ -171,41 +171,49 @@ def test_scalar_kernel_matches_reference(bits):
             assert rel_err(layer(x), layer._reference_linear(x)) < FP32_TOL
 
 
-# Loads the loop module by path, as part of a stand-in package for its relative import (numpy + numba
-# only: no torch import), and compiles one function.
-CACHE_SCRIPT = textwrap.dedent(
-    """
-    import importlib.util, os, sys, types
-    import numpy as np
-    package = sys.modules["loops"] = types.ModuleType("loops")
-    package.__path__ = [os.path.dirname(sys.argv[1])]
-    spec = importlib.util.spec_from_file_location("loops.cpu_vq_numba", sys.argv[1])
-    m = sys.modules["loops.cpu_vq_numba"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
-    table = np.empty(16 * 256, np.float32)
-    m.fill_table(np.ones(8, np.float32), np.ones(4 * 256, np.float32), np.zeros(2, np.int32), 0, 2, 1, 4, table)
-    print(sum(m.fill_table.stats.cache_hits.values()), sum(m.fill_table.stats.cache_misses.values()))
-    """
-)
+# Loads kernels/<module>.py by path as ``m``, inside a stand-in package for its relative imports (numpy + numba
+# only: no torch import); the caller's body then compiles one function and prints its cache hits and misses.
+LOOP_MODULE_LOADER = """
+import importlib.util, os, sys, types
+import numpy as np
+package = sys.modules["loops"] = types.ModuleType("loops")
+package.__path__ = [os.path.dirname(sys.argv[1])]
+spec = importlib.util.spec_from_file_location("loops.{module}", sys.argv[1])
+m = sys.modules["loops.{module}"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(m)
+"""
 
 
-def test_numba_cache_is_written_then_reused(tmp_path):
+def assert_numba_cache_written_then_reused(tmp_path, module: str, body: str, function: str) -> None:
+    """Run the loader + ``body`` twice with NUMBA_CACHE_DIR=tmp_path: compiled first, loaded from the cache second."""
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
-    source = os.path.join(os.path.dirname(kernels.__file__), "cpu_vq_numba.py")
+    script = LOOP_MODULE_LOADER.format(module=module) + textwrap.dedent(body)
+    source = os.path.join(os.path.dirname(kernels.__file__), f"{module}.py")
 
     def run():
         return subprocess.run(
-            [sys.executable, "-c", CACHE_SCRIPT, source], env=env, capture_output=True, text=True, timeout=240
-        )  # noqa: E731
+            [sys.executable, "-c", script, source], env=env, capture_output=True, text=True, timeout=240
+        )
 
     first = run()
     assert first.returncode == 0, first.stderr
     assert first.stdout.split() == ["0", "1"]  # compiled
-    index_files = list(tmp_path.rglob("*fill_table*.nbi"))
+    index_files = list(tmp_path.rglob(f"*{function}*.nbi"))
     assert index_files, "numba wrote no cache index under NUMBA_CACHE_DIR"
     second = run()
     assert second.returncode == 0, second.stderr
     assert second.stdout.split() == ["1", "0"]  # loaded from the cache, not compiled
+
+
+FILL_TABLE_ONCE = """
+    table = np.empty(16 * 256, np.float32)
+    m.fill_table(np.ones(8, np.float32), np.ones(4 * 256, np.float32), np.zeros(2, np.int32), 0, 2, 1, 4, table)
+    print(sum(m.fill_table.stats.cache_hits.values()), sum(m.fill_table.stats.cache_misses.values()))
+    """
+
+
+def test_numba_cache_is_written_then_reused(tmp_path):
+    assert_numba_cache_written_then_reused(tmp_path, "cpu_vq_numba", FILL_TABLE_ONCE, "fill_table")
 
 
 @pytest.mark.parametrize("kernel", ["cpu_lut", "cpu_lut_avx512"])

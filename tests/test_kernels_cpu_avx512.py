@@ -8,10 +8,6 @@ for cpu_lut.
 """
 
 import itertools
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -19,7 +15,7 @@ import torch
 
 pytest.importorskip("numba", reason="numba is not installed (a core dependency of vqlib)")
 
-from test_kernels_cpu import BF16_TOL, random_vq, rel_err  # noqa: E402
+from test_kernels_cpu import BF16_TOL, assert_numba_cache_written_then_reused, random_vq, rel_err  # noqa: E402
 from vqlib.kernels import cpu_lut, cpu_lut_avx512  # noqa: E402
 
 from vqlib import kernels  # noqa: E402
@@ -187,17 +183,9 @@ def test_isa_check_follows_numba_target_settings(monkeypatch):
     assert "features are unknown" in cpu_lut_avx512._check_isa()
 
 
-# Loads the loop module by path inside a stand-in package (numpy + numba only, no torch) and runs the job once on
-# a tiny problem (1 token, 2 positions of d = 2, one tile), printing numba's cache hits and misses for it.
-CACHE_SCRIPT = textwrap.dedent(
-    """
-    import importlib.util, os, sys, types
-    import numpy as np
-    package = sys.modules["loops"] = types.ModuleType("loops")
-    package.__path__ = [os.path.dirname(sys.argv[1])]
-    spec = importlib.util.spec_from_file_location("loops.cpu_vq_avx512_numba", sys.argv[1])
-    m = sys.modules["loops.cpu_vq_avx512_numba"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
+# Runs the job once on a tiny problem (1 token, 2 positions of d = 2, one tile) in the loop module ``m`` (loaded by
+# test_kernels_cpu's stand-in package, without torch) and prints numba's cache hits and misses for it.
+LUT16_JOB_ONCE = """
     x, tiles = np.ones((1, 4), np.float32), np.zeros(m.TILE_BYTES, np.uint8)
     cbt, qcb = np.ones(2 * 256, np.float32), np.zeros(2, np.int32)
     scales_t, acc = np.ones((1, m.TILE_ROWS), np.float32), np.zeros((1, 1, m.TILE_ROWS), np.float32)
@@ -212,23 +200,8 @@ CACHE_SCRIPT = textwrap.dedent(
     assert abs(acc[0, 0, 0] - 4.0) < 1e-3, acc[0, 0, :4]  # two positions, each 1*1 + 1*1
     print(sum(m.lut16_job.stats.cache_hits.values()), sum(m.lut16_job.stats.cache_misses.values()))
     """
-)
 
 
 @needs_avx512
 def test_numba_cache_is_written_then_reused(tmp_path):
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
-    source = os.path.join(os.path.dirname(kernels.__file__), "cpu_vq_avx512_numba.py")
-
-    def run():
-        return subprocess.run(
-            [sys.executable, "-c", CACHE_SCRIPT, source], env=env, capture_output=True, text=True, timeout=240
-        )
-
-    first = run()
-    assert first.returncode == 0, first.stderr
-    assert first.stdout.split() == ["0", "1"]  # compiled
-    assert list(tmp_path.rglob("*lut16_job*.nbi")), "numba wrote no cache index under NUMBA_CACHE_DIR"
-    second = run()
-    assert second.returncode == 0, second.stderr
-    assert second.stdout.split() == ["1", "0"]  # loaded from the cache, not compiled
+    assert_numba_cache_written_then_reused(tmp_path, "cpu_vq_avx512_numba", LUT16_JOB_ONCE, "lut16_job")
