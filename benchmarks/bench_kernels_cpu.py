@@ -6,7 +6,8 @@ AVX-512 VBMI, ``cpu_lut`` elsewhere); where that is ``cpu_lut_avx512``, the defa
 ``cpu_lut`` (fp32 tables) on the same layers, so both loops are measured side by side.
 
 Decoding protocol: every weight is read once per token, so each method runs a chain of distinct
-layers whose weights together exceed the 32 MiB L3 (CHAIN_BYTES); the time reported is per layer
+layers whose weights together exceed the last-level cache (chain bytes: 1.5x the cache sysfs reports, at least
+48 MiB; a 2-bit 4096x4096 layer is 4 MiB, so a 480 MiB L3 needs a chain of ~180 of them); the time reported is per layer
 (median of REPS passes over the chain). The methods of one shape and batch take turns, one pass each
 per round, so a slow spell of this shared machine (its speed was seen to swing by up to 2x for
 minutes) hits all of them alike instead of one; the end-to-end models take turns the same way. VQ layers are filled with random codes and codebooks (speed
@@ -39,13 +40,13 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import load_average, machine_description, setup_threads  # noqa: E402
+from _common import last_level_cache_bytes, load_average, machine_description, setup_threads  # noqa: E402
 from vqlib.kernels import cpu_lut, cpu_lut_avx512, cpu_threads  # noqa: E402
 
 from vqlib import kernels  # noqa: E402
 from vqlib.compress import VQConfig, VQLinear, compress  # noqa: E402
 
-CHAIN_BYTES = 48 << 20  # > 32 MiB L3
+MIN_CHAIN_BYTES = 48 << 20  # > the 32 MiB L3 of the EPYC hosts; more where the cache is larger (chain_bytes)
 REPS = 5
 SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (4096, 11008), (11008, 4096)]  # (in, out)
 BATCHES = [1, 2, 4, 8, 32, 256]
@@ -56,8 +57,18 @@ FORMATS = {
 }
 
 
-def chain_len(layer_bytes: int, cap: int = 64) -> int:
-    return max(2, min(cap, math.ceil(CHAIN_BYTES / layer_bytes)))
+CHAIN_MIB: int | None = None  # --chain-mib: to see what a chain that fits the cache would (wrongly) report
+
+
+def chain_bytes() -> int:
+    """Bytes of weights one pass over a chain reads: 1.5x the last-level cache, so none of it stays cached."""
+    if CHAIN_MIB is not None:
+        return CHAIN_MIB << 20
+    return max(MIN_CHAIN_BYTES, 3 * (last_level_cache_bytes() or 0) // 2)
+
+
+def chain_len(layer_bytes: int) -> int:
+    return max(2, math.ceil(chain_bytes() / layer_bytes))
 
 
 def time_interleaved(methods: list[tuple]) -> list[float]:
@@ -84,37 +95,51 @@ def random_vq(n_in: int, n_out: int, fmt: dict) -> VQLinear:
     return layer
 
 
-def dense_methods(n_in: int, n_out: int, x: torch.Tensor) -> list[tuple]:
-    """(method, fn, chain, weight bytes) for fp32, bf16 and int8 dynamic."""
-    weights = [torch.randn(n_out, n_in) for _ in range(chain_len(4 * n_in * n_out, cap=24))]
-    bf = [w.to(torch.bfloat16) for w in weights]
-    xb = x.to(torch.bfloat16)
-    q = []
-    for _ in range(chain_len(n_in * n_out, cap=48)):
+def dense_chains(n_in: int, n_out: int) -> dict[str, list]:
+    """Chains of fp32 and bf16 weights and of int8 ``quantize_dynamic`` layers."""
+    int8 = []
+    for _ in range(chain_len(n_in * n_out)):
         lin = nn.Sequential(nn.Linear(n_in, n_out, bias=False))
-        q.append(torch.ao.quantization.quantize_dynamic(lin, {nn.Linear}, dtype=torch.qint8))
+        int8.append(torch.ao.quantization.quantize_dynamic(lin, {nn.Linear}, dtype=torch.qint8))
+    return {
+        "fp32": [torch.randn(n_out, n_in) for _ in range(chain_len(4 * n_in * n_out))],
+        "bf16": [torch.randn(n_out, n_in, dtype=torch.bfloat16) for _ in range(chain_len(2 * n_in * n_out))],
+        "int8": int8,
+    }
+
+
+def dense_methods(chains: dict[str, list], x: torch.Tensor) -> list[tuple]:
+    """(method, fn, chain, weight bytes) for fp32, bf16 and int8 dynamic."""
+    n_out, n_in = chains["fp32"][0].shape
+    xb = x.to(torch.bfloat16)
     return [
-        ("dense fp32", lambda w: F.linear(x, w), weights, 4 * n_in * n_out),
-        ("dense bf16", lambda w: F.linear(xb, w), bf, 2 * n_in * n_out),
-        ("int8 dynamic", lambda m: m(x), q, n_in * n_out + 4 * n_out),
+        ("dense fp32", lambda w: F.linear(x, w), chains["fp32"], 4 * n_in * n_out),
+        ("dense bf16", lambda w: F.linear(xb, w), chains["bf16"], 2 * n_in * n_out),
+        ("int8 dynamic", lambda m: m(x), chains["int8"], n_in * n_out + 4 * n_out),
     ]
 
 
-def vq_methods(n_in: int, n_out: int, x: torch.Tensor, fmt_names: list[str], reference_ok: bool) -> list[tuple]:
-    methods = []
+def vq_chains(n_in: int, n_out: int, fmt_names: list[str]) -> list[tuple]:
+    """(format name, chain, stored bytes of one layer) for each format."""
+    chains = []
     for name in fmt_names:
         probe = random_vq(n_in, n_out, FORMATS[name])
         layers = [probe] + [random_vq(n_in, n_out, FORMATS[name]) for _ in range(chain_len(probe.storage_bytes()) - 1)]
-        path = kernels.explain(probe, x).path
-        assert path.startswith("cpu_lut"), kernels.explain(probe, x).reason
-        methods.append((f"vqlib {name} [{path}]", lambda layer: layer(x), layers, probe.storage_bytes()))
-        if path == cpu_lut_avx512.NAME and name == fmt_names[0]:
-            methods.append(
-                (f"vqlib {name} [cpu_lut]", lambda layer: cpu_lut.run(layer, x), layers, probe.storage_bytes())
-            )
-        if reference_ok and name == fmt_names[0]:
-            ref = (f"reference {name}", lambda layer: layer._reference_linear(x), layers[:2], probe.storage_bytes())
-            methods.append(ref)
+        chains.append((name, layers, probe.storage_bytes()))
+    return chains
+
+
+def vq_methods(chains: list[tuple], x: torch.Tensor, reference_ok: bool) -> list[tuple]:
+    """What dispatch runs on each format's chain (plus cpu_lut and the reference path on the default format)."""
+    methods = []
+    for i, (name, layers, nbytes) in enumerate(chains):
+        path = kernels.explain(layers[0], x).path
+        assert path.startswith("cpu_lut"), kernels.explain(layers[0], x).reason
+        methods.append((f"vqlib {name} [{path}]", lambda layer: layer(x), layers, nbytes))
+        if path == cpu_lut_avx512.NAME and i == 0:
+            methods.append((f"vqlib {name} [cpu_lut]", lambda layer: cpu_lut.run(layer, x), layers, nbytes))
+        if reference_ok and i == 0:
+            methods.append((f"reference {name}", lambda layer: layer._reference_linear(x), layers[:2], nbytes))
     return methods
 
 
@@ -122,17 +147,19 @@ def layer_table(args) -> None:
     shapes = [(4096, 4096), (576, 1536)] if args.quick else SHAPES
     batches = [1, 8] if args.quick else BATCHES
     fmt_names = ["d4 1x8 g128"] if args.quick else list(FORMATS)
+    print(f"layer chains: each method's chain holds >= {chain_bytes() / 2**20:.0f} MiB of weights")
     for threads in args.threads:
         setup_threads(threads)
         print(f"\n## Layers, {threads} thread(s), load average {load_average():.2f}")
         print("| shape (in x out) | batch | method | ms/layer | x fp32 | x int8 | GB/s |")
         print("|---|---|---|---|---|---|---|")
         for n_in, n_out in shapes:
+            dense, vq = dense_chains(n_in, n_out), vq_chains(n_in, n_out, fmt_names)
             for batch in batches:
                 reference_ok = batch <= 8 and (n_in * n_out <= 1 << 22 or batch == 1)
                 x = torch.randn(batch, n_in)
+                methods = dense_methods(dense, x) + vq_methods(vq, x, reference_ok)
                 with torch.no_grad():
-                    methods = dense_methods(n_in, n_out, x) + vq_methods(n_in, n_out, x, fmt_names, reference_ok)
                     seconds = time_interleaved(methods)
                 fp32, int8 = seconds[0], seconds[2]
                 for (method, _, _, nbytes), sec in zip(methods, seconds):
@@ -141,7 +168,7 @@ def layer_table(args) -> None:
                         f"{int8 / sec:.2f} | {nbytes / sec / 1e9:.1f} |",
                         flush=True,
                     )
-                del methods
+            del dense, vq
 
 
 def smollm2_model():
@@ -216,6 +243,12 @@ def build_variants(llm: str) -> list[tuple[str, nn.Module, float, str | None]]:
 def end_to_end(args) -> None:
     new_tokens = 16 if args.quick else args.new_tokens
     variants = build_variants(args.llm)
+    fp32_bytes = sum(t.nbytes for t in variants[0][1].state_dict().values())
+    llc = last_level_cache_bytes()
+    print(
+        f"\nfp32 model: {fp32_bytes / 2**20:.0f} MiB of weights; last-level cache: "
+        f"{'unknown' if llc is None else f'{llc / 2**20:.0f} MiB'} (a model smaller than the cache decodes from it)"
+    )
     ids = torch.randint(10, 1000, (1, 16))
     for threads in args.threads:
         setup_threads(threads)
@@ -243,7 +276,10 @@ def main() -> None:
     parser.add_argument("--llm", choices=["smollm2", "tiny", "none"], default="smollm2")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--no-layers", action="store_true", help="end to end only")
+    parser.add_argument("--chain-mib", type=int, help="weights per chain (default: 1.5x the last-level cache)")
     args = parser.parse_args()
+    global CHAIN_MIB
+    CHAIN_MIB = args.chain_mib
     if args.quick and args.llm == "smollm2":
         args.llm = "tiny"
     start = time.perf_counter()
