@@ -21,7 +21,8 @@ Layout: the codes are re-laid once per layer into tiles of 16 positions x 128 ro
 with the rows of each 64 in the order the interleave produces (``Prepared.tiles``: as many bytes as the
 codes), so a tile is one 2 KiB sequential read. Everything else (formats covered, threads, chunked
 accumulators summed in chunk order, dequant + BLAS for prefill) is ``cpu_lut``'s, except that the
-lookups stay faster than dequant + BLAS up to hundreds of tokens (``lut_max_batch``).
+lookups can stay faster than dequant + BLAS up to hundreds of tokens: how far depends on the CPU, so
+``lut_max_batch`` asks a cost model measured on this CPU (``cpu_crossover``).
 
 The instruction set is checked before anything is compiled: on a CPU (or a numba target set with
 ``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES``) without AVX-512F, BW and VBMI (e.g. Skylake-X and Cascade
@@ -37,18 +38,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import Kernel, register_kernel
+from . import Kernel, cpu_crossover, register_kernel
 from . import cpu_lut as base
 from .cpu_threads import job_args, run_job
 
 NAME = "cpu_lut_avx512"
 REQUIRED_FEATURES = ("avx512f", "avx512bw", "avx512vbmi")
-# Lookups beat dequant + BLAS far above cpu_lut's 16 tokens. Measured (4096x4096, 2 threads, ms per layer, lookups vs
-# dequant + BLAS): d4 1x8 64 tokens 9.3 vs 19.0, 256: 31 vs 55, 1,024: 172 vs 195; d8 2x8 256: 35 vs 60; d4 2x8
-# (twice the lookups per weight) 64: 18 vs 25, 256: 67 vs 56. So the limit scales with d / M (weights per lookup):
-# LUT_TOKENS_PER_LOOKUP_RATIO * d / M tokens (256 for d4 1x8, 128 for d4 2x8), capped at LUT_MAX_TOKENS to bound
-# the per-chunk accumulators (tokens x out fp32 each, at least MIN_CHUNKS of them).
-LUT_TOKENS_PER_LOOKUP_RATIO = 64
+# The lookups beat dequant + BLAS far above cpu_lut's 16 tokens on some CPUs and not on others: the limit comes from
+# a cost model measured on this CPU (cpu_crossover), capped at LUT_MAX_TOKENS to bound the per-chunk accumulators
+# (tokens x out fp32 each, at least MIN_CHUNKS of them).
 LUT_MAX_TOKENS = 256
 MIN_CHUNKS = 2  # accumulator chunks of a call on the team, whatever its size (see _lut16)
 
@@ -175,9 +173,25 @@ def _lut16(m, p: base.Prepared, xp: Tensor, serial: bool) -> Tensor:
 
 
 def lut_max_batch(layer) -> int:
-    """Most tokens per call that take the lookup path; more go to dequant + BLAS (see LUT_TOKENS_PER_LOOKUP_RATIO)."""
-    by_format = LUT_TOKENS_PER_LOOKUP_RATIO * layer.vector_dim // layer.num_codebooks
-    return max(base.LUT_MAX_BATCH, min(LUT_MAX_TOKENS, by_format))
+    """Most tokens per call that take the lookup path; more go to dequant + BLAS (see cpu_crossover).
+
+    The first call measures this CPU (about 50 ms, once per process); VQLIB_CPU_LUT_MAX_TOKENS pins it."""
+    pinned = cpu_crossover.pinned_max_tokens(LUT_MAX_TOKENS)
+    if pinned is not None:
+        return pinned
+    costs = cpu_crossover.host_costs(_lookups, _dequant_blas)
+    return costs.lut_max_tokens(layer.in_features, layer.out_features, layer.vector_dim, layer.num_codebooks,
+                                cap=LUT_MAX_TOKENS)  # fmt: skip
+
+
+def _lookups(layer, x: Tensor) -> Tensor:
+    p = base.prepare(layer)
+    return _lut16(load_numba(), p, base.padded_input(layer, x, p.n_vec * p.d), serial=False)
+
+
+def _dequant_blas(layer, x: Tensor) -> Tensor:
+    p = base.prepare(layer)
+    return base.blas_linear(base.load_numba(), p, base.padded_input(layer, x, p.n_vec * p.d))
 
 
 def run(layer, x: Tensor) -> Tensor:
@@ -185,7 +199,7 @@ def run(layer, x: Tensor) -> Tensor:
     p = base.prepare(layer)
     xp = base.padded_input(layer, x, p.n_vec * p.d)
     b = xp.shape[0]
-    if b > lut_max_batch(layer):
+    if b > 1 and b > lut_max_batch(layer):  # one token always looks up (decoding: memory-bound)
         out = base.blas_linear(base.load_numba(), p, xp)
     else:
         out = _lut16(mod, p, xp, serial=p.codes.size * b < base.SERIAL_MAX_CODES)
