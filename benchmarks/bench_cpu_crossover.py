@@ -23,20 +23,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_description, setup_threads  # noqa: E402
+from bench_kernels_cpu import random_vq  # noqa: E402
 from vqlib.kernels import cpu_lut, cpu_lut_avx512  # noqa: E402
-
-from vqlib.compress import VQLinear  # noqa: E402
 
 CHAIN = 4
 REPS = 5
-
-
-def random_vq(n_in: int, n_out: int, d: int, m: int) -> VQLinear:
-    layer = VQLinear(n_in, n_out, vector_dim=d, num_codebooks=m, group_size=128, codebook_dtype="int8", bias=False)
-    layer.codebooks.random_(-127, 128)
-    layer.codebook_scales.uniform_(0.001, 0.01)
-    layer.codes.random_(0, 256)
-    return layer
 
 
 def median_ms(fns: list) -> list[float]:
@@ -54,7 +45,7 @@ def median_ms(fns: list) -> list[float]:
 
 
 def row(n_in: int, n_out: int, d: int, m: int, tokens: list[int]) -> str:
-    layers = [random_vq(n_in, n_out, d, m) for _ in range(CHAIN)]
+    layers = [random_vq(n_in, n_out, dict(vector_dim=d, num_codebooks=m)) for _ in range(CHAIN)]
     dense = [torch.randn(n_out, n_in) for _ in range(CHAIN)]
     cells = []
     for b in tokens:

@@ -13,7 +13,7 @@ Both paths are linear in the number of tokens ``b`` (docs/kernels.md):
 
 with ``lookups = out * n_vec * M`` (one per code and token) and ``table_macs = in * M * 256`` (each table
 entry is a d-long dot product). ``measure()`` times both paths on three small synthetic layers at two token
-counts each (the differences cancel the per-call cost) and solves for the four constants: about 50 ms, once per
+counts each (the differences cancel the per-call cost) and solves for the four constants: about 75 ms, once per
 process. The limit is rounded down to a power of two so that timing noise rarely moves it.
 ``VQLIB_CPU_LUT_MAX_TOKENS=N`` pins it on every host (reproducible runs, debugging).
 """
@@ -36,7 +36,7 @@ REPS = 5  # fastest of REPS timings: the machine is shared, noise only adds time
 
 @dataclass(frozen=True)
 class HostCosts:
-    """Nanoseconds per unit of work on this CPU, at one thread count."""
+    """Nanoseconds per unit of work on this CPU, at the thread count of the measurement."""
 
     lookup_ns: float  # one table lookup (per code and token)
     table_ns: float  # one multiply-add building the tables (per token)

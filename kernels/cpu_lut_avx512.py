@@ -175,7 +175,7 @@ def _lut16(m, p: base.Prepared, xp: Tensor, serial: bool) -> Tensor:
 def lut_max_batch(layer) -> int:
     """Most tokens per call that take the lookup path; more go to dequant + BLAS (see cpu_crossover).
 
-    The first call measures this CPU (about 50 ms, once per process); VQLIB_CPU_LUT_MAX_TOKENS pins it."""
+    The first call measures this CPU (about 75 ms, once per process); VQLIB_CPU_LUT_MAX_TOKENS pins it."""
     pinned = cpu_crossover.pinned_max_tokens(LUT_MAX_TOKENS)
     if pinned is not None:
         return pinned
