@@ -8,7 +8,9 @@ activation dtype, three methods are timed:
   ``gemm`` on tensor cores above), measured at every batch so the crossover can be read off;
 - ``dequant``: the decode kernel into a dense weight, then cuBLAS.
 
-``auto`` is what ``vqlib.kernels`` picks (fused below ``DEQUANT_MATMUL_MIN_BATCH``, dequant from it).
+``auto`` is what ``vqlib.kernels`` picks: the path its own measurement found fastest for this shape, format,
+dtype and batch (``triton_crossover``); ``auto_vs_best`` (time of auto / the faster of fused and dequant
+here) shows whether that choice holds under this script's protocol.
 Every method runs inside a CUDA graph that calls it once on each of ``copies`` distinct weights,
 with enough copies to exceed twice the L2 cache (a cold L2 on every call, as in a real model),
 timed with CUDA events over several replays. Effective bandwidth counts the stored bytes of the
@@ -161,6 +163,7 @@ def copy_bandwidth(reps: int = 10) -> float:
 
 def measure_group(shape: str, fmt: str, dtype_name: str, batches: list[int], l2: int, reps: int) -> list[dict]:
     """All batches of one (shape, format, dtype): the weights are built once."""
+    from vqlib.kernels import explain
     from vqlib.kernels import triton_vq as tv
 
     in_f, out_f = Config(shape, 1, fmt, dtype_name).in_out
@@ -179,8 +182,11 @@ def measure_group(shape: str, fmt: str, dtype_name: str, batches: list[int], l2:
         t_dense = time_graph([(lambda w=w: torch.matmul(x, w.t())) for w in dense], reps)
         t_fused = time_graph([op(layer, fused_path) for layer in layers], reps)
         t_deq = time_graph([op(layer, "dequant_matmul") for layer in layers], reps)
-        auto = "fused" if batch < tv.DEQUANT_MATMUL_MIN_BATCH else "dequant"
-        t_auto = t_fused if auto == "fused" else t_deq
+        with torch.no_grad():  # what the dispatch runs (its first call here times the paths: triton_crossover)
+            decision = explain(layers[0], x)
+        auto = decision.path.removeprefix("triton_vq_")
+        timed = {fused_path: t_fused, "dequant_matmul": t_deq}
+        t_auto = timed[auto] if auto in timed else time_graph([op(layer, auto) for layer in layers], reps)
         rows.append(
             dict(
                 shape=shape,
@@ -196,7 +202,9 @@ def measure_group(shape: str, fmt: str, dtype_name: str, batches: list[int], l2:
                 t_fused_us=t_fused * 1e6,
                 t_dequant_us=t_deq * 1e6,
                 auto=auto,
+                auto_reason=decision.reason,
                 t_auto_us=t_auto * 1e6,
+                auto_vs_best=t_auto / min(t_fused, t_deq),
                 speedup_auto=t_dense / t_auto,
                 speedup_fused=t_dense / t_fused,
                 speedup_dequant=t_dense / t_deq,
@@ -204,7 +212,8 @@ def measure_group(shape: str, fmt: str, dtype_name: str, batches: list[int], l2:
                 gbps_dense=db / t_dense / 1e9,
             )
         )
-        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
+        line = {k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items() if k != "auto_reason"}
+        print(json.dumps(line), flush=True)
     del layers, dense
     torch.cuda.empty_cache()
     return rows
@@ -420,6 +429,12 @@ def main(argv=None) -> int:
         f"not run (time budget): {skipped or 'none'}"
     )
     print("measured crossover (decode-then-cuBLAS faster from batch):", json.dumps(result["measured_crossover"]))
+    off = [r for r in rows if r["auto_vs_best"] > 1.05]
+    print(f"dispatch's measured choice within 5% of the faster path here: {len(rows) - len(off)} of {len(rows)} rows")
+    for r in off:
+        print(
+            f"  {r['shape']} {r['fmt']} {r['dtype']} batch {r['batch']}: {r['auto']} {r['auto_vs_best']:.2f}x the best"
+        )
     for t in result["targets"]:
         print(
             f"  {'MET ' if t['met'] else 'MISS'} {t['target']:<32} {t['shape']:>11} {t['fmt']:>7} {t['dtype']}: {t['value']}"

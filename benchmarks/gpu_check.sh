@@ -20,7 +20,7 @@ PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python 
 } >"$OUT_DIR/env.txt" 2>&1
 cat "$OUT_DIR/env.txt"
 
-timeout 270 "$PY" -m pytest tests/test_kernels_triton.py -m gpu -q -p no:cacheprovider \
+timeout 270 "$PY" -m pytest tests/test_kernels_triton.py tests/test_kernels_triton_crossover.py -m gpu -q -p no:cacheprovider \
   --junitxml="$OUT_DIR/gpu_tests.xml" 2>&1 | tee "$OUT_DIR/gpu_tests.txt"
 tests_rc=${PIPESTATUS[0]}
 

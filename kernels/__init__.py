@@ -217,13 +217,26 @@ def linear(layer: nn.Module, x: Tensor) -> Tensor:
         try:
             return decision.kernel.run(layer, x)
         except KernelBuildError as exc:
-            _BROKEN[decision.kernel.name] = str(exc)  # changes every memo key: the next loop re-decides
-            warnings.warn(
-                f"vqlib.kernels: kernel {decision.kernel.name!r} failed to build and is disabled for this process "
-                f"({exc}); falling back to the next kernel or the reference path",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            mark_broken(decision.kernel.name, exc)  # changes every memo key: the next loop re-decides
+
+
+def mark_broken(name: str, exc: BaseException) -> None:
+    """Disable kernel ``name`` for the rest of the process, with one loud warning naming the fallback."""
+    _BROKEN[name] = str(exc)
+    warnings.warn(
+        f"vqlib.kernels: kernel {name!r} failed to build and is disabled for this process "
+        f"({exc}); falling back to the next kernel or the reference path",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def kernel_name_usable(name: str) -> bool:
+    """Whether kernel ``name`` may be chosen now: registered, not broken, allowed by VQLINEAR_KERNELS."""
+    mode, allowed = _env_choice()
+    if mode == REFERENCE or name in _BROKEN or (allowed is not None and name not in allowed):
+        return False
+    return any(k.name == name for k in _KERNELS)
 
 
 def reset_dispatch_log() -> None:

@@ -1,24 +1,24 @@
 """Triton kernels for ``VQLinear`` (and ``FusedVQLinear``) on CUDA, in the ``vqlib.kernels`` registry.
 
 Importing this module never fails: without triton or without a CUDA device it registers nothing
-and ``unavailable_reason()`` says why. With both, it registers three kernels per layer type; the
-registry takes the highest priority one whose ``supports`` answers None, so the path is chosen by
-the number of tokens (rows of ``x``), and ``vqlib.kernels.explain(layer, x)`` names it:
+and ``unavailable_reason()`` says why. With both, it registers three kernels per layer type, and
+``vqlib.kernels.explain(layer, x)`` names the one a call takes and why the others declined:
 
-=========================  =====================================  ==========================
-kernel (priority)          runs                                   when
-=========================  =====================================  ==========================
-``triton_vq_gemv`` (30)    CUDA cores, all rows in one program,   tokens <= GEMV_MAX_BATCH
-                           split-K
-``triton_vq_gemm`` (20)    decoded tiles x activations on tensor  tokens < DEQUANT_MATMUL_MIN_BATCH
-                           cores (``tl.dot``), split-K
-``triton_vq_dequant_matmul``  decode kernel -> dense weight in x's  tokens >= DEQUANT_MATMUL_MIN_BATCH
-(10)                       dtype, then cuBLAS                     (or the others unavailable)
-=========================  =====================================  ==========================
+=============================  ============================================  =========================
+kernel (priority)              runs                                          tokens (rows of ``x``)
+=============================  ============================================  =========================
+``triton_vq_gemv`` (30)        CUDA cores, all rows in one program, split-K  1..GEMV_MAX_BATCH
+``triton_vq_gemm`` (20)        decoded tiles x activations on tensor cores   any
+                               (``tl.dot``), split-K
+``triton_vq_dequant_matmul``   decode kernel -> dense weight in x's dtype,   any
+(10)                           then cuBLAS
+=============================  ============================================  =========================
 
-The crossover ``DEQUANT_MATMUL_MIN_BATCH`` is a default until measured on a GPU:
-``benchmarks/bench_kernels_gpu.py`` reports, per shape and format, the smallest batch where
-decode-then-cuBLAS beats the fused tensor-core kernel; set the constant from that.
+Among the paths built for a call's token count, the fastest on this device runs: measured at the first eager
+call per (layer shape, format, dtype, tokens rounded up to a power of two) by ``triton_crossover``. Where
+nothing can be measured (torch.compile tracing or CUDA-graph capture before any eager call, the interpreter,
+``VQLIB_TRITON_TUNING=off``) the default rule applies: GEMV up to GEMV_MAX_BATCH tokens, decode-then-cuBLAS
+from DEQUANT_MATMUL_MIN_BATCH, the tensor-core kernel between; the reason names the rule.
 Split-K reductions are two-stage (fp32 partials, then a fixed-order sum kernel): deterministic,
 no atomics, no zero-initialisation, CUDA-graph safe.
 """
@@ -32,12 +32,12 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from . import Kernel, register_kernel
+from . import Kernel, register_kernel, triton_crossover
 
 logger = logging.getLogger("vqlib.kernels")
 
-GEMV_MAX_BATCH = 4
-DEQUANT_MATMUL_MIN_BATCH = 256  # default crossover (tokens); measured per GPU by the benchmark
+GEMV_MAX_BATCH = 4  # most tokens the GEMV is built for (it holds every token row of a program in registers)
+DEQUANT_MATMUL_MIN_BATCH = 256  # default crossover (tokens), used where nothing was measured (triton_crossover)
 MAX_VECTOR_DIM = 64  # VQConfig's limit; every valid format is covered
 _INT32 = 2**31 - 1
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -76,21 +76,35 @@ def format_reason(layer: nn.Module, x: Tensor) -> str | None:
     return None
 
 
-def _gemv_supports(layer: nn.Module, x: Tensor) -> str | None:
-    why = format_reason(layer, x)
-    if why is None and tokens(x) > GEMV_MAX_BATCH:
-        why = f"{tokens(x)} tokens above the CUDA-core GEMV limit GEMV_MAX_BATCH={GEMV_MAX_BATCH}"
-    return why
+def kernel_name(path: str, layer: nn.Module) -> str:
+    """Registry name of ``path``'s kernel for this layer type."""
+    return f"triton_vq_{path}" + ("" if type(layer).__name__ == "VQLinear" else "_fused")
 
 
-def _gemm_supports(layer: nn.Module, x: Tensor) -> str | None:
+def path_reason(path: str, layer: nn.Module, x: Tensor) -> str | None:
+    """Why ``path`` does not run this call (None: it does): the format, its token limit, or a faster usable path
+    (measured on this device per shape, format, dtype and token bucket; see ``triton_crossover``)."""
     why = format_reason(layer, x)
-    if why is None and tokens(x) >= DEQUANT_MATMUL_MIN_BATCH:
-        why = (
-            f"{tokens(x)} tokens at or above the decode-then-cuBLAS crossover "
-            f"DEQUANT_MATMUL_MIN_BATCH={DEQUANT_MATMUL_MIN_BATCH}"
-        )
-    return why
+    if why is not None:
+        return why
+    n = tokens(x)
+    if path == "gemv" and n > GEMV_MAX_BATCH:
+        return f"{n} tokens above the CUDA-core GEMV limit GEMV_MAX_BATCH={GEMV_MAX_BATCH}"
+    from vqlib.kernels import kernel_name_usable
+
+    ranked = triton_crossover.ranking(layer, x, n)
+    for faster in ranked.paths[: ranked.paths.index(path)] if path in ranked.paths else ():
+        if kernel_name_usable(kernel_name(faster, layer)):
+            return ranked.why_not(path, faster, n)
+    return None
+
+
+def _supports(path: str):
+    def supports(layer: nn.Module, x: Tensor) -> str | None:
+        return path_reason(path, layer, x)
+
+    supports.__name__ = f"{path}_supports"
+    return supports
 
 
 def op_args(layer: nn.Module) -> tuple:
@@ -120,12 +134,10 @@ def _runner(path: str):
 def kernel_entries(device_type: str = "cuda", layer_type: str = "VQLinear") -> list[Kernel]:
     """The three registry entries (tests build ``device_type="cpu"`` ones to drive the interpreter)."""
     suffix = "" if layer_type == "VQLinear" else "_fused"
+    priorities = {"gemv": 30, "gemm": 20, "dequant_matmul": 10}  # the measured ranking decides; see path_reason
     return [
-        Kernel(f"triton_vq_gemv{suffix}", layer_type, device_type, _runner("gemv"), _gemv_supports, 30),
-        Kernel(f"triton_vq_gemm{suffix}", layer_type, device_type, _runner("gemm"), _gemm_supports, 20),
-        Kernel(
-            f"triton_vq_dequant_matmul{suffix}", layer_type, device_type, _runner("dequant_matmul"), format_reason, 10
-        ),
+        Kernel(f"triton_vq_{path}{suffix}", layer_type, device_type, _runner(path), _supports(path), priority)
+        for path, priority in priorities.items()
     ]
 
 

@@ -188,8 +188,9 @@ def test_dispatch_by_tokens_is_explained(cpu_registry, monkeypatch):
         256: "triton_vq_dequant_matmul",
         1024: "triton_vq_dequant_matmul",
     }
-    assert "GEMV_MAX_BATCH=4" in tv._gemv_supports(layer, torch.randn(5, layer.in_features))
-    assert "DEQUANT_MATMUL_MIN_BATCH=256" in tv._gemm_supports(layer, torch.randn(256, layer.in_features))
+    assert "GEMV_MAX_BATCH=4" in tv.path_reason("gemv", layer, torch.randn(5, layer.in_features))
+    why = tv.path_reason("gemm", layer, torch.randn(256, layer.in_features))
+    assert "DEQUANT_MATMUL_MIN_BATCH=256" in why and "default rule, not measured: cpu tensors run the Triton" in why
     decision = kernels.explain(layer, torch.randn(2, layer.in_features, dtype=torch.float64))
     assert decision.path == "reference" and "input dtype torch.float64 not covered" in decision.reason
     layer.cache_dequantized_weight(torch.float32)  # the user's explicit dense cache wins
@@ -345,7 +346,8 @@ EXPECTED_PATH = {
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("name,dtype", GPU_CASES, ids=[f"{n}-{str(d)[6:]}" for n, d in GPU_CASES])
-def test_gpu_matches_reference(name, dtype):
+def test_gpu_matches_reference(name, dtype, monkeypatch):
+    monkeypatch.setenv("VQLIB_TRITON_TUNING", "off")  # the default rule sends each batch to a known path
     layer = make_layer(name, device="cuda")
     for batch, path in EXPECTED_PATH.items():
         x = torch.randn(batch, layer.in_features, device="cuda").to(dtype)

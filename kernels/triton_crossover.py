@@ -1,0 +1,210 @@
+"""Which Triton path runs a ``VQLinear`` call on this GPU: measured once per layer shape, format, dtype and
+number of tokens (rounded up to a power of two), like Triton's autotuner.
+
+Why measured: where the fused kernels stop paying moves with the GPU (SM count, tensor-core and cuBLAS
+speed) and with the shape. On CPUs the same crossover moved more than 10x between two hosts
+(``cpu_crossover``), and a constant tuned on one made prefill 2-7x slower than dequant + BLAS on the other.
+The issue's bound (never slower than 1.1x the fp16 original at 1,024 tokens) cannot rest on a guess.
+
+How: the first eager call of a (device, activation dtype, layer type, out, in, format, token bucket) times
+each path that can run it (``gemv`` up to GEMV_MAX_BATCH tokens, ``gemm``, ``dequant_matmul``) on a random
+input of ``bucket`` tokens: one untimed call (compiles the kernel), then REPS calls, each after writing
+twice the L2 (at least FLUSH_MIN_BYTES) so the layer's compressed bytes are read from memory as in decoding (a 2-bit layer fits in a 50 MB
+L2), timed with CUDA events; the median wins. A few ms per key, once per process; layers of one shape and
+format share it. ``vqlib.kernels.explain`` prints the times.
+
+Not measured, and the default rule applies (GEMV_MAX_BATCH, DEQUANT_MATMUL_MIN_BATCH; the reason says so):
+inside torch.compile tracing or CUDA-graph capture (nothing can be timed there: call ``tune(model, tokens)``
+eagerly first), on non-CUDA tensors (the Triton interpreter), and with ``VQLIB_TRITON_TUNING=off``.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+ENV_TUNING = "VQLIB_TRITON_TUNING"  # "measure" (default) or "off" (default rule only)
+PATHS = ("gemv", "gemm", "dequant_matmul")
+MAX_BUCKET = 2048  # more tokens are timed at this many (the ranking no longer changes there, and memory stays bounded)
+REPS = 5
+FLUSH_MIN_BYTES = 64 << 20  # written between timed calls: at least this and twice the device's L2 (H200: 60 MB)
+MEASURED_DEVICE_TYPES = ("cuda",)  # tests add "cpu" to drive the interpreter
+
+
+@dataclass(frozen=True)
+class PathRanking:
+    """The paths that can run a call, fastest first, and the evidence."""
+
+    paths: tuple[str, ...]
+    bucket: int  # tokens the ranking was made for (a power of two)
+    times_us: dict[str, float] | None = None  # measured, or None: the default rule decided
+    unmeasured_because: str = ""
+
+    def why_not(self, path: str, faster: str, tokens: int) -> str:
+        """Why ``path`` declines a call of ``tokens`` tokens that ``faster`` takes."""
+        if self.times_us is not None:
+            return (
+                f"{faster} measured faster at {self.bucket} tokens on this device "
+                f"({self.times_us[faster]:.1f} us vs {self.times_us[path]:.1f} us)"
+            )
+        from . import triton_vq as tv
+
+        if path == "gemm":  # only the decode-then-cuBLAS crossover ranks anything above gemm by default
+            rule = f"{tokens} tokens at or above the decode-then-cuBLAS crossover DEQUANT_MATMUL_MIN_BATCH={tv.DEQUANT_MATMUL_MIN_BATCH}"
+        else:
+            rule = f"{faster} first by the default rule"
+        return f"{rule} (default rule, not measured: {self.unmeasured_because})"
+
+
+def bucket(tokens: int) -> int:
+    return min(MAX_BUCKET, 1 << max(0, int(tokens) - 1).bit_length())
+
+
+def admissible(tokens: int) -> tuple[str, ...]:
+    """Paths built for this many tokens (the GEMV keeps every token row of a program in registers)."""
+    from . import triton_vq as tv
+
+    return PATHS if tokens <= tv.GEMV_MAX_BATCH else PATHS[1:]
+
+
+def default_ranking(tokens: int, because: str) -> PathRanking:
+    from . import triton_vq as tv
+
+    paths = admissible(tokens)
+    if tokens >= tv.DEQUANT_MATMUL_MIN_BATCH:
+        paths = ("dequant_matmul", "gemm")
+    return PathRanking(paths, bucket(tokens), None, because)
+
+
+def tuning_enabled() -> bool:
+    raw = os.environ.get(ENV_TUNING, "measure").strip() or "measure"
+    if raw not in ("measure", "off"):
+        raise ValueError(f"{ENV_TUNING} must be 'measure' or 'off', got {raw!r}")
+    return raw == "measure"
+
+
+_RANKINGS: dict[tuple, PathRanking] = {}
+
+
+def _key(layer: nn.Module, x: Tensor, n: int, usable: tuple[str, ...]) -> tuple:
+    from . import _format_key
+
+    shape = (layer.out_features, layer.in_features)
+    return (str(x.device), x.dtype, type(layer).__name__, shape, _format_key(layer), n, usable)
+
+
+def _unmeasurable(x: Tensor) -> str | None:
+    if not tuning_enabled():
+        return f"{ENV_TUNING}=off"
+    if x.device.type not in MEASURED_DEVICE_TYPES:
+        return f"{x.device.type} tensors run the Triton interpreter, whose times mean nothing"
+    if torch.compiler.is_compiling():
+        return (
+            "traced by torch.compile before an eager call measured it (run vqlib.kernels.triton_crossover.tune first)"
+        )
+    if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return (
+            "inside CUDA-graph capture before an eager call measured it (run vqlib.kernels.triton_crossover.tune first)"
+        )
+    return None
+
+
+def ranking(layer: nn.Module, x: Tensor, tokens: int) -> PathRanking:
+    """The ranking for ``layer`` at ``tokens`` tokens of ``x``'s dtype and device (measured on first use).
+    Only the paths the registry may run now are timed (VQLINEAR_KERNELS, build failures): they are part of the key."""
+    usable = _usable(layer, admissible(tokens))
+    key = _key(layer, x, bucket(tokens), usable)
+    if torch.compiler.is_compiling():  # read-only while tracing: the graph records the eager choice
+        return _RANKINGS.get(key) or default_ranking(tokens, _unmeasurable(x) or "")
+    if key in _RANKINGS:
+        return _RANKINGS[key]
+    why = _unmeasurable(x)
+    if why is not None or len(usable) < 2:  # nothing to time, or nothing to choose from
+        return default_ranking(tokens, why or "at most one path may run")
+    _RANKINGS[key] = result = _measure(layer, x, usable, bucket(tokens))
+    return result
+
+
+def _usable(layer: nn.Module, paths: tuple[str, ...]) -> tuple[str, ...]:
+    from . import kernel_name_usable
+    from .triton_vq import kernel_name
+
+    return tuple(p for p in paths if kernel_name_usable(kernel_name(p, layer)))
+
+
+def _measure(layer: nn.Module, x: Tensor, paths: tuple[str, ...], n: int) -> PathRanking:
+    from . import KernelBuildError, mark_broken
+    from .triton_vq import kernel_name, op_args
+
+    gen = torch.Generator(device=x.device).manual_seed(n)
+    probe = torch.randn(n, layer.in_features, device=x.device, generator=gen).to(x.dtype)  # (n, in)
+    args = op_args(layer)
+    flush = torch.empty(_flush_bytes(x.device), dtype=torch.int8, device=x.device)
+    times = {}
+    for path in paths:
+        try:
+            times[path] = _time_path(path, probe, args, flush)
+        except KernelBuildError as exc:
+            mark_broken(kernel_name(path, layer), exc)
+    ranked = tuple(sorted(times, key=times.get)) or paths
+    return PathRanking(ranked, n, times or None, "" if times else "no path could be built")
+
+
+def _flush_bytes(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    return max(FLUSH_MIN_BYTES, 2 * torch.cuda.get_device_properties(device).L2_cache_size)
+
+
+def _time_path(path: str, probe: Tensor, args: tuple, flush: Tensor) -> float:
+    return _median_us(lambda: torch.ops.vqlib.vq_linear(probe, *args, path), flush)
+
+
+def _median_us(fn, flush: Tensor) -> float:
+    """Median microseconds of fn() over REPS calls, each after ``flush`` was overwritten (a cold cache)."""
+    fn()  # compiles
+    if flush.device.type != "cuda":
+        times = []
+        for _ in range(REPS):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e6)
+        return statistics.median(times)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(REPS)]
+    for start, end in events:
+        flush.fill_(1)
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) * 1e3 for start, end in events)
+
+
+def tune(model: nn.Module, tokens=(1, 4, 16, 64, 256, 1024), dtype: torch.dtype = torch.float16) -> dict:
+    """Measure the path of every VQLinear / FusedVQLinear of ``model`` (on its CUDA device) at these token
+    counts, eagerly, so that torch.compile and CUDA-graph capture later record measured choices.
+    Returns {(module name, tokens): kernel name}."""
+    from . import explain
+
+    chosen = {}
+    with torch.no_grad():  # with gradients the registry takes the differentiable reference path
+        for name, module in model.named_modules():
+            if type(module).__name__ not in ("VQLinear", "FusedVQLinear"):
+                continue
+            for n in tokens:
+                x = torch.empty(n, module.in_features, dtype=dtype, device=module.codes.device)  # (n, in)
+                chosen[(name, n)] = explain(module, x).path
+    return chosen
+
+
+def reset() -> None:
+    """Forget every measurement (tests; or after changing GPU clocks)."""
+    _RANKINGS.clear()
+
+
+__all__ = ["ENV_TUNING", "PathRanking", "admissible", "bucket", "default_ranking", "ranking", "reset", "tune"]
