@@ -54,6 +54,8 @@ class Kernel:
     run: Callable[[nn.Module, Tensor], Tensor]
     supports: Callable[[nn.Module, Tensor], str | None]
     priority: int = 0
+    # Why this kernel, once it takes a call (for explain and the log line); default "format and input supported".
+    describe: Callable[[nn.Module, Tensor], str] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,8 @@ def explain(layer: nn.Module, x: Tensor) -> Decision:
         why_not = kernel.supports(layer, x)
         if why_not is None:
             # Say why the faster (higher-priority) kernels declined, so the choice is explained.
-            return Decision(kernel.name, "; ".join([*reasons, f"{kernel.name}: format and input supported"]), kernel)
+            why = kernel.describe(layer, x) if kernel.describe is not None else "format and input supported"
+            return Decision(kernel.name, "; ".join([*reasons, f"{kernel.name}: {why}"]), kernel)
         reasons.append(f"{kernel.name}: {why_not}")
     return Decision(REFERENCE, "; ".join(reasons), fallback=True)
 

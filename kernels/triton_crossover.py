@@ -45,6 +45,13 @@ class PathRanking:
     times_us: dict[str, float] | None = None  # measured, or None: the default rule decided
     unmeasured_because: str = ""
 
+    def why_chosen(self, path: str) -> str:
+        """Why ``path`` runs (the first usable path of this ranking)."""
+        if self.times_us is None:
+            return f"default rule (not measured: {self.unmeasured_because})"
+        times = ", ".join(f"{p} {us:.1f} us" for p, us in sorted(self.times_us.items(), key=lambda kv: kv[1]))
+        return f"measured fastest usable at {self.bucket} tokens on this device ({times})"
+
     def why_not(self, path: str, faster: str, tokens: int) -> str:
         """Why ``path`` declines a call of ``tokens`` tokens that ``faster`` takes."""
         if self.times_us is not None:

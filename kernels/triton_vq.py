@@ -99,6 +99,12 @@ def path_reason(path: str, layer: nn.Module, x: Tensor) -> str | None:
     return None
 
 
+def path_description(path: str, layer: nn.Module, x: Tensor) -> str:
+    """Why ``path`` runs this call (it was measured fastest, or the default rule chose it)."""
+    ranked = triton_crossover.ranking(layer, x, tokens(x))
+    return ranked.why_chosen(path)
+
+
 def _supports(path: str):
     def supports(layer: nn.Module, x: Tensor) -> str | None:
         return path_reason(path, layer, x)
@@ -136,7 +142,15 @@ def kernel_entries(device_type: str = "cuda", layer_type: str = "VQLinear") -> l
     suffix = "" if layer_type == "VQLinear" else "_fused"
     priorities = {"gemv": 30, "gemm": 20, "dequant_matmul": 10}  # the measured ranking decides; see path_reason
     return [
-        Kernel(f"triton_vq_{path}{suffix}", layer_type, device_type, _runner(path), _supports(path), priority)
+        Kernel(
+            f"triton_vq_{path}{suffix}",
+            layer_type,
+            device_type,
+            _runner(path),
+            _supports(path),
+            priority,
+            describe=lambda layer, x, path=path: path_description(path, layer, x),
+        )
         for path, priority in priorities.items()
     ]
 

@@ -49,6 +49,10 @@ def test_fastest_measured_path_runs_and_says_why(measured):
     decision = kernels.explain(layer, x_of(layer, 1))
     assert decision.path == "triton_vq_gemm"  # 3 us beats the GEMV's 5 us
     assert "gemm measured faster at 1 tokens on this device (3.0 us vs 5.0 us)" in decision.reason
+    assert decision.reason.endswith(
+        "triton_vq_gemm: measured fastest usable at 1 tokens on this device "
+        "(gemm 3.0 us, gemv 5.0 us, dequant_matmul 10.0 us)"
+    )
     assert measured == [("gemv", 1), ("gemm", 1), ("dequant_matmul", 1)]
     # 9 tokens: timed at 16 (the bucket), where the fake decode-then-cuBLAS is fastest; no GEMV (above its limit)
     decision = kernels.explain(layer, x_of(layer, 9))
@@ -102,7 +106,9 @@ def test_default_rule_where_nothing_is_measured(measured, monkeypatch):
     assert (
         "DEQUANT_MATMUL_MIN_BATCH=256" in decision.reason and "not measured: VQLIB_TRITON_TUNING=off" in decision.reason
     )
-    assert kernels.explain(layer, x_of(layer, 1)).path == "triton_vq_gemv"
+    decision = kernels.explain(layer, x_of(layer, 1))
+    assert decision.path == "triton_vq_gemv"
+    assert decision.reason == "triton_vq_gemv: default rule (not measured: VQLIB_TRITON_TUNING=off)"
     monkeypatch.setenv(tc.ENV_TUNING, "fast")
     with pytest.raises(ValueError, match="VQLIB_TRITON_TUNING must be 'measure' or 'off', got 'fast'"):
         kernels.explain(layer, x_of(layer, 1))
