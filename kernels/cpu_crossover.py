@@ -1,4 +1,5 @@
-"""Where ``cpu_lut_avx512``'s lookups stop paying: a cost model of this CPU, measured once per process.
+"""Where the CPU kernels' lookups stop paying: a cost model of this CPU, measured once per process and kernel
+(``cpu_lut_avx512``'s integer tables and ``cpu_lut``'s fp32 tables cost differently).
 
 Why measured at run time: the crossover between the lookup path and dequant + BLAS moves by more than 10x
 between CPUs that both run the kernel (docs/kernels.md, 4096x4096, d4 1x8, 2 threads): on a Zen 4 host the
@@ -55,7 +56,7 @@ class HostCosts:
         return max(1, min(cap, 1 << int(math.log2(max(tokens, 1.0)))))
 
 
-_measured: HostCosts | None = None
+_measured: dict[str, HostCosts] = {}  # kernel name -> its costs on this CPU
 
 
 def pinned_max_tokens(cap: int) -> int | None:
@@ -68,15 +69,24 @@ def pinned_max_tokens(cap: int) -> int | None:
     return int(raw)
 
 
-def host_costs(run_lut, run_blas) -> HostCosts:
-    """This process' measured costs (measured on first use, at the thread count of that moment).
+def host_costs(kernel: str, run_lut, run_blas) -> HostCosts:
+    """This process' measured costs of ``kernel`` (measured on first use, at the thread count of that moment).
 
     Once per process, not per thread count: both paths scale alike with threads, and one limit keeps a
     call's result the same whatever the thread count (the kernel's outputs do not depend on it)."""
-    global _measured
-    if _measured is None:
-        _measured = measure(run_lut, run_blas)
-    return _measured
+    if kernel not in _measured:
+        _measured[kernel] = measure(run_lut, run_blas)
+    return _measured[kernel]
+
+
+def lut_max_tokens(kernel: str, layer, run_lut, run_blas, cap: int) -> int:
+    """Most tokens per call for which ``kernel`` looks up (1..cap); more go to dequant + BLAS.
+    ``VQLIB_CPU_LUT_MAX_TOKENS`` pins it; otherwise the first call measures this CPU (about 75 ms)."""
+    pinned = pinned_max_tokens(cap)
+    if pinned is not None:
+        return pinned
+    costs = host_costs(kernel, run_lut, run_blas)
+    return costs.lut_max_tokens(layer.in_features, layer.out_features, layer.vector_dim, layer.num_codebooks, cap)
 
 
 def _seconds(fn, layer, tokens: int) -> float:
@@ -129,4 +139,4 @@ def measure(run_lut, run_blas) -> HostCosts:
     return HostCosts(lookup_ns, table_ns, dequant_ns=fixed / weights, mac_ns=slope / weights)
 
 
-__all__ = ["ENV_MAX_TOKENS", "HostCosts", "host_costs", "measure", "pinned_max_tokens"]
+__all__ = ["ENV_MAX_TOKENS", "HostCosts", "host_costs", "lut_max_tokens", "measure", "pinned_max_tokens"]

@@ -13,13 +13,15 @@ with four independent add chains. Accumulation is fp32; bf16/fp16 inputs
 are converted to fp32 on entry and the output is cast back to the input dtype.
 
 Larger batches: the table work grows with the number of tokens while a dequantized weight is
-built once, so above ``LUT_MAX_BATCH`` tokens (prefill) bounded blocks of rows (``BLAS_BLOCK_BYTES``
-of fp32, 256-1024 rows) are dequantized by compiled code and multiplied with torch's BLAS. The
-crossover was measured on the 2-core Zen3 machine, 4096x4096, d4 1x8, one thread (ms per layer,
-LUT vs dequant+BLAS, load average ~7 from other jobs so absolute numbers are inflated): 8 tokens
-16.5 vs 34, 16 tokens 22 vs 27, 32 tokens 45 vs 37, 64 tokens 119 vs 70; dense fp32 was 33, 37, 42
-and 77. Both paths beat the reference path (dequantize everything in torch, then F.linear) at every
-batch size, since the BLAS path is that same matmul on a faster dequantization.
+built once, so above ``lut_max_batch(layer)`` tokens (prefill) bounded blocks of rows (``BLAS_BLOCK_BYTES``
+of fp32, 256-1024 rows) are dequantized by compiled code and multiplied with torch's BLAS. Where that
+starts depends on the CPU and the shape, so a cost model measured on this CPU at the first multi-token
+call sets it (``cpu_crossover``; ``VQLIB_CPU_LUT_MAX_TOKENS`` pins it). Measured (ms per layer, LUT vs
+dequant + BLAS): Zen3, 4096x4096, d4 1x8, one thread, load ~7: 8 tokens 16.5 vs 34, 16 tokens 22 vs 27, 32
+tokens 45 vs 37; Xeon (2026-12-01), 2 threads: 4096x4096 16 tokens 6.4 vs 7.7, 32 tokens 12.5 vs 9.1, but
+1536x576 d4 2x8 8 tokens 0.43 vs 0.42 and 16 tokens 0.83 vs 0.53, where the old fixed limit of 16 tokens was
+1.6x slower than BLAS. Both paths beat the reference path (dequantize everything in torch, then F.linear) at
+every batch size, since the BLAS path is that same matmul on a faster dequantization.
 
 Threads (see ``cpu_threads``): the work runs on torch's own OpenMP team, ``torch.get_num_threads()``
 threads. The table blocks are cut into ``LUT_CHUNKS`` chunks that the threads take off a shared
@@ -55,7 +57,7 @@ from .cpu_threads import job_args, run_job
 
 NAME = "cpu_lut"
 QB = 16  # code positions per table block (keep equal to cpu_vq_numba.QB)
-LUT_MAX_BATCH = 16  # table lookups up to here; BLAS on dequantized row blocks above (see docstring)
+LUT_MAX_TOKENS = 256  # cap of the measured lookup limit (cpu_crossover): above, BLAS on dequantized row blocks
 LUT_CHUNKS = 8  # chunks of table blocks per parallel LUT call: work items for the team's threads
 ACC_BYTES = 1 << 20  # cap on the per-chunk accumulators of one call (fewer chunks for wide outputs)
 DEQUANT_ROWS_PER_ITEM = 16  # rows per work item of the parallel dequantization
@@ -279,12 +281,30 @@ def blas_linear(m, p: Prepared, xp: Tensor) -> Tensor:
     return out
 
 
+def lut_max_batch(layer) -> int:
+    """Most tokens per call that take the lookup path (measured on this CPU once per process; cpu_crossover)."""
+    from . import cpu_crossover
+
+    return cpu_crossover.lut_max_tokens(NAME, layer, _lookups, dequant_blas, cap=LUT_MAX_TOKENS)
+
+
+def _lookups(layer, x: Tensor) -> Tensor:
+    p = prepare(layer)
+    return _lut(load_numba(), p, padded_input(layer, x, p.n_vec * p.d), serial=False)
+
+
+def dequant_blas(layer, x: Tensor) -> Tensor:
+    """The prefill path of both CPU kernels, on a (tokens, in) input (cost-model probes)."""
+    p = prepare(layer)
+    return blas_linear(load_numba(), p, padded_input(layer, x, p.n_vec * p.d))
+
+
 def run(layer, x: Tensor) -> Tensor:
     mod = load_numba()
     p = prepare(layer)
     xp = padded_input(layer, x, p.n_vec * p.d)
     b = xp.shape[0]
-    if b > LUT_MAX_BATCH:
+    if b > 1 and b > lut_max_batch(layer):  # one token always looks up (decoding: memory-bound)
         out = blas_linear(mod, p, xp)
     else:
         out = _lut(mod, p, xp, serial=p.codes.size * b < SERIAL_MAX_CODES)
@@ -305,6 +325,6 @@ KERNEL = Kernel(name=NAME, layer_type="VQLinear", device_type="cpu", run=run, su
 register_kernel(KERNEL)
 
 __all__ = [
-    "KERNEL", "NAME", "blas_linear", "blocked_codes", "compile_seconds", "finish", "import_loops", "load_numba",
-    "padded_input", "prepare", "run", "supports",
+    "KERNEL", "NAME", "blas_linear", "blocked_codes", "compile_seconds", "dequant_blas", "finish", "import_loops",
+    "load_numba", "lut_max_batch", "padded_input", "prepare", "run", "supports",
 ]  # fmt: skip

@@ -44,7 +44,7 @@ from .cpu_threads import job_args, run_job
 
 NAME = "cpu_lut_avx512"
 REQUIRED_FEATURES = ("avx512f", "avx512bw", "avx512vbmi")
-# The lookups beat dequant + BLAS far above cpu_lut's 16 tokens on some CPUs and not on others: the limit comes from
+# The lookups beat dequant + BLAS beyond 1,024 tokens on some CPUs and below 16 on others: the limit comes from
 # a cost model measured on this CPU (cpu_crossover), capped at LUT_MAX_TOKENS to bound the per-chunk accumulators
 # (tokens x out fp32 each, at least MIN_CHUNKS of them).
 LUT_MAX_TOKENS = 256
@@ -176,22 +176,12 @@ def lut_max_batch(layer) -> int:
     """Most tokens per call that take the lookup path; more go to dequant + BLAS (see cpu_crossover).
 
     The first call measures this CPU (about 75 ms, once per process); VQLIB_CPU_LUT_MAX_TOKENS pins it."""
-    pinned = cpu_crossover.pinned_max_tokens(LUT_MAX_TOKENS)
-    if pinned is not None:
-        return pinned
-    costs = cpu_crossover.host_costs(_lookups, _dequant_blas)
-    return costs.lut_max_tokens(layer.in_features, layer.out_features, layer.vector_dim, layer.num_codebooks,
-                                cap=LUT_MAX_TOKENS)  # fmt: skip
+    return cpu_crossover.lut_max_tokens(NAME, layer, _lookups, base.dequant_blas, cap=LUT_MAX_TOKENS)
 
 
 def _lookups(layer, x: Tensor) -> Tensor:
     p = base.prepare(layer)
     return _lut16(load_numba(), p, base.padded_input(layer, x, p.n_vec * p.d), serial=False)
-
-
-def _dequant_blas(layer, x: Tensor) -> Tensor:
-    p = base.prepare(layer)
-    return base.blas_linear(base.load_numba(), p, base.padded_input(layer, x, p.n_vec * p.d))
 
 
 def run(layer, x: Tensor) -> Tensor:

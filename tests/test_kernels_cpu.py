@@ -20,7 +20,7 @@ import torch
 
 pytest.importorskip("numba", reason="numba is not installed (a core dependency of vqlib)")
 
-from vqlib.kernels import cpu_lut, cpu_lut_avx512, cpu_scalar  # noqa: E402
+from vqlib.kernels import cpu_crossover, cpu_lut, cpu_lut_avx512, cpu_scalar  # noqa: E402
 
 from vqlib import kernels  # noqa: E402
 from vqlib.compress import VQLinear  # noqa: E402
@@ -28,7 +28,8 @@ from vqlib.compress.scalar import ScalarLinear  # noqa: E402
 
 FP32_TOL = 2e-5
 BF16_TOL = 2e-2
-BATCHES = (1, 3, 8, 9, cpu_lut.LUT_MAX_BATCH + 1)  # the last one takes the dequant + BLAS path
+PINNED_LUT_TOKENS = 16  # the lookup limit these tests pin (measured per CPU otherwise: cpu_crossover)
+BATCHES = (1, 3, 8, 9, PINNED_LUT_TOKENS + 1)  # the last one takes the dequant + BLAS path
 
 
 def random_vq(in_f=251, out_f=17, *, d=4, m=1, gs=128, cb="int8", scales="row", bias=True, bits=8, seed=0):
@@ -64,6 +65,7 @@ def rel_err(y, ref):
 @pytest.fixture(autouse=True)
 def _fp32_table_kernels(monkeypatch):
     monkeypatch.setenv(kernels.ENV_SWITCH, "cpu_lut,cpu_scalar")
+    monkeypatch.setenv(cpu_crossover.ENV_MAX_TOKENS, str(PINNED_LUT_TOKENS))
 
 
 FORMATS = list(itertools.product((2, 4, 8), (1, 2), ("fp16", "int8"), (None, 128), ("row", "group", "none")))
@@ -73,7 +75,7 @@ FORMATS += [(8, 3, "int8", 128, "row"), (3, 1, "fp16", None, "row")]  # ~3 bits 
 @pytest.mark.parametrize("bits", [2, 4, 7])
 def test_lut_kernel_fewer_codebook_bits(bits):
     layer = random_vq(bits=bits, d=4, m=2, scales="group")
-    for b in (1, 9, cpu_lut.LUT_MAX_BATCH + 1):
+    for b in (1, 9, PINNED_LUT_TOKENS + 1):
         x = torch.randn(b, layer.in_features)
         assert kernels.explain(layer, x).path == "cpu_lut"
         with torch.no_grad():
@@ -95,7 +97,7 @@ def test_lut_kernel_matches_reference_fp32(d, m, cb, gs, scales):
 @pytest.mark.parametrize("d,m,scales", [(4, 1, "row"), (8, 2, "group"), (2, 2, "none")])
 def test_lut_kernel_bf16_input(d, m, scales):
     layer = random_vq(d=d, m=m, scales=scales)
-    for b in (1, 9, cpu_lut.LUT_MAX_BATCH + 1):
+    for b in (1, 9, PINNED_LUT_TOKENS + 1):
         x = torch.randn(2, b, layer.in_features).to(torch.bfloat16)  # 3-D input, leading dims kept
         with torch.no_grad():
             y, ref32 = layer(x), layer._reference_linear(x.float())
@@ -111,10 +113,10 @@ def test_two_threads_equal_one_thread(monkeypatch):
         one = layer(x)
         torch.set_num_threads(2)  # conftest restores the thread count
         two = layer(x)
-        blas_two = layer(torch.randn(cpu_lut.LUT_MAX_BATCH + 5, 300))
+        blas_two = layer(torch.randn(PINNED_LUT_TOKENS + 5, 300))
     assert torch.equal(one, two)  # each row is computed by the same code on either thread
     assert rel_err(two, layer._reference_linear(x)) < FP32_TOL
-    assert blas_two.shape == (cpu_lut.LUT_MAX_BATCH + 5, 101)
+    assert blas_two.shape == (PINNED_LUT_TOKENS + 5, 101)
 
 
 def test_prepared_arrays_follow_buffer_changes():

@@ -1,4 +1,4 @@
-"""vqlib.kernels.cpu_crossover: the measured cost model that sets cpu_lut_avx512's lookup limit."""
+"""vqlib.kernels.cpu_crossover: the measured cost model that sets the CPU kernels' lookup limits."""
 
 import math
 
@@ -8,8 +8,10 @@ import torch
 pytest.importorskip("numba", reason="numba is not installed (a core dependency of vqlib)")
 
 from test_kernels_cpu import random_vq  # noqa: E402
-from vqlib.kernels import cpu_crossover, cpu_lut_avx512  # noqa: E402
+from vqlib.kernels import cpu_crossover, cpu_lut, cpu_lut_avx512  # noqa: E402
 from vqlib.kernels.cpu_crossover import HostCosts  # noqa: E402
+
+from vqlib import kernels  # noqa: E402
 
 # Constants of the order measured on the 2-core Xeon host (2 threads, docs/kernels.md).
 XEON = HostCosts(lookup_ns=0.03, table_ns=0.05, dequant_ns=0.5, mac_ns=0.006)
@@ -52,19 +54,28 @@ def test_pinned_limit_and_its_errors(monkeypatch):
     assert cpu_crossover.pinned_max_tokens(256) is None
 
 
-@needs_avx512
-def test_measured_on_this_cpu(monkeypatch):
+KERNELS = [
+    pytest.param(cpu_lut, id="cpu_lut"),
+    pytest.param(cpu_lut_avx512, id="cpu_lut_avx512", marks=needs_avx512),
+]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_measured_on_this_cpu(monkeypatch, kernel):
     monkeypatch.delenv(cpu_crossover.ENV_MAX_TOKENS, raising=False)
-    monkeypatch.setattr(cpu_crossover, "_measured", None)
-    costs = cpu_crossover.host_costs(cpu_lut_avx512._lookups, cpu_lut_avx512._dequant_blas)
-    assert cpu_crossover.host_costs(None, None) is costs  # once per process
+    monkeypatch.setenv(kernels.ENV_SWITCH, kernel.NAME)
+    monkeypatch.setattr(cpu_crossover, "_measured", {})
+    layer = random_vq(in_f=600, out_f=300, d=4, m=1)
+    limit = kernel.lut_max_batch(layer)  # measures this kernel on this CPU
+    costs = cpu_crossover._measured[kernel.NAME]
+    assert list(cpu_crossover._measured) == [kernel.NAME]  # one model per kernel: their tables cost differently
+    assert cpu_crossover.host_costs(kernel.NAME, None, None) is costs  # once per process
     assert all(math.isfinite(v) and v >= 0 for v in vars(costs).values())
     assert costs.lookup_ns + costs.table_ns > 0 and costs.dequant_ns > 0
-    layer = random_vq(in_f=600, out_f=300, d=4, m=1)
-    limit = cpu_lut_avx512.lut_max_batch(layer)
-    assert limit == costs.lut_max_tokens(600, 300, 4, 1, cap=cpu_lut_avx512.LUT_MAX_TOKENS)
+    assert limit == costs.lut_max_tokens(600, 300, 4, 1, cap=kernel.LUT_MAX_TOKENS)
     with torch.no_grad():  # either side of the limit the kernel matches the reference
         for tokens in (limit, limit + 1):
             x = torch.randn(tokens, 600)
+            assert kernels.explain(layer, x).path == kernel.NAME
             y, ref = layer(x), layer._reference_linear(x)
             assert (y - ref).abs().max() <= 1e-3 * ref.abs().max()
