@@ -20,6 +20,7 @@ eagerly first), on non-CUDA tensors (the Triton interpreter), and with ``VQLIB_T
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -45,20 +46,20 @@ class PathRanking:
     times_us: dict[str, float] | None = None  # measured, or None: the default rule decided
     unmeasured_because: str = ""
 
+    def _us(self, path: str) -> str:
+        return f"{self.times_us[path]:.1f} us" if path in self.times_us else "not timed: out of memory"
+
     def why_chosen(self, path: str) -> str:
         """Why ``path`` runs (the first usable path of this ranking)."""
         if self.times_us is None:
             return f"default rule (not measured: {self.unmeasured_because})"
-        times = ", ".join(f"{p} {us:.1f} us" for p, us in sorted(self.times_us.items(), key=lambda kv: kv[1]))
+        times = ", ".join(f"{p} {self._us(p)}" for p in self.paths)  # fastest first, untimed last
         return f"measured fastest usable at {self.bucket} tokens on this device ({times})"
 
     def why_not(self, path: str, faster: str, tokens: int) -> str:
         """Why ``path`` declines a call of ``tokens`` tokens that ``faster`` takes."""
         if self.times_us is not None:
-            return (
-                f"{faster} measured faster at {self.bucket} tokens on this device "
-                f"({self.times_us[faster]:.1f} us vs {self.times_us[path]:.1f} us)"
-            )
+            return f"{faster} measured faster at {self.bucket} tokens on this device ({self._us(faster)} vs {self._us(path)})"
         from . import triton_vq as tv
 
         if path == "gemm":  # only the decode-then-cuBLAS crossover ranks anything above gemm by default
@@ -145,21 +146,31 @@ def _usable(layer: nn.Module, paths: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _measure(layer: nn.Module, x: Tensor, paths: tuple[str, ...], n: int) -> PathRanking:
+    """Time ``paths`` at ``n`` tokens. A path that fails to build is disabled (registry warning); one that runs out
+    of memory at this size is ranked after the timed ones, as is every path when the probe does not fit."""
     from . import KernelBuildError, mark_broken
     from .triton_vq import kernel_name, op_args
 
-    gen = torch.Generator(device=x.device).manual_seed(n)
-    probe = torch.randn(n, layer.in_features, device=x.device, generator=gen).to(x.dtype)  # (n, in)
-    args = op_args(layer)
-    flush = torch.empty(_flush_bytes(x.device), dtype=torch.int8, device=x.device)
     times = {}
-    for path in paths:
+    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
         try:
-            times[path] = _time_path(path, probe, args, flush)
-        except KernelBuildError as exc:
-            mark_broken(kernel_name(path, layer), exc)
-    ranked = tuple(sorted(times, key=times.get)) or paths
-    return PathRanking(ranked, n, times or None, "" if times else "no path could be built")
+            gen = torch.Generator(device=x.device).manual_seed(n)
+            probe = torch.randn(n, layer.in_features, device=x.device, generator=gen).to(x.dtype)  # (n, in)
+            flush = torch.empty(_flush_bytes(x.device), dtype=torch.int8, device=x.device)
+        except torch.OutOfMemoryError:
+            return PathRanking(paths, n, None, f"out of memory allocating the {n}-token probe and L2 flush")
+        args = op_args(layer)
+        for path in paths:
+            try:
+                times[path] = _time_path(path, probe, args, flush)
+            except KernelBuildError as exc:
+                mark_broken(kernel_name(path, layer), exc)
+            except torch.OutOfMemoryError:
+                pass  # too large at this size (decode-then-cuBLAS holds a dense weight): ranked last
+    if not times:
+        return PathRanking(paths, n, None, "no path could be timed (build failures or out of memory)")
+    ranked = tuple(sorted(times, key=times.get)) + tuple(p for p in paths if p not in times)
+    return PathRanking(ranked, n, times)
 
 
 def _flush_bytes(device: torch.device) -> int:

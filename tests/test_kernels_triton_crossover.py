@@ -98,6 +98,23 @@ def test_build_failure_while_timing_disables_that_kernel(measured, monkeypatch):
     assert "triton_vq_gemm: failed to build" in kernels.explain(layer, x_of(layer, 8)).reason
 
 
+def test_out_of_memory_while_timing_ranks_that_path_last(measured, monkeypatch):
+    layer = make_layer("d8_2x8_row_pad")
+    clock = tc._time_path
+
+    def dequant_too_large(path, *args):
+        if path == "dequant_matmul":
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return clock(path, *args)
+
+    monkeypatch.setattr(tc, "_time_path", dequant_too_large)
+    ranking = tc.ranking(layer, x_of(layer, 64), 64)
+    assert ranking.paths == ("gemm", "dequant_matmul") and "dequant_matmul" not in ranking.times_us
+    decision = kernels.explain(layer, x_of(layer, 64))  # the fake clock would prefer dequant + cuBLAS here
+    assert decision.path == "triton_vq_gemm"
+    assert decision.reason.endswith("(gemm 192.0 us, dequant_matmul not timed: out of memory)")
+
+
 def test_default_rule_where_nothing_is_measured(measured, monkeypatch):
     layer = make_layer("d8_2x8_row_pad")
     monkeypatch.setenv(tc.ENV_TUNING, "off")
