@@ -25,7 +25,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from . import triton_vq_jit as jit
-from .triton_vq import DEQUANT_MATMUL_MIN_BATCH, GEMV_MAX_BATCH
+from .triton_crossover import admissible
+from .triton_vq import DEQUANT_MATMUL_MIN_BATCH
 from .triton_vq_ops import _pow2, dequantize_launches, linear_launches, plan_tiles
 
 _TYPE = {
@@ -51,7 +52,7 @@ EXOTIC = [
     ("d1_1x4_groupscale", 1, 1, 4, None, "fp16", "group"),
     ("d16_2x12_g256", 16, 2, 12, 256, "fp16", "none"),
 ]
-BATCHES = (1, 4, 16, 64, 128, DEQUANT_MATMUL_MIN_BATCH)
+BATCHES = (1, 4, 16, 64, 128, DEQUANT_MATMUL_MIN_BATCH, 1024)
 
 
 def _meta_args(out_f: int, in_f: int, fmt) -> tuple:
@@ -138,8 +139,9 @@ def compile_launch(launch, arch: int) -> dict:
 
 
 def planned_launches(quick: bool, sms: int, exotic: bool = False):
-    """Every distinct launch the dispatch makes for the benchmark's formats, batches and dtypes
-    (``exotic``: the rarer formats, also with float32 activations)."""
+    """Every distinct launch the dispatch can make for the benchmark's formats, batches and dtypes: each path
+    that can run a batch (the GPU's measured choice picks among them; ``triton_crossover``).
+    ``exotic``: the rarer formats, also with float32 activations."""
     shapes = [(4096, 4096)] if quick else [(4096, 4096), (8192, 28672)]
     dtypes = (torch.float16, torch.bfloat16, torch.float32) if exotic else (torch.float16, torch.bfloat16)
     for fmt in EXOTIC if exotic else FORMATS[:2] if quick else FORMATS:
@@ -148,21 +150,13 @@ def planned_launches(quick: bool, sms: int, exotic: bool = False):
                 args = _meta_args(out_f, in_f, fmt)
                 for batch in BATCHES:
                     x = torch.empty(batch, in_f, dtype=dtype, device="meta")
-                    path = "gemv" if batch <= GEMV_MAX_BATCH else "gemm" if batch < DEQUANT_MATMUL_MIN_BATCH else None
-                    if path is None:
-                        yield fmt[0], dtype, batch, dequantize_launches(*args[:4], None, *args[6:], dtype)[1]
-                        continue
-                    plan = plan_tiles(
-                        path,
-                        batch,
-                        out_f,
-                        args[0].shape[1],
-                        _pow2(fmt[1]),
-                        x.device,
-                        sms=sms,
-                        elem_bytes=x.element_size(),
-                    )
-                    yield fmt[0], dtype, batch, linear_launches(x, *args, path, plan=plan)[1]
+                    for path in admissible(batch):
+                        if path == "dequant_matmul":
+                            yield fmt[0], dtype, batch, dequantize_launches(*args[:4], None, *args[6:], dtype)[1]
+                            continue
+                        nv, dp = args[0].shape[1], _pow2(fmt[1])
+                        plan = plan_tiles(path, batch, out_f, nv, dp, x.device, sms=sms, elem_bytes=x.element_size())
+                        yield fmt[0], dtype, batch, linear_launches(x, *args, path, plan=plan)[1]
 
 
 def main(argv=None) -> int:
