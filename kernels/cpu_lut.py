@@ -311,6 +311,20 @@ def run(layer, x: Tensor) -> Tensor:
     return finish(out, layer, x)
 
 
+def describe_path(layer, x: Tensor, limit_of) -> str:
+    """Which of the kernel's two paths a call takes, for ``explain`` (``limit_of``: the kernel's lut_max_batch)."""
+    b = x.numel() // max(1, x.shape[-1])
+    if b <= 1:
+        return "table lookups (1 token: decoding always looks up)"
+    limit = limit_of(layer)
+    from .cpu_crossover import ENV_MAX_TOKENS, pinned_max_tokens
+
+    source = f"pinned by {ENV_MAX_TOKENS}" if pinned_max_tokens(LUT_MAX_TOKENS) is not None else "measured on this CPU"
+    if b <= limit:
+        return f"table lookups ({b} tokens, at most the lookup limit {limit} {source})"
+    return f"dequant + BLAS ({b} tokens, above the lookup limit {limit} {source})"
+
+
 def finish(out: Tensor, layer, x: Tensor) -> Tensor:
     """(b, out) float32 result -> bias added, input's leading dims and dtype."""
     bias = layer._parameters.get("bias")
@@ -321,10 +335,19 @@ def finish(out: Tensor, layer, x: Tensor) -> Tensor:
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
-KERNEL = Kernel(name=NAME, layer_type="VQLinear", device_type="cpu", run=run, supports=supports, priority=10)
+KERNEL = Kernel(
+    name=NAME,
+    layer_type="VQLinear",
+    device_type="cpu",
+    run=run,
+    supports=supports,
+    priority=10,
+    describe=lambda layer, x: describe_path(layer, x, lut_max_batch),
+)
 register_kernel(KERNEL)
 
 __all__ = [
-    "KERNEL", "NAME", "blas_linear", "blocked_codes", "compile_seconds", "dequant_blas", "finish", "import_loops",
+    "KERNEL", "NAME", "blas_linear", "blocked_codes", "compile_seconds", "dequant_blas", "describe_path", "finish",
+    "import_loops",
     "load_numba", "lut_max_batch", "padded_input", "prepare", "run", "supports",
 ]  # fmt: skip

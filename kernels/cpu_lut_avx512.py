@@ -196,7 +196,15 @@ def run(layer, x: Tensor) -> Tensor:
     return base.finish(out, layer, x)
 
 
-KERNEL = Kernel(name=NAME, layer_type="VQLinear", device_type="cpu", run=run, supports=supports, priority=20)
+KERNEL = Kernel(
+    name=NAME,
+    layer_type="VQLinear",
+    device_type="cpu",
+    run=run,
+    supports=supports,
+    priority=20,
+    describe=lambda layer, x: base.describe_path(layer, x, lut_max_batch),
+)
 register_kernel(KERNEL)
 
 __all__ = ["KERNEL", "NAME", "compile_seconds", "isa_missing", "load_numba", "lut_max_batch", "run", "supports"]

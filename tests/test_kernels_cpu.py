@@ -94,6 +94,18 @@ def test_lut_kernel_matches_reference_fp32(d, m, cb, gs, scales):
         assert rel_err(y, ref) < FP32_TOL, (b, rel_err(y, ref))
 
 
+def test_explain_names_the_path_inside_the_kernel():
+    layer = random_vq()
+    reasons = [kernels.explain(layer, torch.randn(b, layer.in_features)).reason for b in (1, 8, PINNED_LUT_TOKENS + 1)]
+    assert reasons[0].endswith("cpu_lut: table lookups (1 token: decoding always looks up)")
+    assert reasons[1].endswith(
+        "cpu_lut: table lookups (8 tokens, at most the lookup limit 16 pinned by VQLIB_CPU_LUT_MAX_TOKENS)"
+    )
+    assert reasons[2].endswith(
+        "cpu_lut: dequant + BLAS (17 tokens, above the lookup limit 16 pinned by VQLIB_CPU_LUT_MAX_TOKENS)"
+    )
+
+
 @pytest.mark.parametrize("d,m,scales", [(4, 1, "row"), (8, 2, "group"), (2, 2, "none")])
 def test_lut_kernel_bf16_input(d, m, scales):
     layer = random_vq(d=d, m=m, scales=scales)

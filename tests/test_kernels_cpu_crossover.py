@@ -76,6 +76,11 @@ def test_measured_on_this_cpu(monkeypatch, kernel):
     with torch.no_grad():  # either side of the limit the kernel matches the reference
         for tokens in (limit, limit + 1):
             x = torch.randn(tokens, 600)
-            assert kernels.explain(layer, x).path == kernel.NAME
+            decision = kernels.explain(layer, x)
+            assert decision.path == kernel.NAME
+            side = "table lookups" if tokens <= limit else "dequant + BLAS"
+            if tokens > 1:  # explain names the path inside the kernel, and where its limit came from
+                assert f"{kernel.NAME}: {side} ({tokens} tokens" in decision.reason
+                assert f"lookup limit {limit} measured on this CPU)" in decision.reason
             y, ref = layer(x), layer._reference_linear(x)
             assert (y - ref).abs().max() <= 1e-3 * ref.abs().max()
