@@ -82,16 +82,21 @@ def test_unusable_faster_path_is_skipped(measured, monkeypatch):
     assert kernels.explain(layer, x_of(layer, 40)).path == "triton_vq_dequant_matmul"  # bucket 64: measured again
 
 
-def test_build_failure_while_timing_disables_that_kernel(measured, monkeypatch):
-    layer = make_layer("d8_2x8_row_pad")
+def fail_when_timing(monkeypatch, failing_path: str, exc: Exception) -> None:
+    """The (fake) clock raises ``exc`` for one path and times the others."""
     clock = tc._time_path
 
-    def gemm_fails(path, *args):
-        if path == "gemm":
-            raise kernels.KernelBuildError("vq_gemm_kernel: OutOfResources")
+    def failing(path, *args):
+        if path == failing_path:
+            raise exc
         return clock(path, *args)
 
-    monkeypatch.setattr(tc, "_time_path", gemm_fails)
+    monkeypatch.setattr(tc, "_time_path", failing)
+
+
+def test_build_failure_while_timing_disables_that_kernel(measured, monkeypatch):
+    layer = make_layer("d8_2x8_row_pad")
+    fail_when_timing(monkeypatch, "gemm", kernels.KernelBuildError("vq_gemm_kernel: OutOfResources"))
     with pytest.warns(RuntimeWarning, match="'triton_vq_gemm' failed to build.*falling back"):
         decision = kernels.explain(layer, x_of(layer, 1))
     assert decision.path == "triton_vq_gemv"
@@ -100,14 +105,7 @@ def test_build_failure_while_timing_disables_that_kernel(measured, monkeypatch):
 
 def test_out_of_memory_while_timing_ranks_that_path_last(measured, monkeypatch):
     layer = make_layer("d8_2x8_row_pad")
-    clock = tc._time_path
-
-    def dequant_too_large(path, *args):
-        if path == "dequant_matmul":
-            raise torch.OutOfMemoryError("CUDA out of memory (test)")
-        return clock(path, *args)
-
-    monkeypatch.setattr(tc, "_time_path", dequant_too_large)
+    fail_when_timing(monkeypatch, "dequant_matmul", torch.OutOfMemoryError("CUDA out of memory (test)"))
     ranking = tc.ranking(layer, x_of(layer, 64), 64)
     assert ranking.paths == ("gemm", "dequant_matmul") and "dequant_matmul" not in ranking.times_us
     decision = kernels.explain(layer, x_of(layer, 64))  # the fake clock would prefer dequant + cuBLAS here
