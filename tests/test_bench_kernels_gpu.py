@@ -1,0 +1,110 @@
+"""benchmarks/bench_kernels_gpu.py off the GPU: its plan, its summary of measured rows (crossover, the issue's
+targets, JSON, plot) and its refusal without CUDA. The GPU measurement itself runs once per lent device call
+(benchmarks/gpu_check.sh); a mistake in the summary would waste that call, so it is checked here on made-up rows."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels_gpu.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_kernels_gpu", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def _row(shape, batch, t_dense, t_fused, t_deq, fmt="d8_2x8", dtype="fp16", vq_bytes=16_800_000):
+    """One row as measure_group writes it, with the dispatch taking the faster of fused and dequant."""
+    t_auto = min(t_fused, t_deq)
+    return dict(
+        shape=shape,
+        fmt=fmt,
+        dtype=dtype,
+        batch=batch,
+        vq_bytes=vq_bytes,
+        t_dense_us=t_dense,
+        t_fused_us=t_fused,
+        t_dequant_us=t_deq,
+        auto="gemv" if t_fused <= t_deq else "dequant_matmul",
+        t_auto_us=t_auto,
+        auto_vs_best=1.0,
+        speedup_auto=t_dense / t_auto,
+        speedup_fused=t_dense / t_fused,
+        gbps_fused=vq_bytes / (t_fused * 1e-6) / 1e9,
+    )
+
+
+def _rows():
+    # 8192x8192 at ~2 bits: batch 1 at 5x dense and 16.8 MB in 7 us (2.4 TB/s); batch 16 at 1.5x (a miss);
+    # decode-then-cuBLAS ahead from batch 256 on; batch 1024 at 1.05x dense time (met).
+    return [
+        _row("8192x8192", 1, 35.0, 7.0, 40.0),
+        _row("8192x8192", 16, 36.0, 24.0, 41.0),
+        _row("8192x8192", 64, 60.0, 50.0, 70.0),
+        _row("8192x8192", 256, 150.0, 200.0, 160.0),
+        _row("8192x8192", 1024, 500.0, 800.0, 525.0),
+    ]
+
+
+def test_targets_are_judged_from_the_auto_path(bench):
+    checks = {t["target"]: t for t in bench.targets(_rows(), copy_gbps=4.0e12)}
+    assert checks["batch 1 speed-up >= 4x"] == dict(checks["batch 1 speed-up >= 4x"], value=5.0, met=True)
+    assert checks["batch 1 >= 60% copy bandwidth"]["value"] == pytest.approx(0.6, abs=1e-3)  # 2.4 of 4.0 TB/s
+    assert checks["batch 16 speed-up >= 2x"]["met"] is False
+    assert checks["batch 1024 time <= 1.1x dense"] == dict(
+        checks["batch 1024 time <= 1.1x dense"], value=1.05, met=True
+    )
+
+
+def test_crossover_is_the_batch_from_which_dequant_always_wins(bench):
+    rows = _rows()
+    assert bench.crossovers(rows) == {"8192x8192/d8_2x8/fp16": 256}
+    rows[-1] = _row("8192x8192", 1024, 500.0, 450.0, 525.0)  # fused wins again at the largest batch
+    assert bench.crossovers(rows) == {"8192x8192/d8_2x8/fp16": None}
+
+
+def test_json_and_plot_are_written(bench, tmp_path):
+    args = bench.parse_args(["--out", str(tmp_path / "run")])
+    rows = _rows() + [_row("4096x4096", b, 12.0 * b, 3.0 * b, 10.0 * b, fmt="d4_1x8", dtype="bf16") for b in (1, 4)]
+    result = bench.write_json(args, {"gpu": "made-up"}, 4000.0, 0.0, rows, not_run=["x/y/z"])
+    written = json.loads((tmp_path / "run.json").read_text())
+    assert written["rows"][0]["copy_fraction_fused"] == pytest.approx(0.6, abs=1e-3)
+    assert written["measured_crossover"] == result["measured_crossover"]
+    assert written["not_run"] == ["x/y/z"] and len(written["targets"]) == 4
+    assert bench.plot(rows, tmp_path / "run.png") is None
+    from PIL import Image
+
+    with Image.open(tmp_path / "run.png") as img:
+        assert img.size[0] >= 360 and img.size[1] >= 260
+
+
+def test_plan_covers_the_issue_grid(bench, capsys):
+    args = bench.parse_args([])
+    configs = bench.plan(args)
+    assert len(configs) == 5 * 6 * 3 * 2  # shapes x batches x formats x dtypes
+    bench.print_plan(configs, 50 * 2**20)
+    out = capsys.readouterr().out
+    assert "8192x8192  d4_1x8: 2.00" in out  # about 2 bits per weight
+    assert bench.copies_for(16_800_000, 50 * 2**20) == 7  # one pass over the copies is >= 2x the L2
+
+
+def test_shape_typo_is_refused(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--shapes", "4096by4096"])
+    assert "expected IN x OUT like 4096x14336, got '4096by4096'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_without_cuda_it_says_so(bench, capsys):
+    assert bench.main(["--quick"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
