@@ -161,19 +161,22 @@ def copy_bandwidth(reps: int = 10) -> float:
     return 2 * n / seconds
 
 
-def measure_group(shape: str, fmt: str, dtype_name: str, batches: list[int], l2: int, reps: int) -> list[dict]:
-    """All batches of one (shape, format, dtype): the weights are built once."""
+def measure_group(
+    shape: str, fmt: str, dtype_name: str, batches: list[int], l2: int, reps: int, device: str = "cuda"
+) -> list[dict]:
+    """All batches of one (shape, format, dtype): the weights are built once. (``device`` is for the CPU test
+    of this function under the Triton interpreter, with ``time_graph`` replaced.)"""
     from vqlib.kernels import explain
     from vqlib.kernels import triton_vq as tv
 
     in_f, out_f = Config(shape, 1, fmt, dtype_name).in_out
     dtype = DTYPES[dtype_name]
     vb, db = vq_bytes(in_f, out_f, fmt), in_f * out_f * 2
-    layers = [make_layer(in_f, out_f, fmt, "cuda") for _ in range(copies_for(vb, l2))]
-    dense = [torch.randn(out_f, in_f, device="cuda", dtype=dtype) * 0.02 for _ in range(copies_for(db, l2))]
+    layers = [make_layer(in_f, out_f, fmt, device) for _ in range(copies_for(vb, l2))]
+    dense = [torch.randn(out_f, in_f, device=device, dtype=dtype) * 0.02 for _ in range(copies_for(db, l2))]
     rows = []
     for batch in batches:
-        x = torch.randn(batch, in_f, device="cuda", dtype=dtype)
+        x = torch.randn(batch, in_f, device=device, dtype=dtype)
         fused_path = "gemv" if batch <= tv.GEMV_MAX_BATCH else "gemm"
 
         def op(layer, path):

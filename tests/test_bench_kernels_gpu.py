@@ -108,3 +108,37 @@ def test_shape_typo_is_refused(bench, capsys):
 def test_without_cuda_it_says_so(bench, capsys):
     assert bench.main(["--quick"]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_measure_group_runs_every_method(bench, monkeypatch):
+    """The measurement's calls (custom op, dispatch, row fields) on CPU tensors through the Triton interpreter,
+    with a timer that runs each call once (no CUDA graphs here)."""
+    pytest.importorskip("triton")
+    from vqlib.kernels import triton_vq as tv
+    from vqlib.kernels import triton_vq_ops  # noqa: F401  (defines torch.ops.vqlib.*; on a GPU triton_vq imports it)
+
+    from vqlib import kernels
+
+    monkeypatch.setattr(kernels, "_KERNELS", [])
+    monkeypatch.setattr(kernels, "_LOGGED", set())
+    monkeypatch.delenv(kernels.ENV_SWITCH, raising=False)
+    monkeypatch.setattr(kernels, "_BROKEN", {})
+    for kernel in tv.kernel_entries("cpu", "VQLinear"):
+        kernels.register_kernel(kernel)
+    outputs = []
+
+    def run_once(calls, reps):
+        outputs.extend(call() for call in calls)
+        return 1e-3
+
+    monkeypatch.setattr(bench, "time_graph", run_once)
+    monkeypatch.setitem(bench.DTYPES, "fp32", torch.float32)  # the interpreter has no fp16 arithmetic
+    rows = bench.measure_group("40x24", "d4_1x8", "fp32", [1, 5, 300], l2=1, reps=1, device="cpu")
+    assert [(r["batch"], r["fused_path"], r["auto"]) for r in rows] == [
+        (1, "gemv", "gemv"),
+        (5, "gemm", "gemm"),
+        (300, "gemm", "dequant_matmul"),
+    ]
+    assert all(r["copies_vq"] == 2 and r["copies_dense"] == 2 for r in rows)
+    assert all(r["speedup_auto"] == 1.0 and r["auto_vs_best"] == 1.0 for r in rows)
+    assert len(outputs) == 3 * (2 + 2 + 2) and all(y.shape[1:] == (24,) for y in outputs)
