@@ -6,12 +6,13 @@
 #   benchmarks/gpu_check.sh [OUT_DIR]      # default: $OUT if set (device runner), else ./gpu_check_out
 #
 # Writes OUT_DIR/{env.txt, gpu_tests.txt, gpu_tests.xml, bench.txt, bench_kernels_gpu.json, bench_kernels_gpu.png}.
-# Exit status: non-zero if the tests or the benchmark failed (both always run).
+# Exit status: non-zero if the tests or the benchmark failed (both always run); 3 if vqlib.kernels cannot be
+# imported (it is run from this folder when vqlib is not installed: see below).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-gpu_check_out}}
 mkdir -p "$OUT_DIR"
-PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 
 {
   date -u
@@ -19,6 +20,24 @@ PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python 
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'device', torch.cuda.get_device_name(0))"
 } >"$OUT_DIR/env.txt" 2>&1
 cat "$OUT_DIR/env.txt"
+
+# vqlib.kernels lives in kernels/ and is mapped into the vqlib namespace only by an install (pyproject's
+# package-dir), so a bare copy of the repository (as on a lent GPU machine) cannot import it and both steps
+# below would fail at import. No pip (offline, maybe no write access to the machine's environment): link the
+# mapped folders into vqlib/ for this run, and remove the links on exit.
+links=()
+trap 'rm -f "${links[@]}"' EXIT
+if ! "$PY" -c "import vqlib.kernels" 2>/dev/null; then
+  for sub in kernels models training model_cards; do
+    [ -e "vqlib/$sub" ] || { ln -s "../$sub" "vqlib/$sub" && links+=("vqlib/$sub"); }
+  done
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the benchmark runs as a script: its sys.path[0] is benchmarks/
+  if ! "$PY" -c "import vqlib.kernels"; then
+    echo "gpu_check: vqlib.kernels is not importable with $PY; nothing was run" >&2
+    exit 3
+  fi
+  echo "gpu_check: vqlib is not installed for $PY: running it from this folder (linked ${links[*]})"
+fi
 
 timeout 270 "$PY" -m pytest tests/test_kernels_triton.py tests/test_kernels_triton_crossover.py -m gpu -q -p no:cacheprovider \
   --junitxml="$OUT_DIR/gpu_tests.xml" 2>&1 | tee "$OUT_DIR/gpu_tests.txt"
