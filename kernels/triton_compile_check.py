@@ -89,15 +89,22 @@ def _signature(fn, args, meta) -> tuple[dict, dict, dict]:
     return sig, constexprs, attrs
 
 
-def _ptxas_stats(ptx: str, arch: int) -> dict:
+def _ptxas_path(arch: int) -> str:
+    import inspect
+
     from triton.backends.nvidia.compiler import get_ptxas
 
+    # Triton 3.6 picks a ptxas per architecture (a separate one for Blackwell): get_ptxas(arch); 3.5 takes none.
+    return (get_ptxas(arch) if inspect.signature(get_ptxas).parameters else get_ptxas()).path
+
+
+def _ptxas_stats(ptx: str, arch: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.ptx"
         path.write_text(ptx)
         arch_flag = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
         res = subprocess.run(
-            [get_ptxas().path, "-v", f"--gpu-name={arch_flag}", str(path), "-o", str(Path(tmp) / "k.o")],
+            [_ptxas_path(arch), "-v", f"--gpu-name={arch_flag}", str(path), "-o", str(Path(tmp) / "k.o")],
             capture_output=True,
             text=True,
         )
