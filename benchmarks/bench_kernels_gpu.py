@@ -327,22 +327,15 @@ def plot(rows: list[dict], path: Path) -> str | None:
     for i, dt in enumerate(dtypes):
         for j, shape in enumerate(shapes):
             ax = axes[i][j]
-            for fmt in sorted({r["fmt"] for r in rows}):
+            for k, fmt in enumerate(sorted({r["fmt"] for r in rows})):  # one colour per format in every panel
                 sel = sorted(
                     (r for r in rows if (r["shape"], r["dtype"], r["fmt"]) == (shape, dt, fmt)),
                     key=lambda r: r["batch"],
                 )
                 if sel:
-                    line = ax.plot(
-                        [r["batch"] for r in sel], [r["speedup_auto"] for r in sel], marker="o", label=f"{fmt} auto"
-                    )
-                    ax.plot(
-                        [r["batch"] for r in sel],
-                        [r["speedup_fused"] for r in sel],
-                        ls=":",
-                        color=line[0].get_color(),
-                        label=f"{fmt} fused",
-                    )
+                    batches = [r["batch"] for r in sel]
+                    ax.plot(batches, [r["speedup_auto"] for r in sel], marker="o", color=f"C{k}", label=f"{fmt} auto")
+                    ax.plot(batches, [r["speedup_fused"] for r in sel], ls=":", color=f"C{k}", label=f"{fmt} fused")
             ax.axhline(1.0, color="k", lw=0.8)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log", base=2)
@@ -350,7 +343,8 @@ def plot(rows: list[dict], path: Path) -> str | None:
             ax.set_xlabel("batch (tokens)")
             if j == 0:
                 ax.set_ylabel(f"speed-up vs dense {dt} (cuBLAS)")
-    axes[0][0].legend(fontsize=7)
+            if ax.get_lines()[:-1]:  # one legend per panel: panels may hold different formats (a budget stop)
+                ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return None
