@@ -10,7 +10,8 @@ How: the first eager call of a (device, activation dtype, layer type, out, in, f
 each path that can run it (``gemv`` up to GEMV_MAX_BATCH tokens, ``gemm``, ``dequant_matmul``) on a random
 input of ``bucket`` tokens: one untimed call (compiles the kernel), then REPS calls, each after writing
 twice the L2 (at least FLUSH_MIN_BYTES) so the layer's compressed bytes are read from memory as in decoding (a 2-bit layer fits in a 50 MB
-L2), timed with CUDA events; the median wins. A few ms per key, once per process; layers of one shape and
+L2), timed with CUDA events around the call while the GPU is kept busy (so the events time the kernels, not the
+host's launch, as under CUDA graphs); the median wins. A few ms per key, once per process; layers of one shape and
 format share it. ``vqlib.kernels.explain`` prints the times.
 
 Not measured, and the default rule applies (GEMV_MAX_BATCH, DEQUANT_MATMUL_MIN_BATCH; the reason says so):
@@ -35,6 +36,11 @@ MAX_BUCKET = 2048  # more tokens are timed at this many (the ranking no longer c
 REPS = 5
 FLUSH_MIN_BYTES = 64 << 20  # written between timed calls: at least this and twice the device's L2 (H200: 60 MB)
 MEASURED_DEVICE_TYPES = ("cuda",)  # tests add "cpu" to drive the interpreter
+# GPU spin before each timed call (about 0.5 ms at H200 clocks): longer than the host takes to launch a path (the
+# custom op, the tile plan and Triton's launcher: tens of us, more than the flush's ~20 us), so the GPU never idles
+# between the start event and the kernels. Else a path with more launches looks slower by host time that CUDA graphs
+# (how decoding runs) remove, and a 5 us batch-1 GEMV is timed as its ~40 us launch.
+HOST_COVER_CYCLES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -196,6 +202,7 @@ def _median_us(fn, flush: Tensor) -> float:
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(REPS)]
     for start, end in events:
         flush.fill_(1)
+        torch.cuda._sleep(HOST_COVER_CYCLES)  # see HOST_COVER_CYCLES
         start.record()
         fn()
         end.record()
