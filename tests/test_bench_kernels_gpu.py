@@ -142,3 +142,12 @@ def test_measure_group_runs_every_method(bench, monkeypatch):
     assert all(r["copies_vq"] == 2 and r["copies_dense"] == 2 for r in rows)
     assert all(r["speedup_auto"] == 1.0 and r["auto_vs_best"] == 1.0 for r in rows)
     assert len(outputs) == 3 * (2 + 2 + 2) and all(y.shape[1:] == (24,) for y in outputs)
+
+
+def test_target_shape_is_measured_first_in_every_format_and_dtype(bench):
+    args = bench.parse_args([])
+    order = bench.group_order(bench.plan(args), args)
+    assert len(order) == 5 * 3 * 2 and len(set(order)) == len(order)
+    assert {g[0] for g in order[:6]} == {"8192x8192"}  # before any other shape: a budget stop keeps the targets
+    assert {(g[1], g[2]) for g in order[:6]} == {(f, d) for f in args.formats for d in args.dtypes}
+    assert order[6] == ("4096x4096", "d8_2x8", "fp16")
