@@ -39,7 +39,8 @@ MEASURED_DEVICE_TYPES = ("cuda",)  # tests add "cpu" to drive the interpreter
 # GPU spin before each timed call (about 0.5 ms at H200 clocks): longer than the host takes to launch a path (the
 # custom op, the tile plan and Triton's launcher: tens of us, more than the flush's ~20 us), so the GPU never idles
 # between the start event and the kernels. Else a path with more launches looks slower by host time that CUDA graphs
-# (how decoding runs) remove, and a 5 us batch-1 GEMV is timed as its ~40 us launch.
+# (how decoding runs) remove, and a few-us batch-1 GEMV is timed as its launch. (Host and flush times are estimates:
+# no GPU has run this yet.)
 HOST_COVER_CYCLES = 1_000_000
 
 
