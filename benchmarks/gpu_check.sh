@@ -13,6 +13,7 @@ cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-gpu_check_out}}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+export PYTHONUNBUFFERED=1  # output piped to tee: a step stopped by its timeout still leaves what it printed
 
 {
   date -u
