@@ -110,21 +110,12 @@ def test_without_cuda_it_says_so(bench, capsys):
     assert "needs a CUDA device" in capsys.readouterr().err
 
 
-def test_measure_group_runs_every_method(bench, monkeypatch):
+def test_measure_group_runs_every_method(bench, monkeypatch, cpu_registry):
     """The measurement's calls (custom op, dispatch, row fields) on CPU tensors through the Triton interpreter,
     with a timer that runs each call once (no CUDA graphs here)."""
     pytest.importorskip("triton")
-    from vqlib.kernels import triton_vq as tv
     from vqlib.kernels import triton_vq_ops  # noqa: F401  (defines torch.ops.vqlib.*; on a GPU triton_vq imports it)
 
-    from vqlib import kernels
-
-    monkeypatch.setattr(kernels, "_KERNELS", [])
-    monkeypatch.setattr(kernels, "_LOGGED", set())
-    monkeypatch.delenv(kernels.ENV_SWITCH, raising=False)
-    monkeypatch.setattr(kernels, "_BROKEN", {})
-    for kernel in tv.kernel_entries("cpu", "VQLinear"):
-        kernels.register_kernel(kernel)
     outputs = []
 
     def run_once(calls, reps):

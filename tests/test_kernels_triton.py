@@ -164,18 +164,6 @@ def test_custom_op_schema_and_fake():
     torch.library.opcheck(torch.ops.vqlib.vq_dequantize.default, args, test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.fixture
-def cpu_registry(monkeypatch):
-    """The Triton kernels registered for CPU tensors (interpreter) in an otherwise empty registry."""
-    monkeypatch.setattr(kernels, "_KERNELS", [])
-    monkeypatch.setattr(kernels, "_BROKEN", {})
-    monkeypatch.setattr(kernels, "_LOGGED", set())
-    monkeypatch.delenv(kernels.ENV_SWITCH, raising=False)
-    for layer_type in ("VQLinear", "FusedVQLinear"):
-        for kernel in tv.kernel_entries("cpu", layer_type):
-            kernels.register_kernel(kernel)
-
-
 def test_dispatch_by_tokens_is_explained(cpu_registry, monkeypatch):
     layer = make_layer("d8_2x8_row_pad")
     path = {n: kernels.explain(layer, torch.randn(n, layer.in_features)).path for n in (1, 4, 5, 64, 255, 256, 1024)}

@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from test_kernels_triton import assert_matches, cpu_registry, make_layer, no_log_while_compiling  # noqa: E402,F401
+from test_kernels_triton import assert_matches, make_layer, no_log_while_compiling  # noqa: E402,F401
 from vqlib.kernels import triton_crossover as tc  # noqa: E402
 from vqlib.kernels import triton_vq as tv  # noqa: E402
 from vqlib.kernels import triton_vq_ops as ops  # noqa: E402
@@ -18,7 +18,7 @@ from vqlib import kernels  # noqa: E402
 
 
 @pytest.fixture
-def measured(monkeypatch, cpu_registry):  # noqa: F811
+def measured(monkeypatch, cpu_registry):
     """Rankings measured on CPU tensors with a fake clock; returns the list of timed (path, tokens)."""
     monkeypatch.setattr(tc, "_RANKINGS", {})
     monkeypatch.setattr(tc, "MEASURED_DEVICE_TYPES", ("cuda", "cpu"))
@@ -153,7 +153,7 @@ def test_tune_reports_every_layer_and_token_count(measured):
     }
 
 
-def test_real_timing_through_the_interpreter(cpu_registry, monkeypatch):  # noqa: F811
+def test_real_timing_through_the_interpreter(cpu_registry, monkeypatch):
     """The clock itself: every path is run and timed, and the chosen one computes the layer."""
     monkeypatch.setattr(tc, "_RANKINGS", {})
     monkeypatch.setattr(tc, "MEASURED_DEVICE_TYPES", ("cuda", "cpu"))
