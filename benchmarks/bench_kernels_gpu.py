@@ -5,11 +5,12 @@ activation dtype, three methods are timed:
 
 - ``dense``: ``torch.matmul`` with an uncompressed weight in the activation dtype (cuBLAS);
 - ``fused``: the Triton kernel the dispatch uses below the crossover (``gemv`` for batch <= 4,
-  ``gemm`` on tensor cores above), measured at every batch so the crossover can be read off;
+  ``gemm`` on tensor cores above) in its default tile plan, measured at every batch so the crossover can
+  be read off;
 - ``dequant``: the decode kernel into a dense weight, then cuBLAS.
 
-``auto`` is what ``vqlib.kernels`` picks: the path its own measurement found fastest for this shape, format,
-dtype and batch (``triton_crossover``); ``auto_vs_best`` (time of auto / the faster of fused and dequant
+``auto`` is what ``vqlib.kernels`` picks: the path and tile plan (``auto_tile``; None: the default plan) its
+own measurement found fastest for this shape, format, dtype and batch (``triton_crossover``); ``auto_vs_best`` (time of auto / the faster of fused and dequant
 here) shows whether that choice holds under this script's protocol.
 Every method runs inside a CUDA graph that calls it once on each of ``copies`` distinct weights,
 with enough copies to exceed twice the L2 cache (a cold L2 on every call, as in a real model),
@@ -181,8 +182,9 @@ def measure_group(
 ) -> list[dict]:
     """All batches of one (shape, format, dtype): the weights are built once. (``device`` is for the CPU test
     of this function under the Triton interpreter, with ``time_graph`` replaced.)"""
-    from vqlib.kernels import explain
+    from vqlib.kernels import explain, triton_crossover
     from vqlib.kernels import triton_vq as tv
+    from vqlib.kernels.triton_vq_ops import TilePlan
 
     in_f, out_f = Config(shape, 1, fmt, dtype_name).in_out
     dtype = DTYPES[dtype_name]
@@ -194,8 +196,8 @@ def measure_group(
         x = torch.randn(batch, in_f, device=device, dtype=dtype)
         fused_path = "gemv" if batch <= tv.GEMV_MAX_BATCH else "gemm"
 
-        def op(layer, path):
-            return lambda: torch.ops.vqlib.vq_linear(x, *tv.op_args(layer), path)
+        def op(layer, path, tile=None):
+            return lambda: torch.ops.vqlib.vq_linear(x, *tv.op_args(layer), path, tile)
 
         t_dense = time_graph([(lambda w=w: torch.matmul(x, w.t())) for w in dense], reps)
         t_fused = time_graph([op(layer, fused_path) for layer in layers], reps)
@@ -203,8 +205,12 @@ def measure_group(
         with torch.no_grad():  # what the dispatch runs (its first call here times the paths: triton_crossover)
             decision = explain(layers[0], x)
         auto = decision.path.removeprefix("triton_vq_")
+        auto_tile = triton_crossover.ranking(layers[0], x, batch).tile(auto)  # None: the path's default plan
         timed = {fused_path: t_fused, "dequant_matmul": t_deq}
-        t_auto = timed[auto] if auto in timed else time_graph([op(layer, auto) for layer in layers], reps)
+        if auto in timed and auto_tile is None:
+            t_auto = timed[auto]
+        else:
+            t_auto = time_graph([op(layer, auto, auto_tile) for layer in layers], reps)
         rows.append(
             dict(
                 shape=shape,
@@ -220,6 +226,7 @@ def measure_group(
                 t_fused_us=t_fused * 1e6,
                 t_dequant_us=t_deq * 1e6,
                 auto=auto,
+                auto_tile=None if auto_tile is None else TilePlan.decode(auto_tile).describe(),
                 auto_reason=decision.reason,
                 t_auto_us=t_auto * 1e6,
                 auto_vs_best=t_auto / min(t_fused, t_deq),

@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget
 from . import triton_vq_jit as jit
 from .triton_crossover import admissible
 from .triton_vq import DEQUANT_MATMUL_MIN_BATCH
-from .triton_vq_ops import _pow2, dequantize_launches, linear_launches, plan_tiles
+from .triton_vq_ops import _pow2, dequantize_launches, linear_launches, tile_candidates
 
 _TYPE = {
     torch.float16: "fp16",
@@ -139,16 +139,18 @@ def compile_launch(launch, arch: int) -> dict:
         "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
         "mma_sync": len(re.findall(r"mma\.sync", ptx)),
         "constexprs": {
-            k: v for k, v in constexprs.items() if k.startswith("BLOCK") or k in ("SPLIT", "SPLIT_K", "IEEE")
+            k: v
+            for k, v in constexprs.items()
+            if k.startswith("BLOCK") or k in ("SPLIT", "SPLIT_K", "IEEE", "PREFETCH")
         },
         **options,
     }
 
 
-def planned_launches(quick: bool, sms: int, exotic: bool = False):
+def planned_launches(quick: bool, sms: int, exotic: bool = False, default_only: bool = False):
     """Every distinct launch the dispatch can make for the benchmark's formats, batches and dtypes: each path
-    that can run a batch (the GPU's measured choice picks among them; ``triton_crossover``).
-    ``exotic``: the rarer formats, also with float32 activations."""
+    that can run a batch, in each of its tile plans (the GPU's measured choice picks among them;
+    ``triton_crossover``), or only the default plans. ``exotic``: the rarer formats, also with float32 activations."""
     shapes = [(4096, 4096)] if quick else [(4096, 4096), (8192, 28672)]
     dtypes = (torch.float16, torch.bfloat16, torch.float32) if exotic else (torch.float16, torch.bfloat16)
     for fmt in EXOTIC if exotic else FORMATS[:2] if quick else FORMATS:
@@ -162,8 +164,9 @@ def planned_launches(quick: bool, sms: int, exotic: bool = False):
                             yield fmt[0], dtype, batch, dequantize_launches(*args[:4], None, *args[6:], dtype)[1]
                             continue
                         nv, dp = args[0].shape[1], _pow2(fmt[1])
-                        plan = plan_tiles(path, batch, out_f, nv, dp, x.device, sms=sms, elem_bytes=x.element_size())
-                        yield fmt[0], dtype, batch, linear_launches(x, *args, path, plan=plan)[1]
+                        plans = tile_candidates(path, batch, out_f, nv, dp, x.device, sms, x.element_size())
+                        for plan in plans[:1] if default_only else plans:
+                            yield fmt[0], dtype, batch, linear_launches(x, *args, path, plan=plan)[1]
 
 
 def main(argv=None) -> int:
@@ -176,10 +179,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="two formats, one shape")
     parser.add_argument("--exotic", action="store_true", help="the rarer formats (odd d, M=3, B=10/12, ...) and fp32")
+    parser.add_argument("--default-plans", action="store_true", help="only each path's default tile plan")
     parser.add_argument("--json", type=Path, help="write the per-variant results here")
     args = parser.parse_args(argv)
     seen, rows, failures = set(), [], 0
-    for fmt, dtype, batch, launches in planned_launches(args.quick, args.sms, args.exotic):
+    for fmt, dtype, batch, launches in planned_launches(args.quick, args.sms, args.exotic, args.default_plans):
         for launch in launches:
             sig, constexprs, _ = _signature(getattr(jit, launch.kernel), launch.args, launch.meta)
             key = (launch.kernel, tuple(sorted(sig.items())), tuple(sorted(map(str, launch.meta.items()))))

@@ -25,6 +25,7 @@ import contextlib
 import os
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -50,11 +51,23 @@ class PathRanking:
 
     paths: tuple[str, ...]
     bucket: int  # tokens the ranking was made for (a power of two)
-    times_us: dict[str, float] | None = None  # measured, or None: the default rule decided
+    times_us: dict[str, float] | None = None  # measured (each path's fastest tile plan), or None: the default rule
     unmeasured_because: str = ""
+    tiles: dict[str, list[int]] | None = None  # path -> its fastest tile plan (TilePlan.encode()), if not the default
+
+    def tile(self, path: str) -> list[int] | None:
+        """The ``tile`` argument of ``vqlib::vq_linear`` for ``path`` (None: its default plan)."""
+        return (self.tiles or {}).get(path)
 
     def _us(self, path: str) -> str:
-        return f"{self.times_us[path]:.1f} us" if path in self.times_us else "not timed: out of memory"
+        if path not in self.times_us:
+            return "not timed: out of memory"
+        tile = self.tile(path)
+        if tile is None:
+            return f"{self.times_us[path]:.1f} us"
+        from .triton_vq_ops import TilePlan
+
+        return f"{self.times_us[path]:.1f} us with {TilePlan.decode(tile).describe()}"
 
     def why_chosen(self, path: str) -> str:
         """Why ``path`` runs (the first usable path of this ranking)."""
@@ -153,12 +166,11 @@ def _usable(layer: nn.Module, paths: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _measure(layer: nn.Module, x: Tensor, paths: tuple[str, ...], n: int) -> PathRanking:
-    """Time ``paths`` at ``n`` tokens. A path that fails to build is disabled (registry warning); one that runs out
-    of memory at this size is ranked after the timed ones, as is every path when the probe does not fit."""
-    from . import KernelBuildError, mark_broken
-    from .triton_vq import kernel_name, op_args
-
-    times = {}
+    """Time every tile plan of ``paths`` at ``n`` tokens; each path is ranked by its fastest plan. A path whose
+    default plan fails to build is disabled (registry warning); another plan that fails is skipped with a warning.
+    A path that runs out of memory at this size is ranked after the timed ones, as is every path when the probe
+    does not fit."""
+    times, tiles = {}, {}
     with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
         try:
             gen = torch.Generator(device=x.device).manual_seed(n)
@@ -166,18 +178,71 @@ def _measure(layer: nn.Module, x: Tensor, paths: tuple[str, ...], n: int) -> Pat
             flush = torch.empty(_flush_bytes(x.device), dtype=torch.int8, device=x.device)
         except torch.OutOfMemoryError:
             return PathRanking(paths, n, None, f"out of memory allocating the {n}-token probe and L2 flush")
-        args = op_args(layer)
         for path in paths:
-            try:
-                times[path] = _time_path(path, probe, args, flush)
-            except KernelBuildError as exc:
-                mark_broken(kernel_name(path, layer), exc)
-            except torch.OutOfMemoryError:
-                pass  # too large at this size (decode-then-cuBLAS holds a dense weight): ranked last
+            timed = _time_tiles(layer, path, probe, flush)
+            if timed:
+                tile, times[path] = min(timed.items(), key=lambda item: item[1])
+                if tile:
+                    tiles[path] = list(tile)
     if not times:
         return PathRanking(paths, n, None, "no path could be timed (build failures or out of memory)")
     ranked = tuple(sorted(times, key=times.get)) + tuple(p for p in paths if p not in times)
-    return PathRanking(ranked, n, times)
+    return PathRanking(ranked, n, times, tiles=tiles)
+
+
+def _time_tiles(layer: nn.Module, path: str, probe: Tensor, flush: Tensor) -> dict[tuple, float]:
+    """{encoded tile plan (() for the default): microseconds} of ``path``'s candidate plans."""
+    from . import KernelBuildError, mark_broken
+    from .triton_vq import kernel_name, op_args
+
+    args, timed = op_args(layer), {}
+    for tile in _candidate_tiles(layer, path, probe):
+        try:
+            timed[tuple(tile or ())] = _time_path(path, probe, args, flush, tile)
+        except KernelBuildError as exc:
+            if tile is None:  # the default plan: the kernel is unusable here
+                mark_broken(kernel_name(path, layer), exc)
+                return {}
+            _warn_tile_failed(path, tile, exc)
+        except torch.OutOfMemoryError:
+            if tile is None:
+                return {}  # too large at this size (decode-then-cuBLAS holds a dense weight): ranked last
+    return timed
+
+
+def _candidate_tiles(layer: nn.Module, path: str, probe: Tensor) -> list[list[int] | None]:
+    """None (the default plan) first, then the other plans of ``triton_vq_ops.tile_candidates``."""
+    from .triton_vq_ops import _pow2, tile_candidates
+
+    plan_path = "dequant" if path == "dequant_matmul" else path
+    nv = layer.codes.shape[1]
+    plans = tile_candidates(
+        plan_path,
+        probe.shape[0],
+        layer.out_features,
+        nv,
+        _pow2(layer.vector_dim),
+        probe.device,
+        elem_bytes=probe.element_size(),
+    )
+    return [None] + [plan.encode() for plan in plans[1:]]
+
+
+_WARNED_TILES: set = set()
+
+
+def _warn_tile_failed(path: str, tile: list[int], exc: Exception) -> None:
+    from .triton_vq_ops import TilePlan
+
+    key = (path, tuple(tile))
+    if key not in _WARNED_TILES:
+        _WARNED_TILES.add(key)
+        warnings.warn(
+            f"vqlib.kernels: {path} tile plan ({TilePlan.decode(tile).describe()}) failed to build and is not "
+            f"timed; the other plans of {path} still are ({type(exc).__name__}: {exc})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _flush_bytes(device: torch.device) -> int:
@@ -186,8 +251,8 @@ def _flush_bytes(device: torch.device) -> int:
     return max(FLUSH_MIN_BYTES, 2 * torch.cuda.get_device_properties(device).L2_cache_size)
 
 
-def _time_path(path: str, probe: Tensor, args: tuple, flush: Tensor) -> float:
-    return _median_us(lambda: torch.ops.vqlib.vq_linear(probe, *args, path), flush)
+def _time_path(path: str, probe: Tensor, args: tuple, flush: Tensor, tile: list[int] | None = None) -> float:
+    return _median_us(lambda: torch.ops.vqlib.vq_linear(probe, *args, path, tile), flush)
 
 
 def _median_us(fn, flush: Tensor) -> float:

@@ -131,7 +131,8 @@ def op_args(layer: nn.Module) -> tuple:
 
 def _runner(path: str):
     def run(layer: nn.Module, x: Tensor) -> Tensor:
-        return torch.ops.vqlib.vq_linear(x, *op_args(layer), path)
+        tile = triton_crossover.ranking(layer, x, tokens(x)).tile(path)  # the measured plan (None: default)
+        return torch.ops.vqlib.vq_linear(x, *op_args(layer), path, tile)
 
     run.__name__ = f"run_{path}"
     return run

@@ -26,8 +26,41 @@ import triton.language as tl
 
 
 @triton.jit
-def _decode_tile(
+def _load_codes(
     codes_ptr,
+    n_idx,
+    v_idx,
+    N,
+    NV,
+    V_END,
+    M: tl.constexpr,
+    MP: tl.constexpr,
+    CODE16: tl.constexpr,
+):
+    """(BLOCK_N, BLOCK_V, MP) int32 codes of a tile (MP = next power of two >= M; 0 where masked: rows >= N,
+    vectors >= V_END, codebooks >= M). One load of each vector's M contiguous codes, kept apart from the
+    decode so that the GEMV can issue the next tile's load before decoding this one (PREFETCH)."""
+    m_idx = tl.arange(0, MP)
+    ok = (n_idx < N)[:, None, None] & (v_idx < V_END)[None, :, None] & (m_idx < M)[None, None, :]
+    ptrs = codes_ptr + (n_idx[:, None, None] * NV + v_idx[None, :, None]) * M + m_idx[None, None, :]
+    code = tl.load(ptrs, mask=ok, other=0).to(tl.int32)
+    if CODE16:
+        code = code & 0xFFFF  # int16 storage holds the uint16 bit pattern
+    return code
+
+
+@triton.jit
+def _code_of(codes, m, MP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(BLOCK_N, BLOCK_V) codes of codebook m from a (BLOCK_N, BLOCK_V, MP) tile (in-thread select + sum)."""
+    if MP == 1:
+        return tl.reshape(codes, (BLOCK_N, BLOCK_V))
+    pick = tl.arange(0, MP)[None, None, :] == m
+    return tl.reduce(tl.where(pick, codes, 0), 2, tl.standard._sum_combine)
+
+
+@triton.jit
+def _decode_tile(
+    codes,
     cb_ptr,
     cbs_ptr,
     sc_ptr,
@@ -35,15 +68,14 @@ def _decode_tile(
     n_idx,
     v_idx,
     N,
-    NV,
     V_END,
     S,
     G,
     D: tl.constexpr,
     DP: tl.constexpr,
     M: tl.constexpr,
+    MP: tl.constexpr,
     KCB: tl.constexpr,
-    CODE16: tl.constexpr,
     GROUP_VECS: tl.constexpr,
     HAS_CBS: tl.constexpr,
     SCALE_MODE: tl.constexpr,
@@ -52,8 +84,8 @@ def _decode_tile(
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """(BLOCK_N, BLOCK_V, DP) float32 weight vectors, zero outside the layer and for vectors >= V_END
-    (the end of this program's K split). NV is the row stride of codes (vectors per row).
+    """(BLOCK_N, BLOCK_V, DP) float32 weight vectors of a tile whose codes (``_load_codes``) are given, zero
+    outside the layer and for vectors >= V_END (the end of this program's K split).
 
     Same arithmetic and order as the reference ``decode_weight``: entry (int8 * codebook scale),
     summed over the M codebooks in order, then times the row/group scale, all in float32.
@@ -74,11 +106,8 @@ def _decode_tile(
     else:
         cset = grp[None, :] + n_idx[:, None] * 0
     w = tl.full((BLOCK_N, BLOCK_V, DP), 0.0, tl.float32)
-    code_ptrs = codes_ptr + (n_idx[:, None] * NV + v_idx[None, :]) * M  # (BN, BV)
     for m in tl.static_range(M):
-        code = tl.load(code_ptrs + m, mask=nv_ok, other=0).to(tl.int32)
-        if CODE16:
-            code = code & 0xFFFF  # int16 storage holds the uint16 bit pattern
+        code = _code_of(codes, m, MP, BLOCK_N, BLOCK_V)  # (BN, BV)
         entry = (cset * M + m) * KCB + code  # (BN, BV) row of the flattened codebooks
         vals = tl.load(
             cb_ptr + entry[:, :, None] * D + lane[None, None, :],
@@ -123,6 +152,7 @@ def vq_dequant_kernel(
     D: tl.constexpr,
     DP: tl.constexpr,
     M: tl.constexpr,
+    MP: tl.constexpr,
     KCB: tl.constexpr,
     CODE16: tl.constexpr,
     GROUP_VECS: tl.constexpr,
@@ -136,8 +166,9 @@ def vq_dequant_kernel(
     """Dense (N, K_IN) weight in out's dtype (the pad columns are dropped)."""
     n_idx = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     v_idx = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    codes = _load_codes(codes_ptr, n_idx, v_idx, N, NV, NV, M, MP, CODE16)  # (BN, BV, MP)
     w = _decode_tile(
-        codes_ptr,
+        codes,
         cb_ptr,
         cbs_ptr,
         sc_ptr,
@@ -146,14 +177,13 @@ def vq_dequant_kernel(
         v_idx,
         N,
         NV,
-        NV,
         S,
         G,
         D,
         DP,
         M,
+        MP,
         KCB,
-        CODE16,
         GROUP_VECS,
         HAS_CBS,
         SCALE_MODE,
@@ -205,6 +235,7 @@ def vq_gemv_kernel(
     D: tl.constexpr,
     DP: tl.constexpr,
     M: tl.constexpr,
+    MP: tl.constexpr,
     KCB: tl.constexpr,
     CODE16: tl.constexpr,
     GROUP_VECS: tl.constexpr,
@@ -217,10 +248,15 @@ def vq_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     SPLIT: tl.constexpr,
+    PREFETCH: tl.constexpr,
     ITERS,
 ):
     """Small batch on CUDA cores: all BATCH rows (<= BLOCK_B) of x against BLOCK_N weight rows,
-    over this program's split of the vectors; the weight is decoded in registers only."""
+    over this program's split of the vectors; the weight is decoded in registers only.
+
+    PREFETCH: the next tile's codes are loaded before this tile is decoded. Batch 1 is bound by how many
+    code bytes are in flight (Little's law: ~30 KB per SM at H200 bandwidth and ~0.8 us latency), and
+    Triton's pipeliner only stages loads that feed ``tl.dot``, so the GEMV double-buffers by hand."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n_idx = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -228,10 +264,17 @@ def vq_gemv_kernel(
     acc = tl.full((BLOCK_B, BLOCK_N), 0.0, tl.float32)
     v_lo = pid_k * VEC_PER_SPLIT
     v_hi = tl.minimum(v_lo + VEC_PER_SPLIT, NV)
+    if PREFETCH:
+        next_codes = _load_codes(codes_ptr, n_idx, v_lo + tl.arange(0, BLOCK_V), N, NV, v_hi, M, MP, CODE16)
     for it in range(ITERS):
         v_idx = v_lo + it * BLOCK_V + tl.arange(0, BLOCK_V)
+        if PREFETCH:
+            codes = next_codes  # (BN, BV, MP)
+            next_codes = _load_codes(codes_ptr, n_idx, v_idx + BLOCK_V, N, NV, v_hi, M, MP, CODE16)
+        else:
+            codes = _load_codes(codes_ptr, n_idx, v_idx, N, NV, v_hi, M, MP, CODE16)  # (BN, BV, MP)
         w = _decode_tile(
-            codes_ptr,
+            codes,
             cb_ptr,
             cbs_ptr,
             sc_ptr,
@@ -239,15 +282,14 @@ def vq_gemv_kernel(
             n_idx,
             v_idx,
             N,
-            NV,
             v_hi,
             S,
             G,
             D,
             DP,
             M,
+            MP,
             KCB,
-            CODE16,
             GROUP_VECS,
             HAS_CBS,
             SCALE_MODE,
@@ -290,6 +332,7 @@ def vq_gemm_kernel(
     D: tl.constexpr,
     DP: tl.constexpr,
     M: tl.constexpr,
+    MP: tl.constexpr,
     KCB: tl.constexpr,
     CODE16: tl.constexpr,
     GROUP_VECS: tl.constexpr,
@@ -319,8 +362,9 @@ def vq_gemm_kernel(
     v_hi = tl.minimum(v_lo + VEC_PER_SPLIT, NV)
     for it in range(ITERS):
         v_idx = v_lo + it * BLOCK_V + tl.arange(0, BLOCK_V)
+        codes = _load_codes(codes_ptr, n_idx, v_idx, N, NV, v_hi, M, MP, CODE16)  # (BN, BV, MP)
         w = _decode_tile(
-            codes_ptr,
+            codes,
             cb_ptr,
             cbs_ptr,
             sc_ptr,
@@ -328,15 +372,14 @@ def vq_gemm_kernel(
             n_idx,
             v_idx,
             N,
-            NV,
             v_hi,
             S,
             G,
             D,
             DP,
             M,
+            MP,
             KCB,
-            CODE16,
             GROUP_VECS,
             HAS_CBS,
             SCALE_MODE,

@@ -25,7 +25,7 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -51,6 +51,26 @@ class TilePlan:
     num_warps: int = 4
     num_stages: int = 2
     swap_ab: bool = False  # gemm: weight rows on the MMA's M side (skinny token counts)
+    prefetch: bool = False  # gemv: load the next tile's codes before decoding this one
+
+    def encode(self) -> list[int]:
+        """The plan as the ``tile`` argument of ``vqlib::vq_linear`` (ints: a custom op takes no dataclass)."""
+        return [getattr(self, f.name) if f.type != "bool" else int(getattr(self, f.name)) for f in fields(self)]
+
+    def describe(self) -> str:
+        rows = f"{self.block_n} rows x {self.block_v} vectors" + (
+            f" x {self.block_b} tokens" if self.block_b > 1 else ""
+        )
+        extras = [f"{self.num_warps} warps", f"split-K {self.split_k}"]
+        extras += ["swap-AB"] * self.swap_ab + ["prefetch"] * self.prefetch
+        return f"tiles of {rows}, " + ", ".join(extras)
+
+    @classmethod
+    def decode(cls, tile: list[int]) -> TilePlan:
+        names = [f.name for f in fields(cls)]
+        if len(tile) != len(names):
+            raise ValueError(f"vq_linear: tile must hold {len(names)} ints ({', '.join(names)}), got {list(tile)}")
+        return cls(**{f.name: bool(v) if f.type == "bool" else int(v) for f, v in zip(fields(cls), tile)})
 
 
 def _pow2(n: int) -> int:
@@ -62,15 +82,23 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _with_split(plan: TilePlan, row_blocks: int, nv: int, device: torch.device, sms: int | None) -> TilePlan:
+def _with_split(
+    plan: TilePlan,
+    row_blocks: int,
+    nv: int,
+    device: torch.device,
+    sms: int | None,
+    programs_per_sm: int = PROGRAMS_PER_SM,
+    min_iters: int = MIN_ITERS_PER_SPLIT,
+) -> TilePlan:
     """Split the vector (K) loop so that tall or wide layers still launch enough programs."""
     if sms is None:
         index = (
             device.index if device.index is not None else torch.cuda.current_device() if device.type == "cuda" else 0
         )
         sms = _sm_count(index) if device.type == "cuda" else 1
-    want = math.ceil(PROGRAMS_PER_SM * sms / max(1, row_blocks))
-    most = max(1, nv // (plan.block_v * MIN_ITERS_PER_SPLIT))
+    want = math.ceil(programs_per_sm * sms / max(1, row_blocks))
+    most = max(1, nv // (plan.block_v * min_iters))
     split = max(1, min(want, most, MAX_SPLIT_K))
     return split_plan(plan, split, nv)
 
@@ -108,6 +136,54 @@ def plan_tiles(
         raise ValueError(f"plan_tiles: expected path 'gemv', 'gemm' or 'dequant', got {path!r}")
     row_blocks = math.ceil(n / plan.block_n) * math.ceil(batch / plan.block_b)
     return _with_split(plan, row_blocks, nv, device, sms)
+
+
+# (rows, vector tiles relative to the default, warps, programs per SM, prefetch): what the GEMV candidates vary.
+# Batch 1 is latency-bound unless ~30 KB of codes per SM are in flight (Little's law at H200 bandwidth): more
+# programs (split-K), larger tiles and the prefetch each add bytes in flight, at a cost in registers and in
+# split-K partial sums. Which wins depends on the GPU and shape, so the GPU measures (triton_crossover).
+GEMV_VARIANTS = (
+    (None, 1, None, PROGRAMS_PER_SM, False),  # the default plan
+    (None, 1, None, 8, False),
+    (None, 1, None, 8, True),
+    (None, 1, None, 32, True),
+    (64, 1, 4, 8, True),
+    (None, 2, 8, 8, True),
+)
+GEMM_PROGRAMS_PER_SM = (PROGRAMS_PER_SM, 8)
+
+
+def tile_candidates(
+    path: str, batch: int, n: int, nv: int, dp: int, device: torch.device, sms: int | None = None, elem_bytes: int = 2
+) -> list[TilePlan]:
+    """The tile plans the measured choice times for ``path``, the default (``plan_tiles``) first, no duplicates.
+    Shapes only (no data), so a CUDA graph or compiled graph replays the plan chosen eagerly."""
+    default = plan_tiles(path, batch, n, nv, dp, device, sms, elem_bytes)
+    if path == "dequant":
+        return [default]
+    if path == "gemv":
+        variants = [
+            (
+                replace(
+                    default,
+                    block_n=rows or default.block_n,
+                    block_v=default.block_v * wide,
+                    num_warps=warps or default.num_warps,
+                    prefetch=prefetch,
+                ),
+                pps,
+            )
+            for rows, wide, warps, pps, prefetch in GEMV_VARIANTS
+        ]
+    else:
+        variants = [(default, pps) for pps in GEMM_PROGRAMS_PER_SM]
+    plans = [default]
+    for plan, pps in variants:
+        row_blocks = math.ceil(n / plan.block_n) * math.ceil(batch / plan.block_b)
+        plan = _with_split(plan, row_blocks, nv, device, sms, pps, 2 if pps > PROGRAMS_PER_SM else MIN_ITERS_PER_SPLIT)
+        if plan not in plans:
+            plans.append(plan)
+    return plans
 
 
 # ---- compiled vs interpreted kernels ----------------------------------------------------------
@@ -181,6 +257,7 @@ def _format_meta(codes: Tensor, codebooks: Tensor, codebook_scales, scales, rows
         D=d,
         DP=_pow2(d),
         M=m,
+        MP=_pow2(m),
         KCB=kcb,
         CODE16=codes.dtype == torch.int16,
         GROUP_VECS=group_size // d,
@@ -347,7 +424,7 @@ def _kernel_and_grid(path, plan, batch, n, dtype):
     if path == "gemv":
         if plan.block_b < batch:
             raise ValueError(f"gemv: expected batch <= BLOCK_B={plan.block_b}, got {batch}")
-        return "vq_gemv_kernel", (triton.cdiv(n, plan.block_n), k_blocks), {}
+        return "vq_gemv_kernel", (triton.cdiv(n, plan.block_n), k_blocks), {"PREFETCH": plan.prefetch}
     if path == "gemm":
         grid = (triton.cdiv(batch, plan.block_b), triton.cdiv(n, plan.block_n), k_blocks)
         return "vq_gemm_kernel", grid, {"IEEE": dtype == torch.float32, "SWAP_AB": plan.swap_ab}
@@ -355,9 +432,20 @@ def _kernel_and_grid(path, plan, batch, n, dtype):
 
 
 def dequant_matmul(
-    x, codes, codebooks, codebook_scales, scales, bias, rowset, in_features, vector_dim, group_size, scale_group_size
+    x,
+    codes,
+    codebooks,
+    codebook_scales,
+    scales,
+    bias,
+    rowset,
+    in_features,
+    vector_dim,
+    group_size,
+    scale_group_size,
+    plan: TilePlan | None = None,
 ) -> Tensor:
-    """Decode the dense weight in x's dtype (one kernel), then cuBLAS (large batches)."""
+    """Decode the dense weight in x's dtype (one kernel, ``plan`` its tiles), then cuBLAS (large batches)."""
     weight = dequantize(
         codes,
         codebooks,
@@ -369,6 +457,7 @@ def dequant_matmul(
         group_size,
         scale_group_size,
         x.dtype,
+        plan=plan,
     )  # (out, in)
     return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
@@ -388,7 +477,10 @@ def vq_linear(
     group_size: int,
     scale_group_size: int,
     path: str,
+    tile: list[int] | None = None,
 ) -> Tensor:
+    """``tile``: a ``TilePlan.encode()`` (the measured choice's plan, see ``tile_candidates``), or None for the
+    default plan of ``path``."""
     args = (
         x,
         codes,
@@ -402,9 +494,10 @@ def vq_linear(
         group_size,
         scale_group_size,
     )
+    plan = TilePlan.decode(tile) if tile else None
     if path == "dequant_matmul":
-        return dequant_matmul(*args)
-    return fused_linear(*args, path)
+        return dequant_matmul(*args, plan=plan)
+    return fused_linear(*args, path, plan=plan)
 
 
 @vq_linear.register_fake
@@ -421,6 +514,7 @@ def _(
     group_size,
     scale_group_size,
     path,
+    tile=None,
 ):
     return x.new_empty((*x.shape[:-1], codes.shape[0]))
 

@@ -5,6 +5,7 @@ interpreter has no bf16 arithmetic). The ``gpu`` tests run the compiled kernels 
 fp32, plus torch.compile(fullgraph=True) and CUDA-graph capture.
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -67,8 +68,8 @@ FORMATS = {
 REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # of max |reference|
 
 
-def make_layer(name: str, seed: int = 0, device: str = "cpu") -> VQLinear:
-    spec = dict(FORMATS[name])
+def make_layer(name: str, seed: int = 0, device: str = "cpu", **overrides) -> VQLinear:
+    spec = dict(FORMATS[name], **overrides)
     gen = torch.Generator().manual_seed(seed)
     layer = VQLinear(**spec)
     k = layer.codebook_size
@@ -124,6 +125,8 @@ CASES = [
     for batch, path, split in [
         (1, "gemv", 2),
         (3, "gemv", 1),
+        (1, "gemv-prefetch", 2),
+        (3, "gemv-prefetch", 1),
         (17, "gemm", 2),
         (64, "gemm", 1),
         (3, "dequant_matmul", 1),
@@ -138,10 +141,37 @@ def test_kernel_matches_reference(name, batch, path, split):
     ref = layer._reference_linear(x)
     if path == "dequant_matmul":
         y = torch.ops.vqlib.vq_linear(x, *tv.op_args(layer), path)
+    elif path == "gemv-prefetch":  # the next tile's codes are loaded while this one is decoded (the last one masked)
+        plan = dataclasses.replace(small_plan("gemv", batch, layer, split), prefetch=True)
+        y = torch.ops.vqlib.vq_linear(x, *tv.op_args(layer), "gemv", plan.encode())
     else:
         plan = small_plan(path, batch, layer, split) if split > 1 else None
         y = ops.fused_linear(x, *tv.op_args(layer), path, plan=plan)
     assert_matches(y, ref)
+
+
+@pytest.mark.parametrize("path,batch", [("gemv", 1), ("gemv", 4), ("gemm", 16), ("gemm", 64)])
+def test_every_tile_candidate_matches_reference(path, batch):
+    """The plans the GPU's measured choice may pick (triton_crossover) all compute the layer; planned as for a
+    132-SM GPU so that split-K and every variant appear."""
+    layer = make_layer("d4_2x8_g128_int8", in_features=1030, out_features=40)  # 258 vectors: room for split-K
+    x = torch.randn(batch, layer.in_features, generator=torch.Generator().manual_seed(batch))
+    plans = ops.tile_candidates(path, batch, layer.out_features, layer.num_vectors, 4, x.device, sms=132)
+    assert plans[0] == ops.plan_tiles(path, batch, layer.out_features, layer.num_vectors, 4, x.device, sms=132)
+    assert len(set(plans)) == len(plans) >= 2
+    if path == "gemv":
+        assert any(p.prefetch for p in plans) and any(p.split_k > 1 for p in plans)
+    for plan in plans:
+        assert ops.TilePlan.decode(plan.encode()) == plan
+        assert_matches(
+            torch.ops.vqlib.vq_linear(x, *tv.op_args(layer), path, plan.encode()), layer._reference_linear(x)
+        )
+
+
+def test_bad_tile_argument_is_refused():
+    layer = make_layer("d8_2x8_row_pad")
+    with pytest.raises(ValueError, match=r"tile must hold 9 ints \(block_b, block_n, .*prefetch\), got \[1, 32\]"):
+        torch.ops.vqlib.vq_linear(torch.randn(1, layer.in_features), *tv.op_args(layer), "gemv", [1, 32])
 
 
 def test_leading_dims_and_strided_input():
@@ -346,6 +376,19 @@ def test_gpu_matches_reference(name, dtype, monkeypatch):
                 continue
             y = ops.fused_linear(x, *tv.op_args(layer), split_path, plan=small_plan(split_path, batch, layer, split))
             assert_matches(y, layer._reference_linear(x), dtype)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("path,batch", [("gemv", 1), ("gemv", 4), ("gemm", 16)])
+def test_gpu_every_tile_candidate_matches_reference(path, batch):
+    """Every plan the measured choice may pick, compiled (prefetch, split-K, wide tiles), in fp16."""
+    layer = make_layer("d4_2x8_g128_int8", device="cuda", in_features=4100, out_features=300)
+    x = torch.randn(batch, layer.in_features, device="cuda", dtype=torch.float16)
+    ref = layer._reference_linear(x)
+    plans = ops.tile_candidates(path, batch, layer.out_features, layer.num_vectors, 4, x.device)
+    for plan in plans:
+        assert_matches(torch.ops.vqlib.vq_linear(x, *tv.op_args(layer), path, plan.encode()), ref, torch.float16)
 
 
 @pytest.mark.gpu

@@ -25,9 +25,10 @@ def measured(monkeypatch, cpu_registry):
     monkeypatch.delenv(tc.ENV_TUNING, raising=False)
     timed = []
 
-    def clock(path, probe, args, flush):  # the GEMM beats the GEMV; decode-then-cuBLAS wins from 8 tokens
+    def clock(path, probe, args, flush, tile=None):  # the GEMM beats the GEMV; decode-then-cuBLAS wins from 8 tokens
         n = probe.shape[0]
-        timed.append((path, n))
+        if tile is None:  # the default plan (the other plans tie with it here, so the default is kept)
+            timed.append((path, n))
         return {"gemv": 5.0 * n, "gemm": 3.0 * n, "dequant_matmul": 9.0 + n}[path]
 
     monkeypatch.setattr(tc, "_time_path", clock)
@@ -165,6 +166,51 @@ def test_real_timing_through_the_interpreter(cpu_registry, monkeypatch):
     assert all(0 < us < 60e6 for us in ranking.times_us.values())
     with torch.no_grad():
         assert_matches(layer(x), layer._reference_linear(x))
+
+
+def test_fastest_tile_plan_runs_and_is_explained(measured, monkeypatch):
+    """Each path is ranked by its fastest tile plan, and the call runs that plan."""
+    clock = tc._time_path
+    tried = []
+
+    def prefetch_wins(path, probe, args, flush, tile=None):
+        tried.append((path, tile))
+        fast = tile is not None and ops.TilePlan.decode(tile).prefetch
+        return clock(path, probe, args, flush, tile) - (4.5 if fast else 0.0)
+
+    monkeypatch.setattr(tc, "_time_path", prefetch_wins)
+    layer = make_layer("d8_2x8_row_pad")
+    x = x_of(layer, 1)
+    ranking = tc.ranking(layer, x, 1)
+    gemv_tiles = [tile for path, tile in tried if path == "gemv"]
+    assert gemv_tiles[0] is None and len(gemv_tiles) >= 3  # the default plan, then the other candidates
+    assert [t for p, t in tried if p == "dequant_matmul"] == [None]  # one plan only
+    chosen = ops.TilePlan.decode(ranking.tile("gemv"))
+    assert chosen.prefetch and ranking.paths[0] == "gemv" and ranking.tile("gemm") is None
+    decision = kernels.explain(layer, x)
+    assert decision.path == "triton_vq_gemv" and "prefetch" in decision.reason, decision.reason
+    ran = []
+    fused_linear = ops.fused_linear
+    monkeypatch.setattr(ops, "fused_linear", lambda *a, **k: ran.append(k.get("plan")) or fused_linear(*a, **k))
+    with torch.no_grad():
+        assert_matches(layer(x), layer._reference_linear(x))
+    assert ran == [chosen]
+
+
+def test_tile_plan_that_fails_to_build_is_skipped_loudly(measured, monkeypatch):
+    clock = tc._time_path
+
+    def prefetch_breaks(path, probe, args, flush, tile=None):
+        if tile is not None and ops.TilePlan.decode(tile).prefetch:
+            raise kernels.KernelBuildError("vq_gemv_kernel: OutOfResources (test)")
+        return clock(path, probe, args, flush, tile)
+
+    monkeypatch.setattr(tc, "_time_path", prefetch_breaks)
+    monkeypatch.setattr(tc, "_WARNED_TILES", set())
+    layer = make_layer("d8_2x8_row_pad")
+    with pytest.warns(RuntimeWarning, match="gemv tile plan .*prefetch.* failed to build and is not timed"):
+        ranking = tc.ranking(layer, x_of(layer, 1), 1)
+    assert "gemv" in ranking.times_us and kernels.kernel_name_usable("triton_vq_gemv")  # the kernel stays usable
 
 
 # ---- native GPU ---------------------------------------------------------------------------------
