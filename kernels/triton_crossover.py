@@ -195,19 +195,47 @@ def _time_tiles(layer: nn.Module, path: str, probe: Tensor, flush: Tensor) -> di
     from . import KernelBuildError, mark_broken
     from .triton_vq import kernel_name, op_args
 
-    args, timed = op_args(layer), {}
-    for tile in _candidate_tiles(layer, path, probe):
+    args, timed, expected = op_args(layer), {}, None
+    tiles = _candidate_tiles(layer, path, probe)
+    for tile in tiles:
         try:
+            if tile is not None and not _same_output(path, probe, args, tile, expected):
+                continue
             timed[tuple(tile or ())] = _time_path(path, probe, args, flush, tile)
+            if tile is None and len(tiles) > 1:
+                expected = _default_output(path, probe, args)
         except KernelBuildError as exc:
             if tile is None:  # the default plan: the kernel is unusable here
                 mark_broken(kernel_name(path, layer), exc)
                 return {}
-            _warn_tile_failed(path, tile, exc)
+            _warn_tile_failed(path, tile, "failed to build", exc)
         except torch.OutOfMemoryError:
             if tile is None:
                 return {}  # too large at this size (decode-then-cuBLAS holds a dense weight): ranked last
     return timed
+
+
+# Largest |difference| between a plan's output and the default plan's, relative to max |default|: a few rounding
+# steps of the output dtype (plans differ only in the order of fp32 sums). A plan beyond it is wrong on this GPU.
+AGREEMENT = {torch.float16: 4e-3, torch.bfloat16: 3.2e-2, torch.float32: 1e-4}
+
+
+def _default_output(path: str, probe: Tensor, args: tuple) -> Tensor:
+    return torch.ops.vqlib.vq_linear(probe, *args, path, None)  # (n, out): what every other plan must give
+
+
+def _same_output(path: str, probe: Tensor, args: tuple, tile: list[int], expected: Tensor | None) -> bool:
+    """Whether plan ``tile`` computes what the default plan did (checked once, before it may be chosen): a kernel
+    variant that only the GPU could get wrong (a race, a mis-compiled layout) must never be picked for being fast."""
+    if expected is None:
+        return True
+    got = torch.ops.vqlib.vq_linear(probe, *args, path, tile)
+    scale = expected.abs().max().float().clamp_min(1e-6)
+    err = (got.float() - expected.float()).abs().max() / scale
+    if bool(err <= AGREEMENT.get(probe.dtype, 1e-4)):  # one host sync per plan, at measurement time only
+        return True
+    _warn_tile_failed(path, tile, f"disagrees with the default plan (max error {float(err):.2e} of max |output|)")
+    return False
 
 
 def _candidate_tiles(layer: nn.Module, path: str, probe: Tensor) -> list[list[int] | None]:
@@ -231,15 +259,16 @@ def _candidate_tiles(layer: nn.Module, path: str, probe: Tensor) -> list[list[in
 _WARNED_TILES: set = set()
 
 
-def _warn_tile_failed(path: str, tile: list[int], exc: Exception) -> None:
+def _warn_tile_failed(path: str, tile: list[int], what: str, exc: Exception | None = None) -> None:
     from .triton_vq_ops import TilePlan
 
     key = (path, tuple(tile))
     if key not in _WARNED_TILES:
         _WARNED_TILES.add(key)
+        detail = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
         warnings.warn(
-            f"vqlib.kernels: {path} tile plan ({TilePlan.decode(tile).describe()}) failed to build and is not "
-            f"timed; the other plans of {path} still are ({type(exc).__name__}: {exc})",
+            f"vqlib.kernels: {path} tile plan ({TilePlan.decode(tile).describe()}) {what} and is not "
+            f"timed; the other plans of {path} still are{detail}",
             RuntimeWarning,
             stacklevel=3,
         )

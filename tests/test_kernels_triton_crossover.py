@@ -32,6 +32,7 @@ def measured(monkeypatch, cpu_registry):
         return {"gemv": 5.0 * n, "gemm": 3.0 * n, "dequant_matmul": 9.0 + n}[path]
 
     monkeypatch.setattr(tc, "_time_path", clock)
+    monkeypatch.setattr(tc, "_default_output", lambda *args: None)  # no output check (its own test runs it)
     return timed
 
 
@@ -211,6 +212,28 @@ def test_tile_plan_that_fails_to_build_is_skipped_loudly(measured, monkeypatch):
     with pytest.warns(RuntimeWarning, match="gemv tile plan .*prefetch.* failed to build and is not timed"):
         ranking = tc.ranking(layer, x_of(layer, 1), 1)
     assert "gemv" in ranking.times_us and kernels.kernel_name_usable("triton_vq_gemv")  # the kernel stays usable
+
+
+def test_tile_plan_with_a_wrong_output_is_never_chosen(cpu_registry, monkeypatch):
+    """Each plan's output is compared with the default plan's before it is timed (the real op, interpreted)."""
+    monkeypatch.setattr(tc, "_RANKINGS", {})
+    monkeypatch.setattr(tc, "_WARNED_TILES", set())
+    monkeypatch.setattr(tc, "MEASURED_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(tc, "_time_path", lambda path, probe, args, flush, tile=None: 1.0 if tile else 9.0)
+    vq_linear = torch.ops.vqlib.vq_linear
+
+    class Ops:  # the 64-row GEMV plan returns a corrupted output
+        def vq_linear(self, x, *args):
+            y = vq_linear(x, *args)
+            tile = args[-1]
+            return y + 1.0 if args[-2] == "gemv" and tile and ops.TilePlan.decode(tile).block_n == 64 else y
+
+    monkeypatch.setattr(tc.torch, "ops", type("T", (), {"vqlib": Ops()})())
+    layer = make_layer("d1_1x4_groupscale")
+    with pytest.warns(RuntimeWarning, match=r"gemv tile plan \(tiles of 64 rows.*\) disagrees with the default plan"):
+        ranking = tc.ranking(layer, x_of(layer, 1), 1)
+    chosen = ops.TilePlan.decode(ranking.tile("gemv"))  # a plan that agreed, at 1 us; never the 64-row one
+    assert chosen.block_n == 32 and ranking.times_us["gemv"] == 1.0
 
 
 # ---- native GPU ---------------------------------------------------------------------------------
