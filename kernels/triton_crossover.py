@@ -11,8 +11,11 @@ each path that can run it (``gemv`` up to GEMV_MAX_BATCH tokens, ``gemm``, ``deq
 input of ``bucket`` tokens: one untimed call (compiles the kernel), then REPS calls, each after writing
 twice the L2 (at least FLUSH_MIN_BYTES) so the layer's compressed bytes are read from memory as in decoding (a 2-bit layer fits in a 50 MB
 L2), timed with CUDA events around the call while the GPU is kept busy (so the events time the kernels, not the
-host's launch, as under CUDA graphs); the median wins. A few ms per key, once per process; layers of one shape and
-format share it. ``vqlib.kernels.explain`` prints the times.
+host's launch, as under CUDA graphs); the median wins. Each path is timed in each of its tile plans
+(``triton_vq_ops.tile_candidates``: split-K depth, tile sizes, the GEMV's code prefetch), after checking that the
+plan's output equals the default plan's; a path is ranked by its fastest plan, which the call then runs. A few ms
+per key plus the plans' first compiles, once per process; layers of one shape and format share it.
+``vqlib.kernels.explain`` prints the times and the chosen plan.
 
 Not measured, and the default rule applies (GEMV_MAX_BATCH, DEQUANT_MATMUL_MIN_BATCH; the reason says so):
 inside torch.compile tracing or CUDA-graph capture (nothing can be timed there: call ``tune(model, tokens)``
@@ -306,8 +309,8 @@ def _median_us(fn, flush: Tensor) -> float:
 
 
 def tune(model: nn.Module, tokens=(1, 4, 16, 64, 256, 1024), dtype: torch.dtype = torch.float16) -> dict:
-    """Measure the path of every VQLinear / FusedVQLinear of ``model`` (on its CUDA device) at these token
-    counts, eagerly, so that torch.compile and CUDA-graph capture later record measured choices.
+    """Measure the path and tile plan of every VQLinear / FusedVQLinear of ``model`` (on its CUDA device) at these
+    token counts, eagerly, so that torch.compile and CUDA-graph capture later record measured choices.
     Returns {(module name, tokens): kernel name}."""
     from . import explain
 
