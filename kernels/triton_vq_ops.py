@@ -138,19 +138,29 @@ def plan_tiles(
     return _with_split(plan, row_blocks, nv, device, sms)
 
 
-# (rows, vector tiles relative to the default, warps, programs per SM, prefetch): what the GEMV candidates vary.
-# Batch 1 is latency-bound unless ~30 KB of codes per SM are in flight (Little's law at H200 bandwidth): more
-# programs (split-K), larger tiles and the prefetch each add bytes in flight, at a cost in registers and in
-# split-K partial sums. Which wins depends on the GPU and shape, so the GPU measures (triton_crossover).
+@dataclass(frozen=True)
+class GemvVariant:
+    """How a GEMV candidate differs from the default plan (None: keep the default's value)."""
+
+    programs_per_sm: int  # split-K until about this many programs per SM
+    prefetch: bool = False
+    rows: int | None = None  # BLOCK_N
+    width: int = 1  # BLOCK_V as a multiple of the default's
+    warps: int | None = None
+
+
+# Batch 1 is latency-bound unless ~30 KB of codes per SM are in flight (Little's law at H200 bandwidth and DRAM
+# latency): more programs (split-K), larger tiles and the prefetch each add bytes in flight, at a cost in registers
+# and in split-K partial sums. Which mix wins depends on the GPU and the shape, so the GPU measures
+# (triton_crossover); these are the candidates.
 GEMV_VARIANTS = (
-    (None, 1, None, PROGRAMS_PER_SM, False),  # the default plan
-    (None, 1, None, 8, False),
-    (None, 1, None, 8, True),
-    (None, 1, None, 32, True),
-    (64, 1, 4, 8, True),
-    (None, 2, 8, 8, True),
+    GemvVariant(8),
+    GemvVariant(8, prefetch=True),
+    GemvVariant(32, prefetch=True),
+    GemvVariant(8, prefetch=True, rows=64, warps=4),
+    GemvVariant(8, prefetch=True, width=2, warps=8),
 )
-GEMM_PROGRAMS_PER_SM = (PROGRAMS_PER_SM, 8)
+GEMM_PROGRAMS_PER_SM = (8,)  # GEMM candidates: the default plan split deeper (its loads are pipelined by Triton)
 
 
 def tile_candidates(
@@ -159,28 +169,28 @@ def tile_candidates(
     """The tile plans the measured choice times for ``path``, the default (``plan_tiles``) first, no duplicates.
     Shapes only (no data), so a CUDA graph or compiled graph replays the plan chosen eagerly."""
     default = plan_tiles(path, batch, n, nv, dp, device, sms, elem_bytes)
-    if path == "dequant":
-        return [default]
     if path == "gemv":
         variants = [
             (
                 replace(
                     default,
-                    block_n=rows or default.block_n,
-                    block_v=default.block_v * wide,
-                    num_warps=warps or default.num_warps,
-                    prefetch=prefetch,
+                    block_n=v.rows or default.block_n,
+                    block_v=default.block_v * v.width,
+                    num_warps=v.warps or default.num_warps,
+                    prefetch=v.prefetch,
                 ),
-                pps,
+                v.programs_per_sm,
             )
-            for rows, wide, warps, pps, prefetch in GEMV_VARIANTS
+            for v in GEMV_VARIANTS
         ]
-    else:
+    elif path == "gemm":
         variants = [(default, pps) for pps in GEMM_PROGRAMS_PER_SM]
+    else:
+        variants = []  # dequant: one plan
     plans = [default]
     for plan, pps in variants:
         row_blocks = math.ceil(n / plan.block_n) * math.ceil(batch / plan.block_b)
-        plan = _with_split(plan, row_blocks, nv, device, sms, pps, 2 if pps > PROGRAMS_PER_SM else MIN_ITERS_PER_SPLIT)
+        plan = _with_split(plan, row_blocks, nv, device, sms, pps, min_iters=2)  # deeper splits, shorter loops
         if plan not in plans:
             plans.append(plan)
     return plans
