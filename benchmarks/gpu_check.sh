@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# One call on a CUDA machine: the native GPU tests of the Triton VQLinear kernels, then the kernel
-# benchmark (JSON + PNG). At most about 9.5 minutes (each step has a timeout; the benchmark stops
-# starting new groups after 210 s and lists the skipped ones), so it fits one 10-minute device call.
+# One call on a CUDA machine: the codebook-gather ceiling (bench_gather_gpu.py), the native GPU tests of the
+# Triton VQLinear kernels, then the kernel benchmark (JSON + PNG). At most about 9.7 minutes (each step has a
+# timeout: 45 + 240 + 290 s; the benchmark stops starting new groups after 200 s and lists the skipped ones),
+# so it fits one 10-minute device call.
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]      # default: $OUT if set (device runner), else ./gpu_check_out
 #
-# Writes OUT_DIR/{env.txt, gpu_tests.txt, gpu_tests.xml, bench.txt, bench_kernels_gpu.json, bench_kernels_gpu.png}.
-# Exit status: non-zero if the tests or the benchmark failed (both always run); 3 if vqlib.kernels cannot be
+# Writes OUT_DIR/{env.txt, gather.txt, gather.json, gpu_tests.txt, gpu_tests.xml, bench.txt, bench_kernels_gpu.json,
+# bench_kernels_gpu.png}.
+# Exit status: non-zero if a step failed (all always run); 3 if vqlib.kernels cannot be
 # imported (it is run from this folder when vqlib is not installed: see below).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,13 +42,17 @@ if ! "$PY" -c "import vqlib.kernels" 2>/dev/null; then
   echo "gpu_check: vqlib is not installed for $PY: running it from this folder (linked ${links[*]})"
 fi
 
-timeout 270 "$PY" -m pytest tests/test_kernels_triton.py tests/test_kernels_triton_crossover.py -m gpu -q -p no:cacheprovider \
+# the ceiling of pointer gathers (docs/kernels.md: the batch-1 risk), first: short, and its numbers explain the rest
+timeout 45 "$PY" benchmarks/bench_gather_gpu.py --out "$OUT_DIR/gather.json" 2>&1 | tee "$OUT_DIR/gather.txt"
+gather_rc=${PIPESTATUS[0]}
+
+timeout 240 "$PY" -m pytest tests/test_kernels_triton.py tests/test_kernels_triton_crossover.py -m gpu -q -p no:cacheprovider \
   --junitxml="$OUT_DIR/gpu_tests.xml" 2>&1 | tee "$OUT_DIR/gpu_tests.txt"
 tests_rc=${PIPESTATUS[0]}
 
-timeout 300 "$PY" benchmarks/bench_kernels_gpu.py --budget-s 210 --out "$OUT_DIR/bench_kernels_gpu" 2>&1 \
+timeout 290 "$PY" benchmarks/bench_kernels_gpu.py --budget-s 200 --out "$OUT_DIR/bench_kernels_gpu" 2>&1 \
   | tee "$OUT_DIR/bench.txt"
 bench_rc=${PIPESTATUS[0]}
 
-echo "gpu_check: tests rc=$tests_rc, benchmark rc=$bench_rc; results in $OUT_DIR"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+echo "gpu_check: gather probe rc=$gather_rc, tests rc=$tests_rc, benchmark rc=$bench_rc; results in $OUT_DIR"
+[ "$gather_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
