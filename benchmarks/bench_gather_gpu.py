@@ -22,7 +22,9 @@ shared-memory codebook (CUDA C++: bank-conflict cost, replicated tables as in AQ
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -82,6 +84,80 @@ def reference(codebook: torch.Tensor, programs: int, iters: int) -> torch.Tensor
     return total
 
 
+# ---- the shared-memory probe (CUDA C++, gather_probe_smem.cu), loaded as PTX through the CUDA driver -------------
+PTX = Path(__file__).with_name("gather_probe_smem.ptx")
+SMEM_SLOTS, SMEM_THREADS = 8, 128  # codes per thread per iteration, threads per block: as the Triton probe
+SMEM_COPIES = (1, 4)  # codebook replicas in shared memory (lane % copies picks one)
+
+
+def ptx_for_driver(ptx: str, driver_version: int) -> str:
+    """nvcc 13 writes PTX ISA 9.0, which only CUDA 13 drivers load; the probe uses nothing newer than ISA 8.0, which
+    every CUDA 12 driver loads, so the version line is lowered for them (driver_version as cuDriverGetVersion)."""
+    if driver_version >= 13000:
+        return ptx
+    if driver_version < 12000:
+        raise RuntimeError(f"the shared-memory probe needs a CUDA 12 or newer driver, got version {driver_version}")
+    return re.sub(r"^\.version \d+\.\d+$", ".version 8.0", ptx, count=1, flags=re.M)
+
+
+class SmemProbe:
+    """gather_probe_smem.ptx's kernels, launched with cuLaunchKernel on torch's current stream (libcuda only: the GPU
+    machine needs no compiler). Needs torch's CUDA context to exist (any CUDA tensor)."""
+
+    def __init__(self):
+        self.lib = ctypes.CDLL("libcuda.so.1")
+        self.lib.cuLaunchKernel.argtypes = [ctypes.c_void_p, *[ctypes.c_uint] * 7, ctypes.c_void_p]
+        self.lib.cuLaunchKernel.argtypes += [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+        version = ctypes.c_int()
+        self._check(self.lib.cuDriverGetVersion(ctypes.byref(version)), "cuDriverGetVersion")
+        ptx = ptx_for_driver(PTX.read_text(), version.value).encode() + b"\0"
+        self.module = ctypes.c_void_p()
+        self._check(self.lib.cuModuleLoadData(ctypes.byref(self.module), ptx), "cuModuleLoadData")
+        self.kernels = {}
+        for words in (1, 2, 4):
+            fn = ctypes.c_void_p()
+            name = f"smem_gather_w{words}".encode()
+            self._check(self.lib.cuModuleGetFunction(ctypes.byref(fn), self.module, name), "cuModuleGetFunction")
+            self.kernels[words] = fn
+
+    def _check(self, status: int, what: str) -> None:
+        if status != 0:
+            name = ctypes.c_char_p()
+            self.lib.cuGetErrorName(status, ctypes.byref(name))
+            raise RuntimeError(f"{what} failed: {(name.value or b'?').decode()} ({status})")
+
+    def launch(self, codebook: torch.Tensor, blocks: int, iters: int, copies: int, out: torch.Tensor) -> None:
+        """codebook (entries, d) int8/fp16 on CUDA; out (blocks * SMEM_THREADS,) float32: each thread's sum."""
+        words_t = codebook.contiguous().view(torch.int32)  # (entries, words): one entry = 1, 2 or 4 words
+        entries, words = words_t.shape
+        args = [
+            ctypes.c_void_p(words_t.data_ptr()),
+            ctypes.c_void_p(out.data_ptr()),
+            ctypes.c_int(iters),
+            ctypes.c_int(entries.bit_length() - 1),
+            ctypes.c_int(copies),
+        ]
+        params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
+        stream = torch.cuda.current_stream().cuda_stream
+        smem = entries * words * 4 * copies
+        status = self.lib.cuLaunchKernel(
+            self.kernels[words], blocks, 1, 1, SMEM_THREADS, 1, 1, smem, stream, params, None
+        )
+        self._check(status, "cuLaunchKernel")
+
+
+def smem_reference(codebook: torch.Tensor, blocks: int, iters: int) -> torch.Tensor:
+    """Each thread's sum as gather_probe_smem.cu computes it (its slots' LCG states start at thread * SLOTS + s)."""
+    threads = blocks * SMEM_THREADS
+    state = torch.arange(threads, dtype=torch.int64)[:, None] * SMEM_SLOTS + torch.arange(SMEM_SLOTS)  # (t, slots)
+    entry_sums = codebook.float().sum(1).double()
+    total = torch.zeros(threads, dtype=torch.float64)
+    for _ in range(iters):
+        state = (state * LCG_A + LCG_C) & 0xFFFFFFFF
+        total += entry_sums[(state >> 16) & (codebook.shape[0] - 1)].sum(1)
+    return total
+
+
 def _median_us(fn, reps: int = 50) -> float:
     fn()
     torch.cuda.synchronize()
@@ -102,20 +178,49 @@ def fp16_gemv_us(n: int = 8192, copies: int = 4) -> float:
     return _median_us(lambda: torch.matmul(x, weights[next(turn) % copies].t()))
 
 
+def _row(us: float, gathers: int) -> dict:
+    return dict(us=us, gathers=gathers, us_per_16_8M=us * GATHERS / gathers, ggathers_per_s=gathers / us / 1e3)
+
+
+def _codebook(name: str) -> torch.Tensor:
+    entries, d, dtype = CODEBOOKS[name]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    return torch.randint(-100, 100, (entries, d), device="cuda", generator=gen).to(dtype)
+
+
 def measure(sms: int) -> dict:
+    """Pointer gathers (Triton, through L1/L2) for every codebook kind."""
     programs = 8 * sms
     iters = max(1, round(GATHERS / (programs * BLOCK_N * BLOCK_V)))
     rows = {}
-    for name, (entries, d, dtype) in CODEBOOKS.items():
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        cb = torch.randint(-100, 100, (entries, d), device="cuda", generator=gen).to(dtype)
-        out = torch.empty(programs, dtype=torch.float32, device="cuda")
+    for name in CODEBOOKS:
+        cb, out = _codebook(name), torch.empty(programs, dtype=torch.float32, device="cuda")
         us = _median_us(lambda cb=cb, out=out: launch(cb, programs, iters, out))
-        gathers = programs * iters * BLOCK_N * BLOCK_V
-        rows[name] = dict(
-            us=us, gathers=gathers, us_per_16_8M=us * GATHERS / gathers, ggathers_per_s=gathers / us / 1e3
-        )
+        rows[name] = _row(us, programs * iters * BLOCK_N * BLOCK_V)
     return dict(programs=programs, iters=iters, codebooks=rows)
+
+
+def measure_smem(sms: int) -> dict:
+    """Shared-memory gathers (CUDA C++) for the 256-entry codebooks, with 1 and 4 replicas; each kernel's sums are
+    first checked against ``smem_reference`` on a small launch, so a broken launch cannot report a speed."""
+    probe = SmemProbe()
+    blocks = 8 * sms
+    iters = max(1, round(GATHERS / (blocks * SMEM_THREADS * SMEM_SLOTS)))
+    rows = {}
+    for name, (entries, _, _) in CODEBOOKS.items():
+        if entries > 256:
+            continue  # 1 MB: no shared memory holds it
+        cb = _codebook(name)
+        for copies in SMEM_COPIES:
+            check = torch.empty(2 * SMEM_THREADS, dtype=torch.float32, device="cuda")
+            probe.launch(cb, 2, 3, copies, check)
+            expected = smem_reference(cb.cpu(), 2, 3)
+            if not torch.equal(check.cpu().double(), expected):
+                raise RuntimeError(f"shared-memory probe {name} x{copies}: sums differ from the reference")
+            out = torch.empty(blocks * SMEM_THREADS, dtype=torch.float32, device="cuda")
+            us = _median_us(lambda cb=cb, out=out, copies=copies: probe.launch(cb, blocks, iters, copies, out))
+            rows[f"{name}_smem_x{copies}"] = _row(us, blocks * iters * SMEM_THREADS * SMEM_SLOTS)
+    return rows
 
 
 def main(argv=None) -> int:
@@ -127,13 +232,18 @@ def main(argv=None) -> int:
         return 2
     props = torch.cuda.get_device_properties(0)
     result = dict(gpu=props.name, sms=props.multi_processor_count, **measure(props.multi_processor_count))
+    try:
+        result["codebooks"].update(measure_smem(props.multi_processor_count))
+    except (OSError, RuntimeError) as exc:  # the Triton rows stand on their own; say loudly why these are missing
+        result["smem_error"] = f"{type(exc).__name__}: {exc}"
+        print(f"bench_gather_gpu: shared-memory probe not measured: {result['smem_error']}", file=sys.stderr)
     result["fp16_gemv_8192_us"] = fp16 = fp16_gemv_us()
     print(f"{props.name}, {props.multi_processor_count} SMs; fp16 batch-1 8192x8192 (cold L2): {fp16:.1f} us")
-    print(f"{'codebook':<16} {'us per 16.8M gathers':>22} {'Ggathers/s':>11} {'ceiling vs fp16':>16}")
+    print(f"{'codebook':<24} {'us per 16.8M gathers':>22} {'Ggathers/s':>11} {'ceiling vs fp16':>16}")
     for name, row in result["codebooks"].items():
         row["ceiling_vs_fp16"] = fp16 / row["us_per_16_8M"]
         print(
-            f"{name:<16} {row['us_per_16_8M']:>22.1f} {row['ggathers_per_s']:>11.0f} {row['ceiling_vs_fp16']:>15.2f}x"
+            f"{name:<24} {row['us_per_16_8M']:>22.1f} {row['ggathers_per_s']:>11.0f} {row['ceiling_vs_fp16']:>15.2f}x"
         )
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))

@@ -3,6 +3,9 @@ exactly the entries its reference draws (the GPU run measures its speed once, in
 
 import importlib.util
 import os
+import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -56,3 +59,58 @@ def test_probe_needs_cuda(probe, capsys):
         pytest.skip("a CUDA device is present: the refusal cannot be shown")
     assert probe.main([]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+# ---- the shared-memory probe (CUDA C++ shipped as PTX, launched through the driver on the GPU) ----------------
+def _code_lines(ptx: str) -> list[str]:
+    return [line for line in ptx.splitlines() if line.strip() and not line.lstrip().startswith("//")]
+
+
+def test_shipped_ptx_is_built_from_the_cuda_source(probe, tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not installed here: the shipped PTX cannot be rebuilt")
+    fresh = tmp_path / "fresh.ptx"
+    source = probe.PTX.with_suffix(".cu")
+    subprocess.run([nvcc, "-arch=compute_80", "-ptx", str(source), "-o", str(fresh)], check=True)
+    assert _code_lines(fresh.read_text()) == _code_lines(probe.PTX.read_text()), "regenerate: see the .cu's header"
+
+
+def test_shipped_ptx_assembles_for_sm90_under_a_cuda12_driver(probe, tmp_path):
+    """What a CUDA 12 driver JIT-compiles (the version line lowered): Triton's bundled ptxas (CUDA 12.8) assembles
+    it for the H100/H200 with one shared-memory load per gathered entry and no spills."""
+    cc = pytest.importorskip("vqlib.kernels.triton_compile_check")
+    ptx = probe.ptx_for_driver(probe.PTX.read_text(), 12080)
+    (tmp_path / "p.ptx").write_text(ptx)
+    res = subprocess.run(
+        [cc._ptxas_path(90), "-v", "--gpu-name=sm_90", str(tmp_path / "p.ptx"), "-o", str(tmp_path / "p.o")],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", res.stdout + res.stderr)]
+    assert len(spills) == 3 and not any(spills), res.stdout + res.stderr  # three kernels, none spills
+    loads = sorted(set(re.findall(r"ld\.shared(?:\.v\d)?\.u32", ptx)))
+    assert loads == ["ld.shared.u32", "ld.shared.v2.u32", "ld.shared.v4.u32"]  # one instruction per entry kind
+
+
+def test_ptx_version_for_the_driver(probe):
+    ptx = "//\n.version 9.0\n.target sm_80\n"
+    assert probe.ptx_for_driver(ptx, 13000) == ptx
+    assert probe.ptx_for_driver(ptx, 12040) == "//\n.version 8.0\n.target sm_80\n"
+    with pytest.raises(RuntimeError, match="CUDA 12 or newer driver, got version 11080"):
+        probe.ptx_for_driver(ptx, 11080)
+
+
+def test_smem_reference_follows_the_cuda_source(probe):
+    """Thread t's slot s starts its LCG at t * SLOTS + s (gather_probe_smem.cu); checked against a plain loop."""
+    codebook = torch.arange(16 * 4, dtype=torch.float32).reshape(16, 4)
+    got = probe.smem_reference(codebook, blocks=1, iters=2)
+    t = 5
+    total = 0.0
+    for s in range(probe.SMEM_SLOTS):
+        state = t * probe.SMEM_SLOTS + s
+        for _ in range(2):
+            state = (state * probe.LCG_A + probe.LCG_C) % 2**32
+            total += float(codebook[(state >> 16) % 16].sum())
+    assert got.shape == (probe.SMEM_THREADS,) and got[t].item() == total
