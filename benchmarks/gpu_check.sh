@@ -7,7 +7,7 @@
 #   benchmarks/gpu_check.sh [OUT_DIR]      # default: $OUT if set (device runner), else ./gpu_check_out
 #
 # Writes OUT_DIR/{env.txt, gather.txt, gather.json, gpu_tests.txt, gpu_tests.xml, bench.txt, bench_kernels_gpu.json,
-# bench_kernels_gpu.png}.
+# bench_kernels_gpu.png, summary.txt, summary.json}.
 # Exit status: non-zero if a step failed (all always run); 3 if vqlib.kernels cannot be
 # imported (it is run from this folder when vqlib is not installed: see below).
 set -uo pipefail
@@ -53,6 +53,9 @@ tests_rc=${PIPESTATUS[0]}
 timeout 290 "$PY" benchmarks/bench_kernels_gpu.py --budget-s 200 --out "$OUT_DIR/bench_kernels_gpu" 2>&1 \
   | tee "$OUT_DIR/bench.txt"
 bench_rc=${PIPESTATUS[0]}
+
+# batch 1 at 8192x8192 against the floors its gathers set (reads the two JSON files; no GPU work)
+timeout 20 "$PY" benchmarks/gpu_summary.py "$OUT_DIR" 2>&1 | tee "$OUT_DIR/summary.txt"
 
 echo "gpu_check: gather probe rc=$gather_rc, tests rc=$tests_rc, benchmark rc=$bench_rc; results in $OUT_DIR"
 [ "$gather_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
