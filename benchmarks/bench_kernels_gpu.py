@@ -184,7 +184,7 @@ def measure_group(
     of this function under the Triton interpreter, with ``time_graph`` replaced.)"""
     from vqlib.kernels import explain, triton_crossover
     from vqlib.kernels import triton_vq as tv
-    from vqlib.kernels.triton_vq_ops import TilePlan
+    from vqlib.kernels.triton_tiles import TilePlan
 
     in_f, out_f = Config(shape, 1, fmt, dtype_name).in_out
     dtype = DTYPES[dtype_name]

@@ -26,8 +26,9 @@ from triton.backends.compiler import GPUTarget
 
 from . import triton_vq_jit as jit
 from .triton_crossover import admissible
+from .triton_tiles import _pow2, tile_candidates
 from .triton_vq import DEQUANT_MATMUL_MIN_BATCH
-from .triton_vq_ops import _pow2, dequantize_launches, linear_launches, tile_candidates
+from .triton_vq_ops import dequantize_launches, linear_launches
 
 _TYPE = {
     torch.float16: "fp16",

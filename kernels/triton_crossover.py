@@ -68,7 +68,7 @@ class PathRanking:
         tile = self.tile(path)
         if tile is None:
             return f"{self.times_us[path]:.1f} us"
-        from .triton_vq_ops import TilePlan
+        from .triton_tiles import TilePlan
 
         return f"{self.times_us[path]:.1f} us with {TilePlan.decode(tile).describe()}"
 
@@ -243,7 +243,7 @@ def _same_output(path: str, probe: Tensor, args: tuple, tile: list[int], expecte
 
 def _candidate_tiles(layer: nn.Module, path: str, probe: Tensor) -> list[list[int] | None]:
     """None (the default plan) first, then the other plans of ``triton_vq_ops.tile_candidates``."""
-    from .triton_vq_ops import _pow2, tile_candidates
+    from .triton_tiles import _pow2, tile_candidates
 
     plan_path = "dequant" if path == "dequant_matmul" else path
     nv = layer.codes.shape[1]
@@ -263,7 +263,7 @@ _WARNED_TILES: set = set()
 
 
 def _warn_tile_failed(path: str, tile: list[int], what: str, exc: Exception | None = None) -> None:
-    from .triton_vq_ops import TilePlan
+    from .triton_tiles import TilePlan
 
     key = (path, tuple(tile))
     if key not in _WARNED_TILES:
