@@ -56,6 +56,11 @@ class Kernel:
     priority: int = 0
     # Why this kernel, once it takes a call (for explain and the log line); default "format and input supported".
     describe: Callable[[nn.Module, Tensor], str] | None = field(default=None, compare=False)
+    # ``bind(layer, x)`` -> a ``run`` with this call's constants resolved (the Triton kernels' measured tile plan),
+    # kept with the memoized decision so that decoding does not look them up again on every token.
+    bind: Callable[[nn.Module, Tensor], Callable[[nn.Module, Tensor], Tensor]] | None = field(
+        default=None, compare=False
+    )
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,9 @@ class Decision:
     path: str  # a kernel name, or "reference"
     reason: str
     kernel: Kernel | None = field(default=None, compare=False, repr=False)
+    run: Callable[[nn.Module, Tensor], Tensor] | None = field(
+        default=None, compare=False, repr=False
+    )  # kernel's, bound
     # True when a kernel for this device could not take the call: a slow path the user should hear about.
     # False for deliberate choices (the switch, a cached dense weight, autograd) and for a kernel.
     fallback: bool = False
@@ -138,7 +146,8 @@ def explain(layer: nn.Module, x: Tensor) -> Decision:
         if why_not is None:
             # Say why the faster (higher-priority) kernels declined, so the choice is explained.
             why = kernel.describe(layer, x) if kernel.describe is not None else "format and input supported"
-            return Decision(kernel.name, "; ".join([*reasons, f"{kernel.name}: {why}"]), kernel)
+            run = kernel.bind(layer, x) if kernel.bind is not None else kernel.run
+            return Decision(kernel.name, "; ".join([*reasons, f"{kernel.name}: {why}"]), kernel, run)
         reasons.append(f"{kernel.name}: {why_not}")
     return Decision(REFERENCE, "; ".join(reasons), fallback=True)
 
@@ -218,7 +227,7 @@ def linear(layer: nn.Module, x: Tensor) -> Tensor:
         if decision.kernel is None:
             return layer._reference_linear(x)
         try:
-            return decision.kernel.run(layer, x)
+            return decision.run(layer, x)
         except KernelBuildError as exc:
             mark_broken(decision.kernel.name, exc)  # changes every memo key: the next loop re-decides
 

@@ -131,11 +131,25 @@ def op_args(layer: nn.Module) -> tuple:
 
 def _runner(path: str):
     def run(layer: nn.Module, x: Tensor) -> Tensor:
-        tile = triton_crossover.ranking(layer, x, tokens(x)).tile(path)  # the measured plan (None: default)
-        return torch.ops.vqlib.vq_linear(x, *op_args(layer), path, tile)
+        return _bind(path)(layer, x)(layer, x)
 
     run.__name__ = f"run_{path}"
     return run
+
+
+def _bind(path: str):
+    def bind(layer: nn.Module, x: Tensor):
+        """``run`` with the measured tile plan of this call's shape, format, dtype and token bucket (None: the
+        path's default plan), looked up once per memoized registry decision rather than on every token."""
+        tile = triton_crossover.ranking(layer, x, tokens(x)).tile(path)
+
+        def run(layer: nn.Module, x: Tensor) -> Tensor:
+            return torch.ops.vqlib.vq_linear(x, *op_args(layer), path, tile)
+
+        return run
+
+    bind.__name__ = f"bind_{path}"
+    return bind
 
 
 def kernel_entries(device_type: str = "cuda", layer_type: str = "VQLinear") -> list[Kernel]:
@@ -151,6 +165,7 @@ def kernel_entries(device_type: str = "cuda", layer_type: str = "VQLinear") -> l
             _supports(path),
             priority,
             describe=lambda layer, x, path=path: path_description(path, layer, x),
+            bind=_bind(path),
         )
         for path, priority in priorities.items()
     ]
