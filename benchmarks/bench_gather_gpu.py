@@ -11,7 +11,8 @@ codebook kept in L1/L2, exactly as the kernels do (one pointer load per entry), 
     d8 fp16  65,536 x 16 B (1 MB, the 1x16 format: from L2)
 
 and the fp16 batch-1 matmul of an 8192x8192 weight (cuBLAS, rotating 4 weight copies so L2 is cold), so the
-printed ratio is the best speed-up any pointer-gather kernel can reach. CUDA events over 50 launches after a warm-up.
+printed ratio is the best speed-up any pointer-gather kernel can reach. Timed as bench_kernels_gpu.py times: the
+launches captured in a CUDA graph and replayed.
 
     python benchmarks/bench_gather_gpu.py [--out gather.json]      # ~15 s on an H100/H200; needs CUDA
 
@@ -88,6 +89,7 @@ def reference(codebook: torch.Tensor, programs: int, iters: int) -> torch.Tensor
 PTX = Path(__file__).with_name("gather_probe_smem.ptx")
 SMEM_SLOTS, SMEM_THREADS = 8, 128  # codes per thread per iteration, threads per block: as the Triton probe
 SMEM_COPIES = (1, 4)  # codebook replicas in shared memory (lane % copies picks one)
+GRAPH_CALLS = 10  # launches per CUDA graph (the codebook stays on chip: no weight rotation needed)
 
 
 def ptx_for_driver(ptx: str, driver_version: int) -> str:
@@ -158,24 +160,19 @@ def smem_reference(codebook: torch.Tensor, blocks: int, iters: int) -> torch.Ten
     return total
 
 
-def _median_us(fn, reps: int = 50) -> float:
-    fn()
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return sorted(s.elapsed_time(e) * 1e3 for s, e in events)[reps // 2]
+def _graph_us(calls: list, reps: int = 20) -> float:
+    """Microseconds per call, the calls captured in one CUDA graph and replayed: bench_kernels_gpu's protocol, so
+    a ~10 us kernel is not timed as its host launch."""
+    from bench_kernels_gpu import time_graph  # beside this script (run as a script, benchmarks/ is on sys.path)
+
+    return time_graph(calls, reps) * 1e6
 
 
 def fp16_gemv_us(n: int = 8192, copies: int = 4) -> float:
     """Batch-1 fp16 x @ W^T for an n x n weight, rotating ``copies`` weights (4 x 134 MB: the L2 is cold)."""
     x = torch.randn(1, n, device="cuda", dtype=torch.float16)
     weights = [torch.randn(n, n, device="cuda", dtype=torch.float16) for _ in range(copies)]
-    turn = iter(range(10**9))
-    return _median_us(lambda: torch.matmul(x, weights[next(turn) % copies].t()))
+    return _graph_us([lambda w=w: torch.matmul(x, w.t()) for w in weights])
 
 
 def _row(us: float, gathers: int) -> dict:
@@ -195,7 +192,7 @@ def measure(sms: int) -> dict:
     rows = {}
     for name in CODEBOOKS:
         cb, out = _codebook(name), torch.empty(programs, dtype=torch.float32, device="cuda")
-        us = _median_us(lambda cb=cb, out=out: launch(cb, programs, iters, out))
+        us = _graph_us([lambda cb=cb, out=out: launch(cb, programs, iters, out)] * GRAPH_CALLS)
         rows[name] = _row(us, programs * iters * BLOCK_N * BLOCK_V)
     return dict(programs=programs, iters=iters, codebooks=rows)
 
@@ -218,7 +215,8 @@ def measure_smem(sms: int) -> dict:
             if not torch.equal(check.cpu().double(), expected):
                 raise RuntimeError(f"shared-memory probe {name} x{copies}: sums differ from the reference")
             out = torch.empty(blocks * SMEM_THREADS, dtype=torch.float32, device="cuda")
-            us = _median_us(lambda cb=cb, out=out, copies=copies: probe.launch(cb, blocks, iters, copies, out))
+            call = lambda cb=cb, out=out, copies=copies: probe.launch(cb, blocks, iters, copies, out)  # noqa: E731
+            us = _graph_us([call] * GRAPH_CALLS)
             rows[f"{name}_smem_x{copies}"] = _row(us, blocks * iters * SMEM_THREADS * SMEM_SLOTS)
     return rows
 
