@@ -73,16 +73,21 @@ def launch(codebook: torch.Tensor, programs: int, iters: int, out: torch.Tensor 
     return out
 
 
-def reference(codebook: torch.Tensor, programs: int, iters: int) -> torch.Tensor:
-    """The kernel's sums computed with torch (int64 arithmetic masked to 32 bits), for the tests."""
-    slot = torch.arange(BLOCK_N * BLOCK_V, dtype=torch.int64)
-    state = torch.arange(programs, dtype=torch.int64)[:, None] * BLOCK_N * BLOCK_V + slot  # (programs, BN*BV)
-    entry_sums = codebook.float().sum(1)  # (entries,)
-    total = torch.zeros(programs, dtype=torch.float64)
+def _lcg_sums(codebook: torch.Tensor, rows: int, width: int, iters: int) -> torch.Tensor:
+    """(rows,) sums of the entries drawn by ``width`` LCGs per row, the LCG of row r, column c starting at
+    r * width + c (int64 arithmetic masked to 32 bits, as the kernels' uint32 wraps)."""
+    state = torch.arange(rows, dtype=torch.int64)[:, None] * width + torch.arange(width)  # (rows, width)
+    entry_sums = codebook.float().sum(1).double()  # (entries,)
+    total = torch.zeros(rows, dtype=torch.float64)
     for _ in range(iters):
         state = (state * LCG_A + LCG_C) & 0xFFFFFFFF
-        total += entry_sums[(state >> 16) & (codebook.shape[0] - 1)].double().sum(1)
+        total += entry_sums[(state >> 16) & (codebook.shape[0] - 1)].sum(1)
     return total
+
+
+def reference(codebook: torch.Tensor, programs: int, iters: int) -> torch.Tensor:
+    """The Triton probe's per-program sums (its slot s of program p starts at p * BN * BV + s), for the tests."""
+    return _lcg_sums(codebook, programs, BLOCK_N * BLOCK_V, iters)
 
 
 # ---- the shared-memory probe (CUDA C++, gather_probe_smem.cu), loaded as PTX through the CUDA driver -------------
@@ -150,14 +155,7 @@ class SmemProbe:
 
 def smem_reference(codebook: torch.Tensor, blocks: int, iters: int) -> torch.Tensor:
     """Each thread's sum as gather_probe_smem.cu computes it (its slots' LCG states start at thread * SLOTS + s)."""
-    threads = blocks * SMEM_THREADS
-    state = torch.arange(threads, dtype=torch.int64)[:, None] * SMEM_SLOTS + torch.arange(SMEM_SLOTS)  # (t, slots)
-    entry_sums = codebook.float().sum(1).double()
-    total = torch.zeros(threads, dtype=torch.float64)
-    for _ in range(iters):
-        state = (state * LCG_A + LCG_C) & 0xFFFFFFFF
-        total += entry_sums[(state >> 16) & (codebook.shape[0] - 1)].sum(1)
-    return total
+    return _lcg_sums(codebook, blocks * SMEM_THREADS, SMEM_SLOTS, iters)
 
 
 def _graph_us(calls: list, reps: int = 20) -> float:
