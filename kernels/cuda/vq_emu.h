@@ -1,0 +1,99 @@
+// Runs vq_smem_gemv.cu's kernels on a CPU, for tests without a GPU (g++ -std=c++20 -include-free: the .cu includes
+// this header when __CUDACC__ is not defined). Blocks run one after another; each CUDA thread of a block is a
+// std::thread, so __syncthreads is a barrier of the block and a warp shuffle is a write, a barrier of the warp, a read
+// and a second barrier. It checks the kernels' logic (indexing, masking, the shared-memory table, the lane sums), not
+// what only a GPU can get wrong (memory ordering, alignment faults, bank conflicts): vqlib.kernels checks each
+// kernel's output on the GPU itself before it may run (triton_crossover).
+#pragma once
+#include <algorithm>
+#include <barrier>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __align__(n) alignas(n)
+
+struct Dim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+struct uint2 {
+    uint32_t x, y;
+};
+struct alignas(16) uint4 {
+    uint32_t x, y, z, w;
+};
+
+struct EmuBlock {  // what the threads of the running block share
+    std::vector<unsigned char> smem;
+    std::unique_ptr<std::barrier<>> block_barrier;
+    std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+    std::vector<float> exchange;  // one slot per thread, for shuffles
+};
+
+inline thread_local Dim3 threadIdx, blockIdx;
+inline Dim3 blockDim, gridDim;
+inline EmuBlock* emu_block = nullptr;
+
+#define VQ_DYNAMIC_SMEM(name) unsigned char* name = emu_block->smem.data()
+using std::min;
+
+inline float half_to_float(uint16_t h) {
+    _Float16 v;
+    std::memcpy(&v, &h, 2);
+    return (float)v;
+}
+inline uint16_t float_to_half(float f) {
+    _Float16 v = (_Float16)f;  // round to nearest even
+    uint16_t h;
+    std::memcpy(&h, &v, 2);
+    return h;
+}
+inline float fmaf_emu(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
+#define fmaf fmaf_emu
+
+inline void block_sync() { emu_block->block_barrier->arrive_and_wait(); }
+inline float shfl_xor(float v, int lane_mask) {
+    const unsigned tid = threadIdx.x, warp = tid / 32;
+    emu_block->exchange[tid] = v;
+    emu_block->warp_barriers[warp]->arrive_and_wait();
+    const float other = emu_block->exchange[tid ^ (unsigned)lane_mask];
+    emu_block->warp_barriers[warp]->arrive_and_wait();
+    return other;
+}
+
+// Runs kernel(args) over a grid of (gx, gy) blocks of `threads` threads with `smem_bytes` of dynamic shared memory.
+template <class Args>
+void emu_launch(void (*kernel)(Args), const Args& args, unsigned gx, unsigned gy, unsigned threads, size_t smem_bytes) {
+    blockDim = Dim3{threads, 1, 1};
+    gridDim = Dim3{gx, gy, 1};
+    for (unsigned by = 0; by < gy; ++by)
+        for (unsigned bx = 0; bx < gx; ++bx) {
+            EmuBlock block;
+            block.smem.assign(smem_bytes + 16, 0xA5);  // garbage, as uninitialised shared memory
+            block.block_barrier = std::make_unique<std::barrier<>>(threads);
+            for (unsigned w = 0; w < (threads + 31) / 32; ++w)
+                block.warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
+            block.exchange.assign(threads, 0.f);
+            emu_block = &block;
+            std::vector<std::thread> pool;
+            for (unsigned t = 0; t < threads; ++t)
+                pool.emplace_back([&, t] {
+                    threadIdx = Dim3{t, 0, 0};
+                    blockIdx = Dim3{bx, by, 0};
+                    kernel(args);
+                });
+            for (auto& th : pool) th.join();
+            emu_block = nullptr;
+        }
+}
+
+// Each kernel K gets a host entry point K_emu(args, gx, gy, threads, smem_bytes) for ctypes.
+#define VQ_EMU_ENTRY(name, Args)                                                                       \
+    extern "C" void name##_emu(Args args, unsigned gx, unsigned gy, unsigned threads, size_t smem) { \
+        emu_launch<Args>(name, args, gx, gy, threads, smem);                                         \
+    }

@@ -1,0 +1,258 @@
+// Batch 1-8 VQLinear GEMV with the codebooks in shared memory (CUDA C++; vqlib.kernels.cuda_smem_gemv launches it).
+//
+// Why CUDA C++ next to the Triton kernels: a batch-1 GEMV on ~2-bit VQ weights gathers one codebook entry per code,
+// and Triton can only gather through pointers (L1) or `tl.gather` on registers (warp shuffles); neither indexes
+// shared memory per thread (docs/kernels.md, "Codebook on chip"). L1's tag rate caps pointer gathers at an estimated
+// 2-4x fp16 at 8192x8192, below the 4x target; a shared-memory table as in AQLM's 2x8 kernel and QTIP lifts it.
+//
+// Layout (docs/kernels.md, "Shared-memory GEMV"):
+// - a lane owns VL consecutive vectors of a row ("segment": VL*M code bytes, one vector load) and keeps the
+//   activations of those VL*D columns for all T tokens in registers (VL*D*T <= 64 floats), so shared memory serves
+//   only codebook gathers (AQLM re-reads x from shared memory for every row);
+// - L lanes cover a chunk of L*VL vectors of one row, 32/L rows per warp; the block holds the codebooks of the chunk's
+//   codebook groups, each entry replicated `copies` times and interleaved (slot = entry * copies + lane % copies), so
+//   with copies = 128 / entry bytes a quarter/half/full warp's gathers hit distinct banks whatever the codes are (the
+//   trick of AQLM's 2x8 kernel);
+// - block (x, y) takes rows x*rows_per_block .. and chunk y (grid y = chunks: the K split); each warp pass covers
+//   32/L rows, loads the next pass's codes before decoding the current one, sums each row over its L lanes with
+//   shuffles and writes it: to the output (one chunk) or to fp32 partials that vq_splitk_reduce sums in chunk order
+//   (deterministic, no atomics, no zero-initialisation).
+// Decode: entry (int8 * codebook scale), summed over the M codebooks in order, times the row/group scale, all in
+// fp32 as the reference decode_weight; fp32 multiply-adds with the activations.
+//
+// Regenerate the PTX (vqlib loads it through the CUDA driver: no compiler on the user's machine):
+//   nvcc -arch=compute_80 -ptx -O3 kernels/cuda/vq_smem_gemv.cu -o kernels/cuda/vq_smem_gemv.ptx
+// On CPUs the same source is compiled by g++ with vq_emu.h, which runs blocks of threads for the tests.
+#ifdef __CUDACC__
+#include <cuda_fp16.h>
+#include <stdint.h>
+#define VQ_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+__device__ __forceinline__ float half_to_float(uint16_t h) { return __half2float(__ushort_as_half(h)); }
+__device__ __forceinline__ uint16_t float_to_half(float f) { return __half_as_ushort(__float2half_rn(f)); }
+__device__ __forceinline__ float shfl_xor(float v, int lane_mask) { return __shfl_xor_sync(0xffffffffu, v, lane_mask); }
+__device__ __forceinline__ void block_sync() { __syncthreads(); }
+#define VQ_HOST_ENTRY(name, Args)
+#else
+#include "vq_emu.h"
+#define VQ_HOST_ENTRY(name, Args) VQ_EMU_ENTRY(name, Args)
+#endif
+
+// Kernel arguments, passed by value as one struct (mirrored by ctypes in cuda_smem_gemv.py: keep the order).
+struct GemvArgs {
+    const void* x;                     // (tokens, in) fp16 or bf16 bits, row stride x_stride elements
+    const uint8_t* codes;              // (n, nv, M)
+    const void* codebooks;             // (G, M, k, D) fp16 bits or int8
+    const uint16_t* codebook_scales;   // (G, M) fp16 bits, int8 codebooks only
+    const uint16_t* scales;            // (n, s) fp16 bits, or null
+    const void* bias;                  // (n,) bias_kind's dtype, or null
+    void* out;                         // (tokens, n) x's dtype
+    float* partials;                   // (gridDim.y, tokens, n) when the K range is split over blocks
+    int n, nv, in_features, x_stride, tokens;
+    int k;                             // entries per codebook (2^B <= 256)
+    int group_vecs;                    // vectors per codebook group (0: one codebook set per layer)
+    int s, scale_group_vecs;           // scale columns per row; vectors per scale group (0: row scales)
+    int lanes_per_row;                 // L: lanes along a row's chunk (power of two <= 32)
+    int rows_per_block;                // a multiple of warps * (32 / L); block (x, y): rows x*rows_per_block.., chunk y
+    int groups_per_chunk;              // codebook groups held in shared memory per chunk (1 without groups)
+    int copies;                        // interleaved replicas of each entry in shared memory
+    int bias_kind;                     // 0 none, 1 fp32, 2 fp16, 3 bf16
+};
+
+struct ReduceArgs {
+    const float* partials;             // (splits, tokens, n)
+    const void* bias;
+    void* out;                         // (tokens, n)
+    int n, tokens, splits, bias_kind;
+    int bf16;                          // output dtype: 0 fp16, 1 bf16
+};
+
+__device__ __forceinline__ float bits_to_float(uint32_t u) {
+    union { uint32_t u; float f; } v;
+    v.u = u;
+    return v.f;
+}
+__device__ __forceinline__ float bf16_to_float(uint16_t b) { return bits_to_float((uint32_t)b << 16); }
+__device__ __forceinline__ uint16_t float_to_bf16(float f) {  // round to nearest even, as torch
+    union { float f; uint32_t u; } v;
+    v.f = f;
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u);  // NaN stays NaN
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+template <bool BF16> __device__ __forceinline__ float act_to_float(uint16_t b) {
+    return BF16 ? bf16_to_float(b) : half_to_float(b);
+}
+__device__ __forceinline__ float load_bias(const void* bias, int kind, int i) {
+    if (kind == 1) return static_cast<const float*>(bias)[i];
+    if (kind == 2) return half_to_float(static_cast<const uint16_t*>(bias)[i]);
+    if (kind == 3) return bf16_to_float(static_cast<const uint16_t*>(bias)[i]);
+    return 0.f;
+}
+__device__ __forceinline__ void store_act(void* out, bool bf16, int i, float v) {
+    static_cast<uint16_t*>(out)[i] = bf16 ? float_to_bf16(v) : float_to_half(v);
+}
+
+// NB bytes loaded with one instruction (NB a power of two <= 16, the address NB-aligned); byte(i) reads them back.
+template <int NB> struct Bytes;
+template <> struct Bytes<1> { uint8_t v; __device__ uint32_t byte(int) const { return v; } };
+template <> struct Bytes<2> { uint16_t v; __device__ uint32_t byte(int i) const { return (v >> (8 * i)) & 0xffu; } };
+template <> struct Bytes<4> { uint32_t v; __device__ uint32_t byte(int i) const { return (v >> (8 * i)) & 0xffu; } };
+template <> struct Bytes<8> {
+    uint2 v;
+    __device__ uint32_t word(int i) const { return i ? v.y : v.x; }
+    __device__ uint32_t byte(int i) const { return (word(i >> 2) >> (8 * (i & 3))) & 0xffu; }
+};
+template <> struct Bytes<16> {
+    uint4 v;
+    __device__ uint32_t word(int i) const { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+    __device__ uint32_t byte(int i) const { return (word(i >> 2) >> (8 * (i & 3))) & 0xffu; }
+};
+template <> struct Bytes<32> {  // two loads: d4 with M = 2 at T = 1
+    Bytes<16> lo, hi;
+    __device__ uint32_t byte(int i) const { return i < 16 ? lo.byte(i) : hi.byte(i - 16); }
+};
+template <int NB> __device__ __forceinline__ Bytes<NB> load_bytes(const uint8_t* p) {
+    if constexpr (NB == 32) {
+        Bytes<32> b;
+        b.lo = load_bytes<16>(p);
+        b.hi = load_bytes<16>(p + 16);
+        return b;
+    } else {
+        return *reinterpret_cast<const Bytes<NB>*>(p);
+    }
+}
+
+// Element e of a codebook entry held as EB bytes: fp16 bits (EB = 2 D) or int8 (EB = D).
+template <bool INT8, int EB> __device__ __forceinline__ float entry_elem(const Bytes<EB>& b, int e) {
+    if constexpr (INT8) {
+        return (float)(int8_t)(uint8_t)b.byte(e);
+    } else {
+        return half_to_float((uint16_t)(b.byte(2 * e) | (b.byte(2 * e + 1) << 8)));
+    }
+}
+
+// Copies the codebooks of groups g0 .. g0+gc-1 (and their int8 scales) into shared memory, each entry `copies`
+// times, interleaved: slot (book * k + entry) * copies + c.
+template <int M, int EB, bool INT8>
+__device__ void fill_table(const GemvArgs& a, unsigned char* table, float* cb_scale, int g0, int gc) {
+    const int entries = gc * M * a.k;
+    const uint8_t* src = static_cast<const uint8_t*>(a.codebooks) + (size_t)g0 * M * a.k * EB;
+    for (int i = threadIdx.x; i < entries * a.copies; i += blockDim.x) {
+        const int entry = i / a.copies;
+        *reinterpret_cast<Bytes<EB>*>(table + (size_t)i * EB) = load_bytes<EB>(src + (size_t)entry * EB);
+    }
+    if (INT8)
+        for (int i = threadIdx.x; i < gc * M; i += blockDim.x) cb_scale[i] = half_to_float(a.codebook_scales[g0 * M + i]);
+}
+
+// Adds this lane's segment (VL vectors of one row) to acc[t]: decode each vector, dot it with the activations.
+template <int D, int M, int T, int VL, int EB, bool INT8>
+__device__ __forceinline__ void segment_dot(const Bytes<VL * M>& seg, const unsigned char* table, const float* cb_scale,
+                                            int book0, int k, int copies, int lane, const float (&xr)[T][VL * D],
+                                            float (&part)[T]) {
+#pragma unroll
+    for (int v = 0; v < VL; ++v) {
+        float w[D];
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+            const int book = book0 + m;
+            const int slot = (book * k + (int)seg.byte(v * M + m)) * copies + (lane & (copies - 1));  // host: copies is a power of two
+            const Bytes<EB> entry = *reinterpret_cast<const Bytes<EB>*>(table + (size_t)slot * EB);
+#pragma unroll
+            for (int e = 0; e < D; ++e) {
+                float value = entry_elem<INT8, EB>(entry, e);
+                if (INT8) value *= cb_scale[book];
+                w[e] = m == 0 ? value : w[e] + value;
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < T; ++t)
+#pragma unroll
+            for (int e = 0; e < D; ++e) part[t] = fmaf(w[e], xr[t][v * D + e], part[t]);
+    }
+}
+
+template <int D, int M, int T, bool BF16, bool INT8>
+__device__ void smem_gemv(const GemvArgs& a) {
+    constexpr int VL = 64 / (D * T) > 0 ? 64 / (D * T) : 1;  // vectors per lane: VL*D*T activations in registers
+    constexpr int EB = INT8 ? D : 2 * D;                      // bytes per codebook entry
+    VQ_DYNAMIC_SMEM(smem);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int L = a.lanes_per_row, sub = lane % L;
+    const int rows_per_pass = warps * (32 / L);
+    const int chunk_vecs = L * VL;  // this block's K range: chunk blockIdx.y
+    const int groups = a.group_vecs ? (a.nv + a.group_vecs - 1) / a.group_vecs : 1;
+    const int g0 = a.group_vecs ? blockIdx.y * chunk_vecs / a.group_vecs : 0;
+    float* cb_scale = reinterpret_cast<float*>(smem + (size_t)a.groups_per_chunk * M * a.k * a.copies * EB);
+    fill_table<M, EB, INT8>(a, smem, cb_scale, g0, min(a.groups_per_chunk, groups - g0));
+    block_sync();
+
+    const int v0 = blockIdx.y * chunk_vecs + sub * VL;  // this lane's first vector (host: nv % VL == 0)
+    const bool lane_ok = v0 < a.nv;
+    float xr[T][VL * D];
+#pragma unroll
+    for (int t = 0; t < T; ++t)
+#pragma unroll
+        for (int i = 0; i < VL * D; ++i) {
+            const int col = v0 * D + i;
+            const bool ok = lane_ok && t < a.tokens && col < a.in_features;
+            xr[t][i] = ok ? act_to_float<BF16>(static_cast<const uint16_t*>(a.x)[(size_t)t * a.x_stride + col]) : 0.f;
+        }
+    const int book0 = a.group_vecs ? (v0 / a.group_vecs - g0) * M : 0;  // host: a segment lies in one group
+    const int scale_col = a.scale_group_vecs ? v0 / a.scale_group_vecs : 0;
+    const int row_end = min(a.n, (int)(blockIdx.x + 1) * a.rows_per_block);
+    int row = blockIdx.x * a.rows_per_block + warp * (32 / L) + lane / L;
+    Bytes<VL * M> next{};
+    if (lane_ok && row < row_end) next = load_bytes<VL * M>(a.codes + ((size_t)row * a.nv + v0) * M);
+    // Uniform trip count over the warp (the lane sums shuffle): rows past the end compute zeros and store nothing.
+    for (int first = blockIdx.x * a.rows_per_block + warp * (32 / L); first < row_end; first += rows_per_pass) {
+        const Bytes<VL * M> seg = next;
+        const int row_next = row + rows_per_pass;
+        if (lane_ok && row_next < row_end)
+            next = load_bytes<VL * M>(a.codes + ((size_t)row_next * a.nv + v0) * M);  // in flight during the decode
+        float part[T];
+#pragma unroll
+        for (int t = 0; t < T; ++t) part[t] = 0.f;
+        if (lane_ok && row < row_end) {
+            segment_dot<D, M, T, VL, EB, INT8>(seg, smem, cb_scale, book0, a.k, a.copies, lane, xr, part);
+            const float scale = a.scales ? half_to_float(a.scales[(size_t)row * a.s + scale_col]) : 1.f;
+#pragma unroll
+            for (int t = 0; t < T; ++t) part[t] *= scale;
+        }
+#pragma unroll
+        for (int t = 0; t < T; ++t) {
+            float v = part[t];
+            for (int off = L / 2; off > 0; off >>= 1) v += shfl_xor(v, off);  // every lane takes part
+            if (sub != 0 || row >= row_end || t >= a.tokens) continue;
+            if (gridDim.y > 1) {
+                a.partials[((size_t)blockIdx.y * a.tokens + t) * a.n + row] = v;
+            } else {
+                store_act(a.out, BF16, t * a.n + row, v + load_bias(a.bias, a.bias_kind, row));
+            }
+        }
+        row = row_next;
+    }
+}
+
+// out[t, i] = sum over splits of partials (in split order) + bias: the second stage of a split K range.
+extern "C" __global__ void vq_splitk_reduce(const ReduceArgs a) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= a.tokens * a.n) return;
+    float v = 0.f;
+    for (int s = 0; s < a.splits; ++s) v += a.partials[(size_t)s * a.tokens * a.n + i];
+    store_act(a.out, a.bf16 != 0, i, v + load_bias(a.bias, a.bias_kind, i % a.n));
+}
+VQ_HOST_ENTRY(vq_splitk_reduce, ReduceArgs)
+
+// vq_smem_gemv_d{D}_m{M}_t{T}_{f16|bf16}_{f16|i8}: D in {4, 8}, M in {1, 2}, T (tokens, up to) in {1, 2, 4, 8}.
+#define VQ_GEMV(D, M, T, XN, BF16, CN, INT8)                                                   \
+    extern "C" __global__ void vq_smem_gemv_d##D##_m##M##_t##T##_##XN##_##CN(const GemvArgs a) { \
+        smem_gemv<D, M, T, BF16, INT8>(a);                                                     \
+    }                                                                                          \
+    VQ_HOST_ENTRY(vq_smem_gemv_d##D##_m##M##_t##T##_##XN##_##CN, GemvArgs)
+#define VQ_GEMV_CB(D, M, T, XN, BF16) VQ_GEMV(D, M, T, XN, BF16, f16, false) VQ_GEMV(D, M, T, XN, BF16, i8, true)
+#define VQ_GEMV_X(D, M, T) VQ_GEMV_CB(D, M, T, f16, false) VQ_GEMV_CB(D, M, T, bf16, true)
+#define VQ_GEMV_T(D, M) VQ_GEMV_X(D, M, 1) VQ_GEMV_X(D, M, 2) VQ_GEMV_X(D, M, 4) VQ_GEMV_X(D, M, 8)
+VQ_GEMV_T(4, 1)
+VQ_GEMV_T(4, 2)
+VQ_GEMV_T(8, 1)
+VQ_GEMV_T(8, 2)
