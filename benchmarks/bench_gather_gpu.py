@@ -25,13 +25,13 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import re
 import sys
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
+from vqlib.kernels.cuda_driver import PtxModule, ptx_for_driver  # noqa: F401  (ptx_for_driver: for the tests)
 
 GATHERS = 8192 * 8192 // 4  # one per 4 weights: 8192x8192 in d4 1x8 (and in d8 2x8: two per 8 weights)
 BLOCK_N, BLOCK_V = 32, 32  # codes per program and iteration: as the GEMV's default d4 tile
@@ -97,41 +97,12 @@ SMEM_COPIES = (1, 4)  # codebook replicas in shared memory (lane % copies picks 
 GRAPH_CALLS = 10  # launches per CUDA graph (the codebook stays on chip: no weight rotation needed)
 
 
-def ptx_for_driver(ptx: str, driver_version: int) -> str:
-    """nvcc 13 writes PTX ISA 9.0, which only CUDA 13 drivers load; the probe uses nothing newer than ISA 8.0, which
-    every CUDA 12 driver loads, so the version line is lowered for them (driver_version as cuDriverGetVersion)."""
-    if driver_version >= 13000:
-        return ptx
-    if driver_version < 12000:
-        raise RuntimeError(f"the shared-memory probe needs a CUDA 12 or newer driver, got version {driver_version}")
-    return re.sub(r"^\.version \d+\.\d+$", ".version 8.0", ptx, count=1, flags=re.M)
-
-
 class SmemProbe:
-    """gather_probe_smem.ptx's kernels, launched with cuLaunchKernel on torch's current stream (libcuda only: the GPU
-    machine needs no compiler). Needs torch's CUDA context to exist (any CUDA tensor)."""
+    """gather_probe_smem.ptx's kernels, launched through the CUDA driver on torch's current stream (libcuda only: the
+    GPU machine needs no compiler). Needs torch's CUDA context to exist (any CUDA tensor)."""
 
     def __init__(self):
-        self.lib = ctypes.CDLL("libcuda.so.1")
-        self.lib.cuLaunchKernel.argtypes = [ctypes.c_void_p, *[ctypes.c_uint] * 7, ctypes.c_void_p]
-        self.lib.cuLaunchKernel.argtypes += [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
-        version = ctypes.c_int()
-        self._check(self.lib.cuDriverGetVersion(ctypes.byref(version)), "cuDriverGetVersion")
-        ptx = ptx_for_driver(PTX.read_text(), version.value).encode() + b"\0"
-        self.module = ctypes.c_void_p()
-        self._check(self.lib.cuModuleLoadData(ctypes.byref(self.module), ptx), "cuModuleLoadData")
-        self.kernels = {}
-        for words in (1, 2, 4):
-            fn = ctypes.c_void_p()
-            name = f"smem_gather_w{words}".encode()
-            self._check(self.lib.cuModuleGetFunction(ctypes.byref(fn), self.module, name), "cuModuleGetFunction")
-            self.kernels[words] = fn
-
-    def _check(self, status: int, what: str) -> None:
-        if status != 0:
-            name = ctypes.c_char_p()
-            self.lib.cuGetErrorName(status, ctypes.byref(name))
-            raise RuntimeError(f"{what} failed: {(name.value or b'?').decode()} ({status})")
+        self.module = PtxModule(PTX.read_text(), PTX.name)
 
     def launch(self, codebook: torch.Tensor, blocks: int, iters: int, copies: int, out: torch.Tensor) -> None:
         """codebook (entries, d) int8/fp16 on CUDA; out (blocks * SMEM_THREADS,) float32: each thread's sum."""
@@ -144,13 +115,8 @@ class SmemProbe:
             ctypes.c_int(entries.bit_length() - 1),
             ctypes.c_int(copies),
         ]
-        params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
-        stream = torch.cuda.current_stream().cuda_stream
         smem = entries * words * 4 * copies
-        status = self.lib.cuLaunchKernel(
-            self.kernels[words], blocks, 1, 1, SMEM_THREADS, 1, 1, smem, stream, params, None
-        )
-        self._check(status, "cuLaunchKernel")
+        self.module.launch(f"smem_gather_w{words}", (blocks, 1), SMEM_THREADS, smem, args)
 
 
 def smem_reference(codebook: torch.Tensor, blocks: int, iters: int) -> torch.Tensor:

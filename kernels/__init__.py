@@ -77,7 +77,7 @@ class Decision:
 
 
 _KERNELS: list[Kernel] = []
-_BROKEN: dict[str, str] = {}  # kernel name -> build error
+_BROKEN: dict[str, str] = {}  # kernel name -> what failed ("failed to build (...)")
 _LOGGED: set[tuple] = set()
 _MEMO_SIZE = 16  # decisions remembered per layer (see _decide)
 
@@ -140,7 +140,7 @@ def explain(layer: nn.Module, x: Tensor) -> Decision:
             reasons.append(f"{kernel.name}: not listed in {ENV_SWITCH}")
             continue
         if kernel.name in _BROKEN:
-            reasons.append(f"{kernel.name}: failed to build ({_BROKEN[kernel.name]})")
+            reasons.append(f"{kernel.name}: {_BROKEN[kernel.name]}")
             continue
         why_not = kernel.supports(layer, x)
         if why_not is None:
@@ -232,11 +232,11 @@ def linear(layer: nn.Module, x: Tensor) -> Tensor:
             mark_broken(decision.kernel.name, exc)  # changes every memo key: the next loop re-decides
 
 
-def mark_broken(name: str, exc: BaseException) -> None:
+def mark_broken(name: str, exc: BaseException, failure: str = "failed to build") -> None:
     """Disable kernel ``name`` for the rest of the process, with one loud warning naming the fallback."""
-    _BROKEN[name] = str(exc)
+    _BROKEN[name] = f"{failure} ({exc})"
     warnings.warn(
-        f"vqlib.kernels: kernel {name!r} failed to build and is disabled for this process "
+        f"vqlib.kernels: kernel {name!r} {failure} and is disabled for this process "
         f"({exc}); falling back to the next kernel or the reference path",
         RuntimeWarning,
         stacklevel=3,

@@ -33,15 +33,15 @@ def ptx_for_driver(ptx: str, driver_version: int) -> str:
 
 
 def read_ptx(path: Path) -> str:
-    """A PTX file, or its xz-compressed form (``.ptx.xz``: the shipped kernels are several MB of text)."""
+    """A PTX file, or an xz-compressed one (``.xz``)."""
     return lzma.decompress(path.read_bytes()).decode() if path.suffix == ".xz" else path.read_text()
 
 
 class PtxModule:
-    """One PTX file loaded into the current CUDA context (torch's, for the current device: create a CUDA tensor
-    first). ``function(name)`` returns a kernel handle; ``launch`` runs it on torch's current stream."""
+    """PTX text loaded into the current CUDA context (torch's, for the current device: create a CUDA tensor
+    first); the driver compiles it for this GPU here. ``launch`` runs one of its kernels on torch's current stream."""
 
-    def __init__(self, ptx_path: Path):
+    def __init__(self, ptx: str, label: str = "PTX"):
         try:
             self.lib = ctypes.CDLL("libcuda.so.1")
         except OSError as exc:
@@ -51,9 +51,9 @@ class PtxModule:
         self.lib.cuFuncSetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         version = ctypes.c_int()
         self.check(self.lib.cuDriverGetVersion(ctypes.byref(version)), "cuDriverGetVersion")
-        ptx = ptx_for_driver(read_ptx(ptx_path), version.value).encode() + b"\0"
+        image = ptx_for_driver(ptx, version.value).encode() + b"\0"
         self.module = ctypes.c_void_p()
-        self.check(self.lib.cuModuleLoadData(ctypes.byref(self.module), ptx), f"cuModuleLoadData({ptx_path.name})")
+        self.check(self.lib.cuModuleLoadData(ctypes.byref(self.module), image), f"cuModuleLoadData({label})")
         self._functions: dict[str, ctypes.c_void_p] = {}
         self._shared_optin: dict[str, int] = {}
 

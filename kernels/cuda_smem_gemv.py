@@ -21,6 +21,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import json
+import lzma
 import math
 import os
 import shutil
@@ -37,8 +39,8 @@ from . import KernelBuildError
 CUDA_DIR = Path(__file__).with_name("cuda")
 SOURCE = CUDA_DIR / "vq_smem_gemv.cu"
 EMU_HEADER = CUDA_DIR / "vq_emu.h"
-PTX = CUDA_DIR / "vq_smem_gemv.ptx.xz"
-NVCC_COMMAND = ["nvcc", "-arch=compute_80", "-ptx", "-O3"]  # + source -o ptx (see the .cu's header)
+PTX = CUDA_DIR / "vq_smem_gemv.ptx.xz"  # built by build_ptx
+NVCC_COMMAND = ["nvcc", "-arch=compute_80", "-ptx", "-O3"]  # sm_80 and newer; the driver compiles it for the GPU
 THREADS = 256
 MAX_TOKENS = 8
 TOKEN_TEMPLATES = (1, 2, 4, 8)  # instantiated in the .cu
@@ -228,7 +230,7 @@ def linear(
     x2 = x.reshape(-1, in_features)  # (tokens, in)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    tokens, (n, nv, m) = x2.shape[0], codes.shape
+    tokens, (n, nv, _) = x2.shape[0], codes.shape
     why = shape_reason(codes, codebooks, rowset, vector_dim, group_size, scale_group_size, x.dtype, tokens)
     if why is not None:
         raise ValueError(f"smem_gemv: {why}")
@@ -262,20 +264,26 @@ def _backend(device: torch.device):
 
 
 class _Driver:
+    """The shipped PTX on one CUDA device, a module per kernel, loaded (and compiled by the driver) at first use."""
+
     def __init__(self, device_index: int):
+        self.device_index = device_index
+        self.modules = {}
+
+    def _module(self, name: str):
         from .cuda_driver import CudaDriverError, PtxModule
 
-        self.device_index = device_index
-        try:
-            with torch.cuda.device(device_index):
+        if name not in self.modules:
+            try:
                 torch.empty(1, device="cuda")  # torch's context exists and is current
-                self.module = PtxModule(PTX)
-        except (CudaDriverError, OSError) as exc:
-            raise KernelBuildError(f"smem_gemv: cannot load {PTX.name} through the CUDA driver ({exc})") from exc
+                self.modules[name] = PtxModule(shipped_ptx()["modules"][name], f"{PTX.name}:{name}")
+            except (CudaDriverError, OSError, KeyError) as exc:
+                raise KernelBuildError(f"smem_gemv: cannot load {name} from {PTX.name} ({exc})") from exc
+        return self.modules[name]
 
     def launch(self, name: str, grid, threads: int, smem: int, args) -> None:
         with torch.cuda.device(self.device_index):
-            self.module.launch(name, grid, threads, smem, [args])
+            self._module(name).launch(name, grid, threads, smem, [args])
 
 
 @functools.cache
@@ -297,6 +305,60 @@ class _Emulator:
 @functools.cache
 def _emulator() -> _Emulator:
     return _Emulator(build_emulator())
+
+
+def source_hash() -> str:
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()
+
+
+def kernel_names() -> list[str]:
+    """Every kernel of the .cu: the GEMV instantiations and the split-K reduce."""
+    names = [
+        f"vq_smem_gemv_d{d}_m{m}_t{t}_{x}_{cb}"
+        for d in (4, 8)
+        for m in (1, 2)
+        for t in TOKEN_TEMPLATES
+        for x in ("f16", "bf16")
+        for cb in ("f16", "i8")
+    ]
+    return [*names, "vq_splitk_reduce"]
+
+
+def _nvcc_defines(name: str) -> list[str]:
+    """The -D flags that make the .cu define only kernel ``name``."""
+    if name == "vq_splitk_reduce":
+        return ["-DVQ_REDUCE_ONLY"]
+    d, m, t, x, cb = name.removeprefix("vq_smem_gemv_").split("_")
+    flags = dict(VQ_D=d[1:], VQ_M=m[1:], VQ_T=t[1:], VQ_XN=x, VQ_BF16=str(x == "bf16").lower(), VQ_CN=cb)
+    flags["VQ_INT8"] = str(cb == "i8").lower()
+    return [f"-D{k}={v}" for k, v in flags.items()]
+
+
+@functools.cache
+def shipped_ptx() -> dict:
+    """{"source_sha256": the .cu it was built from, "modules": {kernel name: PTX}} (one module per kernel)."""
+    return json.loads(lzma.decompress(PTX.read_bytes()))
+
+
+def build_ptx(target: Path = PTX) -> Path:
+    """Regenerate the shipped PTX with nvcc (``python -m vqlib.kernels.cuda_smem_gemv``): one module per kernel, so
+    that the driver compiles only the kernels a process runs (all 65 at once take over a minute); xz-compressed JSON,
+    written atomically."""
+    modules = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in kernel_names():
+            ptx = Path(tmp) / f"{name}.ptx"
+            cmd = [*NVCC_COMMAND, *_nvcc_defines(name), str(SOURCE), "-o", str(ptx)]
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"nvcc failed on {name}:\n{result.stderr[-2000:]}")
+            modules[name] = ptx.read_text()
+    blob = json.dumps({"source_sha256": source_hash(), "modules": modules}).encode()
+    partial = target.with_name(target.name + ".partial")
+    partial.write_bytes(lzma.compress(blob, preset=9))
+    os.replace(partial, target)
+    shipped_ptx.cache_clear()
+    return target
 
 
 def build_emulator(cache_dir: Path | None = None) -> Path:
@@ -330,3 +392,7 @@ def build_emulator(cache_dir: Path | None = None) -> Path:
             raise KernelBuildError(f"smem_gemv emulator: g++ failed:\n{result.stderr[-2000:]}")
         os.replace(partial, library)
     return library
+
+
+if __name__ == "__main__":
+    print(build_ptx())

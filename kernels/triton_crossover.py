@@ -36,6 +36,9 @@ from torch import Tensor, nn
 
 ENV_TUNING = "VQLIB_TRITON_TUNING"  # "measure" (default) or "off" (default rule only)
 PATHS = ("gemv", "gemm", "dequant_matmul")
+# Paths never run on a GPU before this process: their default plan must also equal the layer's reference before it
+# is timed (a wrong kernel is disabled with a warning, never chosen). The CUDA C++ shared-memory GEMV is one.
+CHECKED_AGAINST_REFERENCE = ("smem_gemv",)
 MAX_BUCKET = 2048  # more tokens are timed at this many (the ranking no longer changes there, and memory stays bounded)
 REPS = 5
 FLUSH_MIN_BYTES = 64 << 20  # written between timed calls: at least this and twice the device's L2 (H200: 60 MB)
@@ -68,9 +71,7 @@ class PathRanking:
         tile = self.tile(path)
         if tile is None:
             return f"{self.times_us[path]:.1f} us"
-        from .triton_tiles import TilePlan
-
-        return f"{self.times_us[path]:.1f} us with {TilePlan.decode(tile).describe()}"
+        return f"{self.times_us[path]:.1f} us with {describe_tile(path, tile)}"
 
     def why_chosen(self, path: str) -> str:
         """Why ``path`` runs (the first usable path of this ranking)."""
@@ -92,15 +93,26 @@ class PathRanking:
         return f"{rule} (default rule, not measured: {self.unmeasured_because})"
 
 
+def describe_tile(path: str, tile: list[int]) -> str:
+    """Words for a ``tile`` argument of ``vqlib::vq_linear`` on ``path``."""
+    from .cuda_smem_gemv import SmemTile
+    from .triton_tiles import TilePlan
+
+    return (SmemTile if path == "smem_gemv" else TilePlan).decode(tile).describe()
+
+
 def bucket(tokens: int) -> int:
     return min(MAX_BUCKET, 1 << max(0, int(tokens) - 1).bit_length())
 
 
 def admissible(tokens: int) -> tuple[str, ...]:
-    """Paths built for this many tokens (the GEMV keeps every token row of a program in registers)."""
+    """Paths built for this many tokens (the GEMVs keep every token row in registers). The shared-memory GEMV comes
+    last: the default rule (nothing measured) never picks it; only a measurement on the GPU at hand does."""
+    from . import cuda_smem_gemv
     from . import triton_vq as tv
 
-    return PATHS if tokens <= tv.GEMV_MAX_BATCH else PATHS[1:]
+    paths = PATHS if tokens <= tv.GEMV_MAX_BATCH else PATHS[1:]
+    return paths + ("smem_gemv",) if tokens <= cuda_smem_gemv.MAX_TOKENS else paths
 
 
 def default_ranking(tokens: int, because: str) -> PathRanking:
@@ -148,7 +160,7 @@ def _unmeasurable(x: Tensor) -> str | None:
 def ranking(layer: nn.Module, x: Tensor, tokens: int) -> PathRanking:
     """The ranking for ``layer`` at ``tokens`` tokens of ``x``'s dtype and device (measured on first use).
     Only the paths the registry may run now are timed (VQLINEAR_KERNELS, build failures): they are part of the key."""
-    usable = _usable(layer, admissible(tokens))
+    usable = _usable(layer, x, admissible(tokens))
     key = _key(layer, x, bucket(tokens), usable)
     if torch.compiler.is_compiling():  # read-only while tracing: the graph records the eager choice
         return _RANKINGS.get(key) or default_ranking(tokens, _unmeasurable(x) or "")
@@ -161,11 +173,14 @@ def ranking(layer: nn.Module, x: Tensor, tokens: int) -> PathRanking:
     return result
 
 
-def _usable(layer: nn.Module, paths: tuple[str, ...]) -> tuple[str, ...]:
+def _usable(layer: nn.Module, x: Tensor, paths: tuple[str, ...]) -> tuple[str, ...]:
+    """The paths the registry may run now (VQLINEAR_KERNELS, build failures) whose kernels cover this format."""
     from . import kernel_name_usable
-    from .triton_vq import kernel_name
+    from .triton_vq import kernel_name, path_format_reason
 
-    return tuple(p for p in paths if kernel_name_usable(kernel_name(p, layer)))
+    return tuple(
+        p for p in paths if kernel_name_usable(kernel_name(p, layer)) and path_format_reason(p, layer, x) is None
+    )
 
 
 def _measure(layer: nn.Module, x: Tensor, paths: tuple[str, ...], n: int) -> PathRanking:
@@ -202,6 +217,8 @@ def _time_tiles(layer: nn.Module, path: str, probe: Tensor, flush: Tensor) -> di
     tiles = _candidate_tiles(layer, path, probe)
     for tile in tiles:
         try:
+            if tile is None and path in CHECKED_AGAINST_REFERENCE and not _matches_reference(layer, path, probe, args):
+                return {}
             if tile is not None and not _same_output(path, probe, args, tile, expected):
                 continue
             timed[tuple(tile or ())] = _time_path(path, probe, args, flush, tile)
@@ -241,10 +258,32 @@ def _same_output(path: str, probe: Tensor, args: tuple, tile: list[int], expecte
     return False
 
 
+def _matches_reference(layer: nn.Module, path: str, probe: Tensor, args: tuple) -> bool:
+    """Whether ``path``'s default plan computes the layer's reference output on the probe; if not, its kernel is
+    disabled for the process (one loud warning) and the other paths run."""
+    from . import mark_broken
+    from .triton_vq import kernel_name
+
+    with torch.no_grad():
+        expected = layer._reference_linear(probe)  # (n, out)
+    got = torch.ops.vqlib.vq_linear(probe, *args, path, None)
+    scale = expected.abs().max().float().clamp_min(1e-6)
+    err = (got.float() - expected.float()).abs().max() / scale
+    if bool(err <= AGREEMENT.get(probe.dtype, 1e-4)):
+        return True
+    why = f"its output differs from the reference on this GPU (max error {float(err):.2e} of max |output|)"
+    mark_broken(kernel_name(path, layer), RuntimeError(why), failure="computes a wrong output on this GPU")
+    return False
+
+
 def _candidate_tiles(layer: nn.Module, path: str, probe: Tensor) -> list[list[int] | None]:
-    """None (the default plan) first, then the other plans of ``triton_vq_ops.tile_candidates``."""
+    """None (the default plan) first, then the other plans of the path's ``tile_candidates``."""
     from .triton_tiles import _pow2, tile_candidates
 
+    if path == "smem_gemv":
+        from . import cuda_smem_gemv
+
+        return cuda_smem_gemv.tile_candidates(layer, probe)
     plan_path = "dequant" if path == "dequant_matmul" else path
     nv = layer.codes.shape[1]
     plans = tile_candidates(
@@ -330,4 +369,14 @@ def reset() -> None:
     _RANKINGS.clear()
 
 
-__all__ = ["ENV_TUNING", "PathRanking", "admissible", "bucket", "default_ranking", "ranking", "reset", "tune"]
+__all__ = [
+    "ENV_TUNING",
+    "PathRanking",
+    "admissible",
+    "bucket",
+    "default_ranking",
+    "describe_tile",
+    "ranking",
+    "reset",
+    "tune",
+]

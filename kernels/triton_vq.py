@@ -1,7 +1,7 @@
 """Triton kernels for ``VQLinear`` (and ``FusedVQLinear``) on CUDA, in the ``vqlib.kernels`` registry.
 
 Importing this module never fails: without triton or without a CUDA device it registers nothing
-and ``unavailable_reason()`` says why. With both, it registers three kernels per layer type, and
+and ``unavailable_reason()`` says why. With both, it registers three Triton kernels per layer type (and for ``VQLinear`` a CUDA C++ one), and
 ``vqlib.kernels.explain(layer, x)`` names the one a call takes and why the others declined:
 
 =============================  ============================================  =========================
@@ -12,6 +12,9 @@ kernel (priority)              runs                                          tok
                                (``tl.dot``), split-K
 ``triton_vq_dequant_matmul``   decode kernel -> dense weight in x's dtype,   any
 (10)                           then cuBLAS
+``cuda_vq_smem_gemv`` (5)      CUDA C++, codebooks in shared memory          1..8 (VQLinear only;
+                               (``cuda_smem_gemv``); only where measured     see its format_reason)
+                               faster on this GPU
 =============================  ============================================  =========================
 
 Among the paths built for a call's token count, the fastest on this device runs: measured at the first eager
@@ -77,8 +80,22 @@ def format_reason(layer: nn.Module, x: Tensor) -> str | None:
 
 
 def kernel_name(path: str, layer: nn.Module) -> str:
-    """Registry name of ``path``'s kernel for this layer type."""
-    return f"triton_vq_{path}" + ("" if type(layer).__name__ == "VQLinear" else "_fused")
+    """Registry name of ``path``'s kernel for this layer's type."""
+    return kernel_name_for(path, type(layer).__name__)
+
+
+def kernel_name_for(path: str, layer_type: str) -> str:
+    base = "cuda_vq_smem_gemv" if path == "smem_gemv" else f"triton_vq_{path}"
+    return base + ("" if layer_type == "VQLinear" else "_fused")
+
+
+def path_format_reason(path: str, layer: nn.Module, x: Tensor) -> str | None:
+    """What of this format or input ``path``'s kernel does not cover, beyond ``format_reason`` (None: nothing)."""
+    if path == "smem_gemv":
+        from . import cuda_smem_gemv
+
+        return cuda_smem_gemv.format_reason(layer, x)
+    return None
 
 
 def path_reason(path: str, layer: nn.Module, x: Tensor) -> str | None:
@@ -90,6 +107,9 @@ def path_reason(path: str, layer: nn.Module, x: Tensor) -> str | None:
     n = tokens(x)
     if path == "gemv" and n > GEMV_MAX_BATCH:
         return f"{n} tokens above the CUDA-core GEMV limit GEMV_MAX_BATCH={GEMV_MAX_BATCH}"
+    why = path_format_reason(path, layer, x)
+    if why is not None:
+        return why
     from vqlib.kernels import kernel_name_usable
 
     ranked = triton_crossover.ranking(layer, x, n)
@@ -153,12 +173,14 @@ def _bind(path: str):
 
 
 def kernel_entries(device_type: str = "cuda", layer_type: str = "VQLinear") -> list[Kernel]:
-    """The three registry entries (tests build ``device_type="cpu"`` ones to drive the interpreter)."""
-    suffix = "" if layer_type == "VQLinear" else "_fused"
+    """The registry entries: three Triton paths, and for VQLinear the CUDA C++ shared-memory GEMV (tests build
+    ``device_type="cpu"`` ones to drive the Triton interpreter and the CUDA emulator)."""
     priorities = {"gemv": 30, "gemm": 20, "dequant_matmul": 10}  # the measured ranking decides; see path_reason
+    if layer_type == "VQLinear":
+        priorities["smem_gemv"] = 5  # asked last: it runs only where ranked first (path_reason)
     return [
         Kernel(
-            f"triton_vq_{path}{suffix}",
+            kernel_name_for(path, layer_type),
             layer_type,
             device_type,
             _runner(path),

@@ -4,10 +4,10 @@ Custom ops (``torch.library.custom_op``, with fake implementations, so ``torch.c
 and CUDA graphs capture them; no host synchronisation, tile choices depend on shapes only):
 
 - ``vqlib::vq_linear(x, codes, codebooks, codebook_scales, scales, bias, rowset, in_features,
-  vector_dim, group_size, scale_group_size, path) -> (..., out)`` with ``path`` one of
-  ``"gemv"`` (CUDA cores, batch <= 4), ``"gemm"`` (tensor cores) or ``"dequant_matmul"``
-  (decode kernel into a dense weight + ``torch.matmul``). ``group_size`` / ``scale_group_size``
-  0 mean "no codebook groups" / "row scales"; ``rowset`` (out,) int32 or None names each row's
+  vector_dim, group_size, scale_group_size, path, tile) -> (..., out)`` with ``path`` one of
+  ``"gemv"`` (CUDA cores, batch <= 4), ``"gemm"`` (tensor cores), ``"dequant_matmul"``
+  (decode kernel into a dense weight + ``torch.matmul``) or ``"smem_gemv"`` (CUDA C++,
+  ``cuda_smem_gemv``). ``group_size`` / ``scale_group_size`` 0 mean "no codebook groups" / "row scales"; ``rowset`` (out,) int32 or None names each row's
   codebook set (fused projections).
 - ``vqlib::vq_dequantize(...) -> (out, in_features)`` dense weight in the requested dtype.
 
@@ -356,6 +356,10 @@ def vq_linear(
         group_size,
         scale_group_size,
     )
+    if path == "smem_gemv":  # CUDA C++ (PTX through the driver), not Triton: its own plans
+        from . import cuda_smem_gemv
+
+        return cuda_smem_gemv.linear(*args, tile)
     plan = TilePlan.decode(tile) if tile else None
     if path == "dequant_matmul":
         return dequant_matmul(*args, plan=plan)

@@ -42,8 +42,9 @@ def x_of(layer, tokens):
 
 def test_bucket_and_admissible_paths():
     assert [tc.bucket(n) for n in (1, 2, 3, 4, 5, 17, 300, 2048, 5000)] == [1, 2, 4, 4, 8, 32, 512, 2048, 2048]
-    assert tc.admissible(tv.GEMV_MAX_BATCH) == ("gemv", "gemm", "dequant_matmul")
-    assert tc.admissible(tv.GEMV_MAX_BATCH + 1) == ("gemm", "dequant_matmul")
+    assert tc.admissible(tv.GEMV_MAX_BATCH) == ("gemv", "gemm", "dequant_matmul", "smem_gemv")
+    assert tc.admissible(tv.GEMV_MAX_BATCH + 1) == ("gemm", "dequant_matmul", "smem_gemv")
+    assert tc.admissible(9) == ("gemm", "dequant_matmul")  # the shared-memory GEMV is built for 1-8 tokens
 
 
 def test_fastest_measured_path_runs_and_says_why(measured):

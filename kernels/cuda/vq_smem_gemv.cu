@@ -20,8 +20,10 @@
 // Decode: entry (int8 * codebook scale), summed over the M codebooks in order, times the row/group scale, all in
 // fp32 as the reference decode_weight; fp32 multiply-adds with the activations.
 //
-// Regenerate the PTX (vqlib loads it through the CUDA driver: no compiler on the user's machine):
-//   nvcc -arch=compute_80 -ptx -O3 kernels/cuda/vq_smem_gemv.cu -o kernels/cuda/vq_smem_gemv.ptx
+// After any change, regenerate the shipped PTX (vq_smem_gemv.ptx.xz, one module per kernel; vqlib loads them through
+// the CUDA driver, so the user's machine needs no compiler): python -m vqlib.kernels.cuda_smem_gemv (nvcc
+// -arch=compute_80 -ptx -O3 with -DVQ_D=... selecting one kernel, or -DVQ_REDUCE_ONLY).
+// tests/test_kernels_cuda_smem.py fails while the PTX is older than this file.
 // On CPUs the same source is compiled by g++ with vq_emu.h, which runs blocks of threads for the tests.
 #ifdef __CUDACC__
 #include <cuda_fp16.h>
@@ -234,6 +236,7 @@ __device__ void smem_gemv(const GemvArgs& a) {
 }
 
 // out[t, i] = sum over splits of partials (in split order) + bias: the second stage of a split K range.
+#if !defined(VQ_D)
 extern "C" __global__ void vq_splitk_reduce(const ReduceArgs a) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= a.tokens * a.n) return;
@@ -242,6 +245,7 @@ extern "C" __global__ void vq_splitk_reduce(const ReduceArgs a) {
     store_act(a.out, a.bf16 != 0, i, v + load_bias(a.bias, a.bias_kind, i % a.n));
 }
 VQ_HOST_ENTRY(vq_splitk_reduce, ReduceArgs)
+#endif
 
 // vq_smem_gemv_d{D}_m{M}_t{T}_{f16|bf16}_{f16|i8}: D in {4, 8}, M in {1, 2}, T (tokens, up to) in {1, 2, 4, 8}.
 #define VQ_GEMV(D, M, T, XN, BF16, CN, INT8)                                                   \
@@ -249,6 +253,10 @@ VQ_HOST_ENTRY(vq_splitk_reduce, ReduceArgs)
         smem_gemv<D, M, T, BF16, INT8>(a);                                                     \
     }                                                                                          \
     VQ_HOST_ENTRY(vq_smem_gemv_d##D##_m##M##_t##T##_##XN##_##CN, GemvArgs)
+#define VQ_GEMV_EXPANDED(...) VQ_GEMV(__VA_ARGS__)
+#if defined(VQ_D)  // one kernel per PTX module (cuda_smem_gemv.build_ptx): the driver JIT-compiles only what runs
+VQ_GEMV_EXPANDED(VQ_D, VQ_M, VQ_T, VQ_XN, VQ_BF16, VQ_CN, VQ_INT8)
+#elif !defined(VQ_REDUCE_ONLY)
 #define VQ_GEMV_CB(D, M, T, XN, BF16) VQ_GEMV(D, M, T, XN, BF16, f16, false) VQ_GEMV(D, M, T, XN, BF16, i8, true)
 #define VQ_GEMV_X(D, M, T) VQ_GEMV_CB(D, M, T, f16, false) VQ_GEMV_CB(D, M, T, bf16, true)
 #define VQ_GEMV_T(D, M) VQ_GEMV_X(D, M, 1) VQ_GEMV_X(D, M, 2) VQ_GEMV_X(D, M, 4) VQ_GEMV_X(D, M, 8)
@@ -256,3 +264,4 @@ VQ_GEMV_T(4, 1)
 VQ_GEMV_T(4, 2)
 VQ_GEMV_T(8, 1)
 VQ_GEMV_T(8, 2)
+#endif
