@@ -7,7 +7,9 @@ activation dtype, three methods are timed:
 - ``fused``: the Triton kernel the dispatch uses below the crossover (``gemv`` for batch <= 4,
   ``gemm`` on tensor cores above) in its default tile plan, measured at every batch so the crossover can
   be read off;
-- ``dequant``: the decode kernel into a dense weight, then cuBLAS.
+- ``dequant``: the decode kernel into a dense weight, then cuBLAS;
+- ``smem`` (1-8 tokens, formats with 256-entry codebooks): the CUDA C++ shared-memory GEMV in its default plan
+  (``cuda_smem_gemv``), after checking its output against ``dequant``.
 
 ``auto`` is what ``vqlib.kernels`` picks: the path and tile plan (``auto_tile``; None: the default plan) its
 own measurement found fastest for this shape, format, dtype and batch (``triton_crossover``); ``auto_vs_best`` (time of auto / the faster of fused and dequant
@@ -184,7 +186,6 @@ def measure_group(
     of this function under the Triton interpreter, with ``time_graph`` replaced.)"""
     from vqlib.kernels import explain, triton_crossover
     from vqlib.kernels import triton_vq as tv
-    from vqlib.kernels.triton_tiles import TilePlan
 
     in_f, out_f = Config(shape, 1, fmt, dtype_name).in_out
     dtype = DTYPES[dtype_name]
@@ -202,11 +203,12 @@ def measure_group(
         t_dense = time_graph([(lambda w=w: torch.matmul(x, w.t())) for w in dense], reps)
         t_fused = time_graph([op(layer, fused_path) for layer in layers], reps)
         t_deq = time_graph([op(layer, "dequant_matmul") for layer in layers], reps)
+        t_smem, smem_err = smem_time(layers, x, op, reps)
         with torch.no_grad():  # what the dispatch runs (its first call here times the paths: triton_crossover)
             decision = explain(layers[0], x)
         auto = decision.path.removeprefix("triton_vq_")
         auto_tile = triton_crossover.ranking(layers[0], x, batch).tile(auto)  # None: the path's default plan
-        timed = {fused_path: t_fused, "dequant_matmul": t_deq}
+        timed = {fused_path: t_fused, "dequant_matmul": t_deq, "smem_gemv": t_smem}
         if auto in timed and auto_tile is None:
             t_auto = timed[auto]
         else:
@@ -226,13 +228,16 @@ def measure_group(
                 t_fused_us=t_fused * 1e6,
                 t_dequant_us=t_deq * 1e6,
                 auto=auto,
-                auto_tile=None if auto_tile is None else TilePlan.decode(auto_tile).describe(),
+                auto_tile=None if auto_tile is None else triton_crossover.describe_tile(auto, auto_tile),
                 auto_reason=decision.reason,
                 t_auto_us=t_auto * 1e6,
                 auto_vs_best=t_auto / min(t_fused, t_deq),
                 speedup_auto=t_dense / t_auto,
                 speedup_fused=t_dense / t_fused,
                 speedup_dequant=t_dense / t_deq,
+                t_smem_us=None if t_smem is None else t_smem * 1e6,
+                speedup_smem=None if t_smem is None else t_dense / t_smem,
+                smem_max_err=smem_err,
                 gbps_fused=vb / t_fused / 1e9,
                 gbps_dense=db / t_dense / 1e9,
             )
@@ -242,6 +247,26 @@ def measure_group(
     del layers, dense
     torch.cuda.empty_cache()
     return rows
+
+
+def smem_time(layers: list, x: torch.Tensor, op, reps: int) -> tuple[float | None, float | None]:
+    """(seconds, max error relative to max |output|) of the CUDA C++ shared-memory GEMV in its default plan, or None
+    where it does not cover the format or batch. Its output is checked against decode-then-cuBLAS first: a wrong
+    kernel is reported with its error, never timed."""
+    from vqlib.kernels import cuda_smem_gemv, triton_crossover
+
+    if cuda_smem_gemv.format_reason(layers[0], x) is not None:
+        return None, None
+    try:
+        got, expected = op(layers[0], "smem_gemv")(), op(layers[0], "dequant_matmul")()
+    except Exception as exc:  # noqa: BLE001 - a kernel that cannot load is reported, the benchmark goes on
+        print(f"smem_gemv failed: {type(exc).__name__}: {exc}", flush=True)
+        return None, None
+    err = float((got.float() - expected.float()).abs().max() / expected.abs().max().float().clamp_min(1e-6))
+    if err > triton_crossover.AGREEMENT[x.dtype]:
+        print(f"smem_gemv output differs from decode-then-cuBLAS (max error {err:.2e}): not timed", flush=True)
+        return None, err
+    return time_graph([op(layer, "smem_gemv") for layer in layers], reps), err
 
 
 # ---- summary -----------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine: the codebook-gather ceiling (bench_gather_gpu.py), the native GPU tests of the
-# Triton VQLinear kernels, the kernel benchmark (JSON + PNG), then a summary. At most about 9.5 minutes (each step
+# Triton VQLinear kernels and of the CUDA C++ shared-memory GEMV, the kernel benchmark (JSON + PNG), then a summary. At most about 9.5 minutes (each step
 # has a timeout: 45 + 230 + 290 + 5 s, checked by tests/test_gpu_check.py; the benchmark stops starting new groups
 # after 200 s and lists the skipped ones), so it fits one 10-minute device call.
 #
@@ -46,7 +46,8 @@ fi
 timeout 45 "$PY" benchmarks/bench_gather_gpu.py --out "$OUT_DIR/gather.json" 2>&1 | tee "$OUT_DIR/gather.txt"
 gather_rc=${PIPESTATUS[0]}
 
-timeout 230 "$PY" -m pytest tests/test_kernels_triton.py tests/test_kernels_triton_crossover.py -m gpu -q -p no:cacheprovider \
+timeout 230 "$PY" -m pytest tests/test_kernels_triton.py tests/test_kernels_triton_crossover.py tests/test_kernels_cuda_smem.py \
+  -m gpu -q -p no:cacheprovider \
   --junitxml="$OUT_DIR/gpu_tests.xml" 2>&1 | tee "$OUT_DIR/gpu_tests.txt"
 tests_rc=${PIPESTATUS[0]}
 

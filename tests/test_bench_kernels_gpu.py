@@ -142,3 +142,28 @@ def test_target_shape_is_measured_first_in_every_format_and_dtype(bench):
     assert {g[0] for g in order[:6]} == {"8192x8192"}  # before any other shape: a budget stop keeps the targets
     assert {(g[1], g[2]) for g in order[:6]} == {(f, d) for f in args.formats for d in args.dtypes}
     assert order[6] == ("4096x4096", "d8_2x8", "fp16")
+
+
+@pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="the CUDA emulator needs g++")
+def test_smem_gemv_is_checked_before_it_is_timed(bench, monkeypatch):
+    """The shared-memory GEMV (CPU emulator here) is timed only after its output matched decode-then-cuBLAS."""
+    pytest.importorskip("triton")
+    from vqlib.kernels import triton_vq as tv
+    from vqlib.kernels import triton_vq_ops  # noqa: F401
+
+    monkeypatch.setattr(bench, "time_graph", lambda calls, reps: 1e-3 * len([call() for call in calls]))
+    torch.manual_seed(0)
+    layers = [bench.make_layer(64, 24, "d8_2x8", "cpu") for _ in range(2)]
+    x = torch.randn(1, 64).half()
+    corrupt = {"on": False}
+
+    def op(layer, path, tile=None):
+        if path == "dequant_matmul":  # the reference stands in for decode-then-cuBLAS here
+            return lambda: layer._reference_linear(x.float()).half()
+        return lambda: torch.ops.vqlib.vq_linear(x, *tv.op_args(layer), path, tile) + (1.0 if corrupt["on"] else 0.0)
+
+    seconds, err = bench.smem_time(layers, x, op, reps=1)
+    assert seconds == 2e-3 and err < 2e-3  # both copies timed
+    corrupt["on"] = True
+    assert bench.smem_time(layers, x, op, reps=1)[0] is None
+    assert bench.smem_time(layers, x.float(), op, reps=1) == (None, None)  # fp32: not covered, not timed
