@@ -45,7 +45,7 @@ THREADS = 256
 MAX_TOKENS = 8
 TOKEN_TEMPLATES = (1, 2, 4, 8)  # instantiated in the .cu
 BLOCK_SMEM_BUDGET = 100 * 1024  # two blocks per SM on H100/H200 (228 KB of shared memory per SM)
-BLOCKS_PER_SM = 4  # grid target: enough blocks to balance the SMs
+BLOCKS_PER_SM = 2  # grid target: one resident wave (two blocks fit an SM), so each block's table fill serves more rows
 EMULATED_SMS = 2  # CPU emulation: a small grid
 EMULATED_SMEM = 96 * 1024
 
@@ -54,9 +54,10 @@ def token_template(tokens: int) -> int:
     return next(t for t in TOKEN_TEMPLATES if t >= tokens)
 
 
-def lane_vectors(vector_dim: int, tokens: int) -> int:
-    """Vectors a lane owns per row (VL in the .cu): their activations, VL*D*T floats, stay in registers."""
-    return max(1, 64 // (vector_dim * token_template(tokens)))
+def lane_vectors(vector_dim: int, num_codebooks: int, tokens: int) -> int:
+    """Vectors a lane owns per row (``lane_vectors`` in the .cu): their activations, VL*D*T floats, stay in
+    registers, and their codes, VL*M bytes, are one load of at most 16 bytes."""
+    return min(max(1, 64 // (vector_dim * token_template(tokens))), 16 // num_codebooks)
 
 
 def entry_bytes(vector_dim: int, int8: bool) -> int:
@@ -116,7 +117,7 @@ def shape_reason(codes, codebooks, rowset, vector_dim, group_size, scale_group_s
     _, nv, m = codes.shape
     if vector_dim not in (4, 8) or m not in (1, 2):
         return f"vector_dim={vector_dim}, M={m} not covered (vector_dim 4 or 8, M 1 or 2)"
-    vl = lane_vectors(vector_dim, tokens)
+    vl = lane_vectors(vector_dim, m, tokens)
     if nv % vl:
         return f"{nv} vectors per row, not a multiple of the {vl} a lane loads at {token_template(tokens)} tokens"
     group_vecs = group_size // vector_dim
@@ -145,7 +146,7 @@ def plan(codes, codebooks, vector_dim, group_size, tokens, bf16, device, tile: S
     n, nv, m = codes.shape
     k, int8 = codebooks.shape[2], codebooks.dtype == torch.int8
     sms, smem_limit = _device_limits(device)
-    t, vl, eb = token_template(tokens), lane_vectors(vector_dim, tokens), entry_bytes(vector_dim, int8)
+    t, vl, eb = token_template(tokens), lane_vectors(vector_dim, m, tokens), entry_bytes(vector_dim, int8)
     budget = min(smem_limit, BLOCK_SMEM_BUDGET)
     copies = tile.copies if tile and tile.copies else 128 // eb  # interleaved: one warp phase hits distinct banks
     while copies > 1 and m * k * copies * eb + 4 * m > budget:

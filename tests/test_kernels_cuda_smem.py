@@ -160,7 +160,7 @@ def test_plans_fit_an_h200(name, monkeypatch):
         assert p.smem <= sg.BLOCK_SMEM_BUDGET and p.copies >= 1 and p.copies & (p.copies - 1) == 0
         assert p.rows_per_block % (sg.THREADS // 32 * (32 // p.lanes_per_row)) == 0
         assert p.grid[0] * p.grid[1] >= 132 and p.grid[0] * p.rows_per_block >= layer.out_features
-        vl = sg.lane_vectors(layer.vector_dim, tokens)
+        vl = sg.lane_vectors(layer.vector_dim, layer.num_codebooks, tokens)
         assert p.grid[1] * p.lanes_per_row * vl >= layer.num_vectors  # the chunks cover every vector
 
 

@@ -15,8 +15,10 @@
 
 #define __global__
 #define __device__
+#define __host__
 #define __forceinline__ inline
 #define __align__(n) alignas(n)
+#define __launch_bounds__(...)
 
 struct Dim3 {
     unsigned x = 1, y = 1, z = 1;

@@ -6,15 +6,16 @@
 // 2-4x fp16 at 8192x8192, below the 4x target; a shared-memory table as in AQLM's 2x8 kernel and QTIP lifts it.
 //
 // Layout (docs/kernels.md, "Shared-memory GEMV"):
-// - a lane owns VL consecutive vectors of a row ("segment": VL*M code bytes, one vector load) and keeps the
+// - a lane owns VL consecutive vectors of a row ("segment": VL*M <= 16 code bytes, one vector load) and keeps the
 //   activations of those VL*D columns for all T tokens in registers (VL*D*T <= 64 floats), so shared memory serves
 //   only codebook gathers (AQLM re-reads x from shared memory for every row);
 // - L lanes cover a chunk of L*VL vectors of one row, 32/L rows per warp; the block holds the codebooks of the chunk's
 //   codebook groups, each entry replicated `copies` times and interleaved (slot = entry * copies + lane % copies), so
 //   with copies = 128 / entry bytes a quarter/half/full warp's gathers hit distinct banks whatever the codes are (the
 //   trick of AQLM's 2x8 kernel);
-// - block (x, y) takes rows x*rows_per_block .. and chunk y (grid y = chunks: the K split); each warp pass covers
-//   32/L rows, loads the next pass's codes before decoding the current one, sums each row over its L lanes with
+// - block (x, y) takes rows x*rows_per_block .. and chunk y (grid y = chunks: the K split); its first code loads are
+//   issued before the table fill; each warp pass covers 32/L rows, with the codes of the next 3-4 passes
+//   (code_loads_in_flight) in flight during its decode, sums each row over its L lanes with
 //   shuffles and writes it: to the output (one chunk) or to fp32 partials that vq_splitk_reduce sums in chunk order
 //   (deterministic, no atomics, no zero-initialisation).
 // Decode: entry (int8 * codebook scale), summed over the M codebooks in order, times the row/group scale, all in
@@ -108,19 +109,8 @@ template <> struct Bytes<16> {
     __device__ uint32_t word(int i) const { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
     __device__ uint32_t byte(int i) const { return (word(i >> 2) >> (8 * (i & 3))) & 0xffu; }
 };
-template <> struct Bytes<32> {  // two loads: d4 with M = 2 at T = 1
-    Bytes<16> lo, hi;
-    __device__ uint32_t byte(int i) const { return i < 16 ? lo.byte(i) : hi.byte(i - 16); }
-};
 template <int NB> __device__ __forceinline__ Bytes<NB> load_bytes(const uint8_t* p) {
-    if constexpr (NB == 32) {
-        Bytes<32> b;
-        b.lo = load_bytes<16>(p);
-        b.hi = load_bytes<16>(p + 16);
-        return b;
-    } else {
-        return *reinterpret_cast<const Bytes<NB>*>(p);
-    }
+    return *reinterpret_cast<const Bytes<NB>*>(p);
 }
 
 // Element e of a codebook entry held as EB bytes: fp16 bits (EB = 2 D) or int8 (EB = D).
@@ -173,24 +163,30 @@ __device__ __forceinline__ void segment_dot(const Bytes<VL * M>& seg, const unsi
     }
 }
 
-template <int D, int M, int T, bool BF16, bool INT8>
-__device__ void smem_gemv(const GemvArgs& a) {
-    constexpr int VL = 64 / (D * T) > 0 ? 64 / (D * T) : 1;  // vectors per lane: VL*D*T activations in registers
-    constexpr int EB = INT8 ? D : 2 * D;                      // bytes per codebook entry
-    VQ_DYNAMIC_SMEM(smem);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    const int L = a.lanes_per_row, sub = lane % L;
-    const int rows_per_pass = warps * (32 / L);
-    const int chunk_vecs = L * VL;  // this block's K range: chunk blockIdx.y
-    const int groups = a.group_vecs ? (a.nv + a.group_vecs - 1) / a.group_vecs : 1;
-    const int g0 = a.group_vecs ? blockIdx.y * chunk_vecs / a.group_vecs : 0;
-    float* cb_scale = reinterpret_cast<float*>(smem + (size_t)a.groups_per_chunk * M * a.k * a.copies * EB);
-    fill_table<M, EB, INT8>(a, smem, cb_scale, g0, min(a.groups_per_chunk, groups - g0));
-    block_sync();
+// Vectors a lane owns (VL): their activations (VL*D*T floats) stay in registers, and their codes (VL*M bytes) are
+// one load of at most 16 bytes. cuda_smem_gemv.lane_vectors computes the same.
+template <int D, int M, int T> __host__ __device__ constexpr int lane_vectors() {
+    constexpr int by_x = 64 / (D * T) > 0 ? 64 / (D * T) : 1;
+    return by_x < 16 / M ? by_x : 16 / M;
+}
+// Passes of codes each lane has loaded ahead of its decode. Why: by Little's law an H200 (4.8 TB/s, ~0.8 us DRAM
+// latency, 132 SMs) needs ~30 KB of loads in flight per SM; two 256-thread blocks x 3 x 16 B = 24 KB at one token.
+// 3 for 16-byte segments keeps the one-token kernels within 128 registers without spills (ptxas, sm_90).
+template <int SEG_BYTES> __host__ __device__ constexpr int code_loads_in_flight() { return SEG_BYTES >= 16 ? 3 : 4; }
+// Threads per block (cuda_smem_gemv.THREADS); the kernels are built for two resident blocks per SM (<= 128 registers).
+#define VQ_THREADS 256
 
-    const int v0 = blockIdx.y * chunk_vecs + sub * VL;  // this lane's first vector (host: nv % VL == 0)
-    const bool lane_ok = v0 < a.nv;
-    float xr[T][VL * D];
+// The VL*M code bytes of this lane's segment of `row` (zeros outside the layer or past the block's rows).
+template <int VL, int M>
+__device__ __forceinline__ Bytes<VL * M> row_codes(const GemvArgs& a, int row, int row_end, int v0, bool lane_ok) {
+    Bytes<VL * M> seg{};
+    if (lane_ok && row < row_end) seg = load_bytes<VL * M>(a.codes + ((size_t)row * a.nv + v0) * M);
+    return seg;
+}
+
+// xr[t][i] = activation t at column v0*D + i (zero past in_features, for absent tokens and idle lanes).
+template <int D, int T, int VL, bool BF16>
+__device__ __forceinline__ void load_activations(const GemvArgs& a, int v0, bool lane_ok, float (&xr)[T][VL * D]) {
 #pragma unroll
     for (int t = 0; t < T; ++t)
 #pragma unroll
@@ -199,39 +195,74 @@ __device__ void smem_gemv(const GemvArgs& a) {
             const bool ok = lane_ok && t < a.tokens && col < a.in_features;
             xr[t][i] = ok ? act_to_float<BF16>(static_cast<const uint16_t*>(a.x)[(size_t)t * a.x_stride + col]) : 0.f;
         }
+}
+
+// One row of a warp pass: this lane's segment dot, times the row/group scale, summed over the row's L lanes
+// (every lane takes part in the shuffles), then stored by the row's first lane.
+template <int D, int M, int T, int VL, int EB, bool BF16, bool INT8>
+__device__ __forceinline__ void row_pass(const GemvArgs& a, const Bytes<VL * M>& seg, int row, int row_end, bool lane_ok,
+                                         const unsigned char* table, const float* cb_scale, int book0, int scale_col,
+                                         const float (&xr)[T][VL * D]) {
+    const int lane = threadIdx.x & 31, L = a.lanes_per_row;
+    float part[T];
+#pragma unroll
+    for (int t = 0; t < T; ++t) part[t] = 0.f;
+    if (lane_ok && row < row_end) {
+        segment_dot<D, M, T, VL, EB, INT8>(seg, table, cb_scale, book0, a.k, a.copies, lane, xr, part);
+        const float scale = a.scales ? half_to_float(a.scales[(size_t)row * a.s + scale_col]) : 1.f;
+#pragma unroll
+        for (int t = 0; t < T; ++t) part[t] *= scale;
+    }
+#pragma unroll
+    for (int t = 0; t < T; ++t) {
+        float v = part[t];
+        for (int off = L / 2; off > 0; off >>= 1) v += shfl_xor(v, off);
+        if (lane % L != 0 || row >= row_end || t >= a.tokens) continue;
+        if (gridDim.y > 1) {
+            a.partials[((size_t)blockIdx.y * a.tokens + t) * a.n + row] = v;
+        } else {
+            store_act(a.out, BF16, t * a.n + row, v + load_bias(a.bias, a.bias_kind, row));
+        }
+    }
+}
+
+template <int D, int M, int T, bool BF16, bool INT8>
+__device__ void smem_gemv(const GemvArgs& a) {
+    constexpr int VL = lane_vectors<D, M, T>();
+    constexpr int EB = INT8 ? D : 2 * D;  // bytes per codebook entry
+    constexpr int DEPTH = code_loads_in_flight<VL * M>();
+    VQ_DYNAMIC_SMEM(smem);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int L = a.lanes_per_row, rows_per_pass = warps * (32 / L);
+    const int chunk_vecs = L * VL;                             // this block's K range: chunk blockIdx.y
+    const int v0 = blockIdx.y * chunk_vecs + (lane % L) * VL;  // this lane's first vector (host: nv % VL == 0)
+    const bool lane_ok = v0 < a.nv;
+    const int warp_row0 = blockIdx.x * a.rows_per_block + warp * (32 / L);
+    const int row0 = warp_row0 + lane / L, row_end = min(a.n, (int)(blockIdx.x + 1) * a.rows_per_block);
+
+    Bytes<VL * M> ring[DEPTH];  // the first passes' codes: in flight while the table is filled (they do not need it)
+#pragma unroll
+    for (int i = 0; i < DEPTH; ++i) ring[i] = row_codes<VL, M>(a, row0 + i * rows_per_pass, row_end, v0, lane_ok);
+    float xr[T][VL * D];
+    load_activations<D, T, VL, BF16>(a, v0, lane_ok, xr);
+    const int groups = a.group_vecs ? (a.nv + a.group_vecs - 1) / a.group_vecs : 1;
+    const int g0 = a.group_vecs ? blockIdx.y * chunk_vecs / a.group_vecs : 0;
+    float* cb_scale = reinterpret_cast<float*>(smem + (size_t)a.groups_per_chunk * M * a.k * a.copies * EB);
+    fill_table<M, EB, INT8>(a, smem, cb_scale, g0, min(a.groups_per_chunk, groups - g0));
+    block_sync();
+
     const int book0 = a.group_vecs ? (v0 / a.group_vecs - g0) * M : 0;  // host: a segment lies in one group
     const int scale_col = a.scale_group_vecs ? v0 / a.scale_group_vecs : 0;
-    const int row_end = min(a.n, (int)(blockIdx.x + 1) * a.rows_per_block);
-    int row = blockIdx.x * a.rows_per_block + warp * (32 / L) + lane / L;
-    Bytes<VL * M> next{};
-    if (lane_ok && row < row_end) next = load_bytes<VL * M>(a.codes + ((size_t)row * a.nv + v0) * M);
-    // Uniform trip count over the warp (the lane sums shuffle): rows past the end compute zeros and store nothing.
-    for (int first = blockIdx.x * a.rows_per_block + warp * (32 / L); first < row_end; first += rows_per_pass) {
-        const Bytes<VL * M> seg = next;
-        const int row_next = row + rows_per_pass;
-        if (lane_ok && row_next < row_end)
-            next = load_bytes<VL * M>(a.codes + ((size_t)row_next * a.nv + v0) * M);  // in flight during the decode
-        float part[T];
+    const int passes = (row_end - warp_row0 + rows_per_pass - 1) / rows_per_pass;  // uniform over the warp
+    for (int p0 = 0; p0 < passes; p0 += DEPTH) {
 #pragma unroll
-        for (int t = 0; t < T; ++t) part[t] = 0.f;
-        if (lane_ok && row < row_end) {
-            segment_dot<D, M, T, VL, EB, INT8>(seg, smem, cb_scale, book0, a.k, a.copies, lane, xr, part);
-            const float scale = a.scales ? half_to_float(a.scales[(size_t)row * a.s + scale_col]) : 1.f;
-#pragma unroll
-            for (int t = 0; t < T; ++t) part[t] *= scale;
+        for (int j = 0; j < DEPTH; ++j) {  // ring[j] holds pass p0 + j; refill it with pass p0 + j + DEPTH
+            if (p0 + j >= passes) break;
+            const int row = row0 + (p0 + j) * rows_per_pass;
+            const Bytes<VL * M> seg = ring[j];
+            ring[j] = row_codes<VL, M>(a, row + DEPTH * rows_per_pass, row_end, v0, lane_ok);
+            row_pass<D, M, T, VL, EB, BF16, INT8>(a, seg, row, row_end, lane_ok, smem, cb_scale, book0, scale_col, xr);
         }
-#pragma unroll
-        for (int t = 0; t < T; ++t) {
-            float v = part[t];
-            for (int off = L / 2; off > 0; off >>= 1) v += shfl_xor(v, off);  // every lane takes part
-            if (sub != 0 || row >= row_end || t >= a.tokens) continue;
-            if (gridDim.y > 1) {
-                a.partials[((size_t)blockIdx.y * a.tokens + t) * a.n + row] = v;
-            } else {
-                store_act(a.out, BF16, t * a.n + row, v + load_bias(a.bias, a.bias_kind, row));
-            }
-        }
-        row = row_next;
     }
 }
 
@@ -249,7 +280,8 @@ VQ_HOST_ENTRY(vq_splitk_reduce, ReduceArgs)
 
 // vq_smem_gemv_d{D}_m{M}_t{T}_{f16|bf16}_{f16|i8}: D in {4, 8}, M in {1, 2}, T (tokens, up to) in {1, 2, 4, 8}.
 #define VQ_GEMV(D, M, T, XN, BF16, CN, INT8)                                                   \
-    extern "C" __global__ void vq_smem_gemv_d##D##_m##M##_t##T##_##XN##_##CN(const GemvArgs a) { \
+    extern "C" __global__ void __launch_bounds__(VQ_THREADS, 2)                                \
+        vq_smem_gemv_d##D##_m##M##_t##T##_##XN##_##CN(const GemvArgs a) {                      \
         smem_gemv<D, M, T, BF16, INT8>(a);                                                     \
     }                                                                                          \
     VQ_HOST_ENTRY(vq_smem_gemv_d##D##_m##M##_t##T##_##XN##_##CN, GemvArgs)
