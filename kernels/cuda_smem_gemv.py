@@ -75,20 +75,22 @@ class SmemTile:
 
     copies: int = 0  # replicas of each codebook entry in shared memory (a power of two)
     rows_per_block: int = 0
+    half_sum: int = 0  # 1: M = 2 fp16 entries summed as half2 (one fp16 rounding per weight; the .cu's "f16h")
 
     def encode(self) -> list[int]:
-        return [self.copies, self.rows_per_block]
+        return [self.copies, self.rows_per_block, self.half_sum]
 
     @classmethod
     def decode(cls, tile: list[int]) -> "SmemTile":
-        if len(tile) != 2 or min(tile) < 0:
-            raise ValueError(f"smem_gemv tile: expected [copies, rows_per_block] >= 0, got {tile}")
+        if len(tile) != 3 or min(tile) < 0 or tile[2] > 1:
+            raise ValueError(f"smem_gemv tile: expected [copies, rows_per_block, half_sum 0/1] >= 0, got {tile}")
         return cls(*tile)
 
     def describe(self) -> str:
         parts = [
             f"{self.copies} copies of each entry" if self.copies else "",
             f"{self.rows_per_block} rows per block" if self.rows_per_block else "",
+            "codebook pairs summed in fp16" if self.half_sum else "",
         ]
         return "shared-memory plan: " + (", ".join(p for p in parts if p) or "default")
 
@@ -168,17 +170,23 @@ def plan(codes, codebooks, vector_dim, group_size, tokens, bf16, device, tile: S
     row_blocks = max(1, math.ceil(BLOCKS_PER_SM * sms / chunks))
     rows = tile.rows_per_block if tile and tile.rows_per_block else math.ceil(n / row_blocks)
     rows = rows_per_pass * math.ceil(rows / rows_per_pass)
-    name = f"vq_smem_gemv_d{vector_dim}_m{m}_t{t}_{'bf16' if bf16 else 'f16'}_{'i8' if int8 else 'f16'}"
+    half_sum = bool(tile and tile.half_sum)
+    if half_sum and (m != 2 or int8):
+        raise ValueError(f"smem_gemv: half_sum needs M = 2 fp16 codebooks, got M = {m}, {codebooks.dtype}")
+    cb = "i8" if int8 else "f16h" if half_sum else "f16"
+    name = f"vq_smem_gemv_d{vector_dim}_m{m}_t{t}_{'bf16' if bf16 else 'f16'}_{cb}"
     return SmemPlan(name, (math.ceil(n / rows), chunks), smem, lanes, rows, groups_per_chunk, copies)
 
 
 def tile_candidates(layer, x: Tensor) -> list[list[int] | None]:
     """The default plan (None) and the variants the dispatch times: no replication (more blocks per SM, bank
-    conflicts), and 4x the rows per block (fewer codebook fills)."""
+    conflicts), 4x the rows per block (fewer codebook fills), and for two fp16 codebooks their sum in half2."""
     from .triton_vq import tokens
 
     base = plan(layer.codes, layer.codebooks, layer.vector_dim, layer.group_size or 0, tokens(x), False, x.device)
     variants = [SmemTile(copies=1), SmemTile(rows_per_block=4 * base.rows_per_block)]
+    if layer.codes.shape[2] == 2 and layer.codebooks.dtype == torch.float16:
+        variants.append(SmemTile(half_sum=1))
     return [None] + [v.encode() for v in variants if not (v.copies == base.copies and not v.rows_per_block)]
 
 
@@ -320,7 +328,8 @@ def kernel_names() -> list[str]:
         for m in (1, 2)
         for t in TOKEN_TEMPLATES
         for x in ("f16", "bf16")
-        for cb in ("f16", "i8")
+        for cb in ("f16", "i8", "f16h")
+        if cb != "f16h" or m == 2
     ]
     return [*names, "vq_splitk_reduce"]
 
@@ -331,7 +340,7 @@ def _nvcc_defines(name: str) -> list[str]:
         return ["-DVQ_REDUCE_ONLY"]
     d, m, t, x, cb = name.removeprefix("vq_smem_gemv_").split("_")
     flags = dict(VQ_D=d[1:], VQ_M=m[1:], VQ_T=t[1:], VQ_XN=x, VQ_BF16=str(x == "bf16").lower(), VQ_CN=cb)
-    flags["VQ_INT8"] = str(cb == "i8").lower()
+    flags["VQ_CB"] = {"f16": "CB_F16", "i8": "CB_I8", "f16h": "CB_F16_HALF_SUM"}[cb]
     return [f"-D{k}={v}" for k, v in flags.items()]
 
 
@@ -343,7 +352,7 @@ def shipped_ptx() -> dict:
 
 def build_ptx(target: Path = PTX) -> Path:
     """Regenerate the shipped PTX with nvcc (``python -m vqlib.kernels.cuda_smem_gemv``): one module per kernel, so
-    that the driver compiles only the kernels a process runs (all 65 at once take over a minute); xz-compressed JSON,
+    that the driver compiles only the kernels a process runs (all at once take over a minute); xz-compressed JSON,
     written atomically."""
     modules = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -125,13 +125,34 @@ def test_decode_is_bit_exact(name):
 
 
 @needs_gxx
-def test_every_tile_candidate_matches_reference():
-    layer = make_layer("d4_1x8_g128_int8_groupscale")
-    x = torch.randn(1, layer.in_features).half()
-    tiles = sg.tile_candidates(layer, x)
-    assert tiles[0] is None and len(tiles) == 3
-    for tile in tiles:
-        assert_matches(smem_linear(layer, x, tile), reference(layer, x), torch.float16)
+@pytest.mark.parametrize("name,variants", [("d4_1x8_g128_int8_groupscale", 2), ("d8_2x8_row_pad", 3)])
+def test_every_tile_candidate_matches_reference(name, variants):
+    """No replication, 4x the rows per block, and (two fp16 codebooks) the half2 sum of the pair."""
+    layer = make_layer(name)
+    for dtype in DTYPES:
+        x = torch.randn(1, layer.in_features).to(dtype)
+        tiles = sg.tile_candidates(layer, x)
+        assert tiles[0] is None and len(tiles) == 1 + variants
+        for tile in tiles:
+            assert_matches(smem_linear(layer, x, tile), reference(layer, x), dtype)
+
+
+@needs_gxx
+def test_half_sum_rounds_each_weight_once_to_fp16():
+    """One-hot rows through the half2-sum variant give s * fp16(e0 + e1): the pair's sum rounded once."""
+    layer = make_layer("d8_2x8_row_pad")
+    codes = layer.codes.long()  # (out, nv, 2)
+    entries = [layer.codebooks[0, m][codes[..., m]].float() for m in range(2)]  # (out, nv, d) each
+    pair = (entries[0] + entries[1]).half().float().flatten(1)[:, : layer.in_features]  # (out, in)
+    w = pair * layer.scales.float()
+    cols = torch.linspace(0, layer.in_features - 1, 8).long()
+    eye = torch.eye(layer.in_features)[cols].half()
+    y = smem_linear(layer, eye, sg.SmemTile(half_sum=1).encode())
+    assert torch.equal(y, (w.t() + layer.bias.float())[cols].half())
+    with pytest.raises(ValueError, match="half_sum needs M = 2 fp16 codebooks"):
+        smem_linear(
+            make_layer("d8_1x8_g256_noscale_nobias"), torch.zeros(1, 1024).half(), sg.SmemTile(half_sum=1).encode()
+        )
 
 
 def test_format_reasons_name_what_is_not_covered():
@@ -167,13 +188,15 @@ def test_plans_fit_an_h200(name, monkeypatch):
 def test_shipped_ptx_is_built_from_this_source():
     shipped = sg.shipped_ptx()
     assert shipped["source_sha256"] == sg.source_hash(), "run: python -m vqlib.kernels.cuda_smem_gemv"
-    assert sorted(shipped["modules"]) == sorted(sg.kernel_names()) and len(shipped["modules"]) == 65
+    assert sorted(shipped["modules"]) == sorted(sg.kernel_names()) and len(shipped["modules"]) == 81
     for name, ptx in shipped["modules"].items():  # one kernel per module: the driver compiles only what runs
         assert ptx.count(".entry ") == 1 and f".entry {name}(" in ptx
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (compiles the PTX)")
-@pytest.mark.parametrize("name", ["vq_smem_gemv_d4_m2_t8_bf16_i8", "vq_splitk_reduce"])
+@pytest.mark.parametrize(
+    "name", ["vq_smem_gemv_d4_m2_t8_bf16_i8", "vq_smem_gemv_d8_m2_t1_f16_f16h", "vq_splitk_reduce"]
+)
 def test_nvcc_builds_one_kernel_per_module(name, tmp_path):
     ptx = tmp_path / "one.ptx"
     subprocess.run([*sg.NVCC_COMMAND, *sg._nvcc_defines(name), str(sg.SOURCE), "-o", str(ptx)], check=True)

@@ -29,6 +29,9 @@ struct uint2 {
 struct alignas(16) uint4 {
     uint32_t x, y, z, w;
 };
+struct float2 {
+    float x, y;
+};
 
 struct EmuBlock {  // what the threads of the running block share
     std::vector<unsigned char> smem;
@@ -54,6 +57,16 @@ inline uint16_t float_to_half(float f) {
     uint16_t h;
     std::memcpy(&h, &v, 2);
     return h;
+}
+inline float2 halves_to_float2(uint32_t w) { return float2{half_to_float(w & 0xffffu), half_to_float(w >> 16)}; }
+inline uint32_t byte_of(uint32_t w, int i) { return (w >> (8 * i)) & 0xffu; }
+inline int opaque(int v) { return v; }
+inline float half_add(uint16_t a, uint16_t b) {  // one fp16 rounding of the exact sum, as __hadd2
+    const _Float16 sum = (_Float16)((double)half_to_float(a) + (double)half_to_float(b));  // exact, then rounded
+    return (float)sum;
+}
+inline float2 half_sum_to_float2(uint32_t a, uint32_t b) {
+    return float2{half_add(a & 0xffffu, b & 0xffffu), half_add(a >> 16, b >> 16)};
 }
 inline float fmaf_emu(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
 #define fmaf fmaf_emu

@@ -34,6 +34,15 @@ __device__ __forceinline__ float half_to_float(uint16_t h) { return __half2float
 __device__ __forceinline__ uint16_t float_to_half(float f) { return __half_as_ushort(__float2half_rn(f)); }
 __device__ __forceinline__ float shfl_xor(float v, int lane_mask) { return __shfl_xor_sync(0xffffffffu, v, lane_mask); }
 __device__ __forceinline__ void block_sync() { __syncthreads(); }
+__device__ __forceinline__ float2 halves_to_float2(uint32_t w) { return __half22float2(*reinterpret_cast<__half2*>(&w)); }
+__device__ __forceinline__ uint32_t byte_of(uint32_t w, int i) { return __byte_perm(w, 0u, 0x4440u | i); }
+__device__ __forceinline__ int opaque(int v) {  // a value the compiler cannot treat as loop-invariant
+    asm volatile("mov.b32 %0, %0;" : "+r"(v));
+    return v;
+}
+__device__ __forceinline__ float2 half_sum_to_float2(uint32_t a, uint32_t b) {
+    return __half22float2(__hadd2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b)));
+}
 #define VQ_HOST_ENTRY(name, Args)
 #else
 #include "vq_emu.h"
@@ -94,31 +103,40 @@ __device__ __forceinline__ void store_act(void* out, bool bf16, int i, float v) 
     static_cast<uint16_t*>(out)[i] = bf16 ? float_to_bf16(v) : float_to_half(v);
 }
 
-// NB bytes loaded with one instruction (NB a power of two <= 16, the address NB-aligned); byte(i) reads them back.
+// NB bytes loaded with one instruction (NB a power of two <= 16, the address NB-aligned), read back as 32-bit words
+// and bytes. Byte i is one PRMT on the GPU (byte_of); a shift-and-mask per byte tripled the decode's instructions.
 template <int NB> struct Bytes;
-template <> struct Bytes<1> { uint8_t v; __device__ uint32_t byte(int) const { return v; } };
-template <> struct Bytes<2> { uint16_t v; __device__ uint32_t byte(int i) const { return (v >> (8 * i)) & 0xffu; } };
-template <> struct Bytes<4> { uint32_t v; __device__ uint32_t byte(int i) const { return (v >> (8 * i)) & 0xffu; } };
+template <> struct Bytes<1> { uint8_t v; __device__ uint32_t word(int) const { return v; } };
+template <> struct Bytes<2> { uint16_t v; __device__ uint32_t word(int) const { return v; } };
+template <> struct Bytes<4> { uint32_t v; __device__ uint32_t word(int) const { return v; } };
 template <> struct Bytes<8> {
     uint2 v;
     __device__ uint32_t word(int i) const { return i ? v.y : v.x; }
-    __device__ uint32_t byte(int i) const { return (word(i >> 2) >> (8 * (i & 3))) & 0xffu; }
 };
 template <> struct Bytes<16> {
     uint4 v;
     __device__ uint32_t word(int i) const { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
-    __device__ uint32_t byte(int i) const { return (word(i >> 2) >> (8 * (i & 3))) & 0xffu; }
 };
+template <int NB> __device__ __forceinline__ uint32_t byte_at(const Bytes<NB>& b, int i) {
+    return byte_of(b.word(i >> 2), i & 3);
+}
 template <int NB> __device__ __forceinline__ Bytes<NB> load_bytes(const uint8_t* p) {
     return *reinterpret_cast<const Bytes<NB>*>(p);
 }
 
-// Element e of a codebook entry held as EB bytes: fp16 bits (EB = 2 D) or int8 (EB = D).
-template <bool INT8, int EB> __device__ __forceinline__ float entry_elem(const Bytes<EB>& b, int e) {
+// The D values of a codebook entry held as EB bytes: fp16 (EB = 2 D, two per 32-bit word) or int8 (EB = D).
+template <int D, int EB, bool INT8>
+__device__ __forceinline__ void entry_values(const Bytes<EB>& b, float (&v)[D]) {
     if constexpr (INT8) {
-        return (float)(int8_t)(uint8_t)b.byte(e);
+#pragma unroll
+        for (int e = 0; e < D; ++e) v[e] = (float)(int8_t)byte_at(b, e);
     } else {
-        return half_to_float((uint16_t)(b.byte(2 * e) | (b.byte(2 * e + 1) << 8)));
+#pragma unroll
+        for (int i = 0; i < D / 2; ++i) {
+            const float2 pair = halves_to_float2(b.word(i));
+            v[2 * i] = pair.x;
+            v[2 * i + 1] = pair.y;
+        }
     }
 }
 
@@ -136,24 +154,43 @@ __device__ void fill_table(const GemvArgs& a, unsigned char* table, float* cb_sc
         for (int i = threadIdx.x; i < gc * M; i += blockDim.x) cb_scale[i] = half_to_float(a.codebook_scales[g0 * M + i]);
 }
 
-// Adds this lane's segment (VL vectors of one row) to acc[t]: decode each vector, dot it with the activations.
-template <int D, int M, int T, int VL, int EB, bool INT8>
-__device__ __forceinline__ void segment_dot(const Bytes<VL * M>& seg, const unsigned char* table, const float* cb_scale,
-                                            int book0, int k, int copies, int lane, const float (&xr)[T][VL * D],
+// Codebook kinds (a template parameter; the kernel name's last part): fp16 entries summed over M in fp32, exactly as
+// the reference ("f16"); int8 entries times their fp16 scale ("i8"); fp16 entries of M = 2 summed as half2 before the
+// conversion to fp32 ("f16h": 4 packed adds and 8 conversions per d8 vector instead of 16 conversions and 8 adds,
+// the hot loop's largest cost; each weight's sum is rounded once to fp16, as the reference rounds W to fp16 for
+// fp16 activations; never bit-exact, so only a measured plan variant, SmemTile.half_sum).
+enum { CB_F16 = 0, CB_I8 = 1, CB_F16_HALF_SUM = 2 };
+
+// Adds this lane's segment (VL vectors of one row) to part[t]: decode each vector, dot it with the activations.
+// table_m[m]: this lane's replica of codebook m's entry 0; consecutive entries are `stride` (copies * EB) bytes apart.
+template <int D, int M, int T, int VL, int EB, int CB>
+__device__ __forceinline__ void segment_dot(const Bytes<VL * M>& seg, const unsigned char* const (&table_m)[M],
+                                            const float (&cbs)[M], int stride, const float (&xr)[T][VL * D],
                                             float (&part)[T]) {
 #pragma unroll
     for (int v = 0; v < VL; ++v) {
         float w[D];
+        if constexpr (CB == CB_F16_HALF_SUM) {
+            static_assert(M == 2, "the half2 sum pairs two codebooks");
+            const Bytes<EB> e0 = *reinterpret_cast<const Bytes<EB>*>(table_m[0] + byte_at(seg, 2 * v) * stride);
+            const Bytes<EB> e1 = *reinterpret_cast<const Bytes<EB>*>(table_m[1] + byte_at(seg, 2 * v + 1) * stride);
 #pragma unroll
-        for (int m = 0; m < M; ++m) {
-            const int book = book0 + m;
-            const int slot = (book * k + (int)seg.byte(v * M + m)) * copies + (lane & (copies - 1));  // host: copies is a power of two
-            const Bytes<EB> entry = *reinterpret_cast<const Bytes<EB>*>(table + (size_t)slot * EB);
+            for (int i = 0; i < D / 2; ++i) {
+                const float2 pair = half_sum_to_float2(e0.word(i), e1.word(i));
+                w[2 * i] = pair.x;
+                w[2 * i + 1] = pair.y;
+            }
+        } else {
 #pragma unroll
-            for (int e = 0; e < D; ++e) {
-                float value = entry_elem<INT8, EB>(entry, e);
-                if (INT8) value *= cb_scale[book];
-                w[e] = m == 0 ? value : w[e] + value;
+            for (int m = 0; m < M; ++m) {
+                const unsigned char* entry_ptr = table_m[m] + byte_at(seg, v * M + m) * stride;
+                float value[D];
+                entry_values<D, EB, CB == CB_I8>(*reinterpret_cast<const Bytes<EB>*>(entry_ptr), value);
+#pragma unroll
+                for (int e = 0; e < D; ++e) {
+                    if (CB == CB_I8) value[e] *= cbs[m];
+                    w[e] = m == 0 ? value[e] : w[e] + value[e];
+                }
             }
         }
 #pragma unroll
@@ -197,19 +234,29 @@ __device__ __forceinline__ void load_activations(const GemvArgs& a, int v0, bool
         }
 }
 
+// Per-lane constants of the row passes, read anew in every pass through opaque(): NVVM otherwise unswitches the pass
+// loop on each of them (split or not, scales or not, bias kind, token count, writer lane) into ~70 copies of the
+// decode, 2 MB of PTX per kernel, which the driver would have to compile at first use. One mov per pass.
+enum { LANE_OK = 1, WRITER = 2, SPLIT = 4, HAS_SCALES = 8, BIAS_SHIFT = 4 };
+struct PassConsts {
+    int flags;   // LANE_OK | WRITER | SPLIT | HAS_SCALES | bias_kind << BIAS_SHIFT
+    int tokens;  // a.tokens
+    int lanes;   // a.lanes_per_row
+};
+
 // One row of a warp pass: this lane's segment dot, times the row/group scale, summed over the row's L lanes
 // (every lane takes part in the shuffles), then stored by the row's first lane.
-template <int D, int M, int T, int VL, int EB, bool BF16, bool INT8>
-__device__ __forceinline__ void row_pass(const GemvArgs& a, const Bytes<VL * M>& seg, int row, int row_end, bool lane_ok,
-                                         const unsigned char* table, const float* cb_scale, int book0, int scale_col,
-                                         const float (&xr)[T][VL * D]) {
-    const int lane = threadIdx.x & 31, L = a.lanes_per_row;
+template <int D, int M, int T, int VL, int EB, bool BF16, int CB>
+__device__ __forceinline__ void row_pass(const GemvArgs& a, const PassConsts& c, const Bytes<VL * M>& seg, int row,
+                                         int row_end, const unsigned char* const (&table_m)[M], const float (&cbs)[M],
+                                         int scale_col, const float (&xr)[T][VL * D]) {
+    const int flags = opaque(c.flags), tokens = opaque(c.tokens), L = opaque(c.lanes);
     float part[T];
 #pragma unroll
     for (int t = 0; t < T; ++t) part[t] = 0.f;
-    if (lane_ok && row < row_end) {
-        segment_dot<D, M, T, VL, EB, INT8>(seg, table, cb_scale, book0, a.k, a.copies, lane, xr, part);
-        const float scale = a.scales ? half_to_float(a.scales[(size_t)row * a.s + scale_col]) : 1.f;
+    if ((flags & LANE_OK) && row < row_end) {
+        segment_dot<D, M, T, VL, EB, CB>(seg, table_m, cbs, a.copies * EB, xr, part);
+        const float scale = (flags & HAS_SCALES) ? half_to_float(a.scales[(size_t)row * a.s + scale_col]) : 1.f;
 #pragma unroll
         for (int t = 0; t < T; ++t) part[t] *= scale;
     }
@@ -217,17 +264,18 @@ __device__ __forceinline__ void row_pass(const GemvArgs& a, const Bytes<VL * M>&
     for (int t = 0; t < T; ++t) {
         float v = part[t];
         for (int off = L / 2; off > 0; off >>= 1) v += shfl_xor(v, off);
-        if (lane % L != 0 || row >= row_end || t >= a.tokens) continue;
-        if (gridDim.y > 1) {
-            a.partials[((size_t)blockIdx.y * a.tokens + t) * a.n + row] = v;
+        if (!(flags & WRITER) || row >= row_end || t >= tokens) continue;
+        if (flags & SPLIT) {
+            a.partials[((size_t)blockIdx.y * tokens + t) * a.n + row] = v;
         } else {
-            store_act(a.out, BF16, t * a.n + row, v + load_bias(a.bias, a.bias_kind, row));
+            store_act(a.out, BF16, t * a.n + row, v + load_bias(a.bias, flags >> BIAS_SHIFT, row));
         }
     }
 }
 
-template <int D, int M, int T, bool BF16, bool INT8>
+template <int D, int M, int T, bool BF16, int CB>
 __device__ void smem_gemv(const GemvArgs& a) {
+    constexpr bool INT8 = CB == CB_I8;
     constexpr int VL = lane_vectors<D, M, T>();
     constexpr int EB = INT8 ? D : 2 * D;  // bytes per codebook entry
     constexpr int DEPTH = code_loads_in_flight<VL * M>();
@@ -252,16 +300,28 @@ __device__ void smem_gemv(const GemvArgs& a) {
     block_sync();
 
     const int book0 = a.group_vecs ? (v0 / a.group_vecs - g0) * M : 0;  // host: a segment lies in one group
+    const unsigned char* table_m[M];  // this lane's replica (lane % copies; copies is a power of two) of each book
+    float cbs[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+        table_m[m] = smem + ((size_t)(book0 + m) * a.k * a.copies + (lane & (a.copies - 1))) * EB;
+        cbs[m] = INT8 ? cb_scale[book0 + m] : 1.f;
+    }
     const int scale_col = a.scale_group_vecs ? v0 / a.scale_group_vecs : 0;
+    const PassConsts consts{(lane_ok ? LANE_OK : 0) | (lane % L == 0 ? WRITER : 0) | (gridDim.y > 1 ? SPLIT : 0) |
+                                (a.scales ? HAS_SCALES : 0) | a.bias_kind << BIAS_SHIFT,
+                            a.tokens, L};
     const int passes = (row_end - warp_row0 + rows_per_pass - 1) / rows_per_pass;  // uniform over the warp
+#pragma unroll 1
     for (int p0 = 0; p0 < passes; p0 += DEPTH) {
 #pragma unroll
         for (int j = 0; j < DEPTH; ++j) {  // ring[j] holds pass p0 + j; refill it with pass p0 + j + DEPTH
             if (p0 + j >= passes) break;
             const int row = row0 + (p0 + j) * rows_per_pass;
             const Bytes<VL * M> seg = ring[j];
-            ring[j] = row_codes<VL, M>(a, row + DEPTH * rows_per_pass, row_end, v0, lane_ok);
-            row_pass<D, M, T, VL, EB, BF16, INT8>(a, seg, row, row_end, lane_ok, smem, cb_scale, book0, scale_col, xr);
+            const bool load_ok = opaque(consts.flags) & LANE_OK;
+            ring[j] = row_codes<VL, M>(a, row + DEPTH * rows_per_pass, row_end, v0, load_ok);
+            row_pass<D, M, T, VL, EB, BF16, CB>(a, consts, seg, row, row_end, table_m, cbs, scale_col, xr);
         }
     }
 }
@@ -278,22 +338,27 @@ extern "C" __global__ void vq_splitk_reduce(const ReduceArgs a) {
 VQ_HOST_ENTRY(vq_splitk_reduce, ReduceArgs)
 #endif
 
-// vq_smem_gemv_d{D}_m{M}_t{T}_{f16|bf16}_{f16|i8}: D in {4, 8}, M in {1, 2}, T (tokens, up to) in {1, 2, 4, 8}.
-#define VQ_GEMV(D, M, T, XN, BF16, CN, INT8)                                                   \
+// vq_smem_gemv_d{D}_m{M}_t{T}_{f16|bf16}_{f16|i8|f16h}: D in {4, 8}, M in {1, 2}, T (tokens, up to) in {1, 2, 4, 8};
+// f16h (CB_F16_HALF_SUM) for M = 2 only.
+#define VQ_GEMV(D, M, T, XN, BF16, CN, CB)                                                     \
     extern "C" __global__ void __launch_bounds__(VQ_THREADS, 2)                                \
         vq_smem_gemv_d##D##_m##M##_t##T##_##XN##_##CN(const GemvArgs a) {                      \
-        smem_gemv<D, M, T, BF16, INT8>(a);                                                     \
+        smem_gemv<D, M, T, BF16, CB>(a);                                                       \
     }                                                                                          \
     VQ_HOST_ENTRY(vq_smem_gemv_d##D##_m##M##_t##T##_##XN##_##CN, GemvArgs)
 #define VQ_GEMV_EXPANDED(...) VQ_GEMV(__VA_ARGS__)
 #if defined(VQ_D)  // one kernel per PTX module (cuda_smem_gemv.build_ptx): the driver JIT-compiles only what runs
-VQ_GEMV_EXPANDED(VQ_D, VQ_M, VQ_T, VQ_XN, VQ_BF16, VQ_CN, VQ_INT8)
+VQ_GEMV_EXPANDED(VQ_D, VQ_M, VQ_T, VQ_XN, VQ_BF16, VQ_CN, VQ_CB)
 #elif !defined(VQ_REDUCE_ONLY)
-#define VQ_GEMV_CB(D, M, T, XN, BF16) VQ_GEMV(D, M, T, XN, BF16, f16, false) VQ_GEMV(D, M, T, XN, BF16, i8, true)
+#define VQ_GEMV_CB(D, M, T, XN, BF16) VQ_GEMV(D, M, T, XN, BF16, f16, CB_F16) VQ_GEMV(D, M, T, XN, BF16, i8, CB_I8)
 #define VQ_GEMV_X(D, M, T) VQ_GEMV_CB(D, M, T, f16, false) VQ_GEMV_CB(D, M, T, bf16, true)
 #define VQ_GEMV_T(D, M) VQ_GEMV_X(D, M, 1) VQ_GEMV_X(D, M, 2) VQ_GEMV_X(D, M, 4) VQ_GEMV_X(D, M, 8)
+#define VQ_GEMV_H(D, T) VQ_GEMV(D, 2, T, f16, false, f16h, CB_F16_HALF_SUM) VQ_GEMV(D, 2, T, bf16, true, f16h, CB_F16_HALF_SUM)
+#define VQ_GEMV_HT(D) VQ_GEMV_H(D, 1) VQ_GEMV_H(D, 2) VQ_GEMV_H(D, 4) VQ_GEMV_H(D, 8)
 VQ_GEMV_T(4, 1)
 VQ_GEMV_T(4, 2)
 VQ_GEMV_T(8, 1)
 VQ_GEMV_T(8, 2)
+VQ_GEMV_HT(4)
+VQ_GEMV_HT(8)
 #endif
