@@ -371,6 +371,21 @@ def build_ptx(target: Path = PTX) -> Path:
     return target
 
 
+def check_ptx(arch: int = 90, driver_version: int = 12080) -> dict[str, dict]:
+    """Assemble every shipped module as a CUDA 12 driver would (version line lowered) with Triton's bundled ptxas:
+    {kernel: {"registers", "spill_store_bytes"}} (None where ptxas failed). No GPU needed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .cuda_driver import ptx_for_driver
+    from .triton_compile_check import _ptxas_stats
+
+    def assemble(item):
+        return item[0], _ptxas_stats(ptx_for_driver(item[1], driver_version), arch)
+
+    with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+        return dict(pool.map(assemble, shipped_ptx()["modules"].items()))
+
+
 def build_emulator(cache_dir: Path | None = None) -> Path:
     """Compile the .cu for this CPU (g++, C++20) once per source version; returns the shared library."""
     digest = hashlib.sha256(SOURCE.read_bytes() + EMU_HEADER.read_bytes()).hexdigest()[:16]
@@ -404,5 +419,21 @@ def build_emulator(cache_dir: Path | None = None) -> Path:
     return library
 
 
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build (default) or check the shipped PTX of the shared-memory GEMV.")
+    parser.add_argument("--check", action="store_true", help="assemble every module for sm_90 (Triton's ptxas)")
+    args = parser.parse_args(argv)
+    if not args.check:
+        print(build_ptx())
+        return 0
+    stats = check_ptx()
+    failed = sorted(k for k, v in stats.items() if v["registers"] is None or v["spill_store_bytes"])
+    regs = [v["registers"] for v in stats.values() if v["registers"] is not None]
+    print(f"{len(stats)} modules for sm_90: registers {min(regs)}-{max(regs)}, failed or spilling: {failed or 'none'}")
+    return 1 if failed else 0
+
+
 if __name__ == "__main__":
-    print(build_ptx())
+    raise SystemExit(main())

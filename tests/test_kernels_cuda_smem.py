@@ -191,6 +191,8 @@ def test_shipped_ptx_is_built_from_this_source():
     assert sorted(shipped["modules"]) == sorted(sg.kernel_names()) and len(shipped["modules"]) == 81
     for name, ptx in shipped["modules"].items():  # one kernel per module: the driver compiles only what runs
         assert ptx.count(".entry ") == 1 and f".entry {name}(" in ptx
+        # what the driver compiles at first use stays small: NVVM once unswitched the row loop into 2 MB per kernel
+        assert len(ptx) < 256 * 1024, f"{name}: {len(ptx)} bytes of PTX"
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (compiles the PTX)")
@@ -203,22 +205,13 @@ def test_nvcc_builds_one_kernel_per_module(name, tmp_path):
     assert re.findall(r"\.entry (\w+)\(", ptx.read_text()) == [name]
 
 
-@pytest.mark.parametrize(
-    "name", ["vq_smem_gemv_d8_m2_t1_f16_f16", "vq_smem_gemv_d4_m1_t1_bf16_i8", "vq_smem_gemv_d4_m2_t8_f16_i8"]
-)
-def test_shipped_ptx_assembles_for_sm90_under_a_cuda12_driver(name, tmp_path):
+def test_every_shipped_module_assembles_for_sm90_under_a_cuda12_driver():
     """What a CUDA 12 driver JIT-compiles (the version line lowered to ISA 8.0): Triton's bundled ptxas (CUDA 12.8)
-    assembles it for the H100/H200 without spills, in at most 128 registers (two 256-thread blocks per SM)."""
-    from vqlib.kernels.cuda_driver import ptx_for_driver
-
-    cc = pytest.importorskip("vqlib.kernels.triton_compile_check")
-    (tmp_path / "k.ptx").write_text(ptx_for_driver(sg.shipped_ptx()["modules"][name], 12080))
-    cmd = [cc._ptxas_path(90), "-v", "--gpu-name=sm_90", str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.o")]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    report = res.stdout + res.stderr
-    assert re.findall(r"(\d+) bytes spill stores", report) == ["0"], report
-    assert int(re.search(r"Used (\d+) registers", report).group(1)) <= 128, report
+    assembles every module for the H100/H200 without spills, in at most 128 registers (two 256-thread blocks per SM)."""
+    pytest.importorskip("vqlib.kernels.triton_compile_check")
+    stats = sg.check_ptx()
+    assert len(stats) == len(sg.kernel_names())
+    assert all(v["spill_store_bytes"] == 0 and v["registers"] <= 128 for v in stats.values()), stats
 
 
 # ---- the measured dispatch ----------------------------------------------------------------------
