@@ -14,6 +14,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from test_kernels_triton import random_layer  # noqa: E402
 from vqlib.kernels import cuda_smem_gemv as sg  # noqa: E402
 from vqlib.kernels import triton_crossover as tc  # noqa: E402
 from vqlib.kernels import triton_vq as tv  # noqa: E402
@@ -58,19 +59,7 @@ REL_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # of max |reference|: t
 
 
 def make_layer(name: str, seed: int = 0, device: str = "cpu") -> VQLinear:
-    gen = torch.Generator().manual_seed(seed)
-    layer = VQLinear(**FORMATS[name])
-    if layer.codebook_dtype == "int8":
-        layer.codebooks.copy_(torch.randint(-127, 128, layer.codebooks.shape, generator=gen))
-        layer.codebook_scales.copy_(torch.rand(layer.codebook_scales.shape, generator=gen) * 0.02 + 0.001)
-    else:
-        layer.codebooks.copy_(torch.randn(layer.codebooks.shape, generator=gen))
-    layer.codes.copy_(torch.randint(0, layer.codebook_size, layer.codes.shape, generator=gen))
-    if layer.scales is not None:
-        layer.scales.copy_(torch.rand(layer.scales.shape, generator=gen) + 0.5)
-    if layer.bias is not None:
-        layer.bias.data.copy_(torch.randn(layer.out_features, generator=gen))
-    return layer.to(device)
+    return random_layer(FORMATS[name], seed, device)
 
 
 def reference(layer: VQLinear, x: torch.Tensor) -> torch.Tensor:

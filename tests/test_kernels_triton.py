@@ -69,7 +69,11 @@ REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # 
 
 
 def make_layer(name: str, seed: int = 0, device: str = "cpu", **overrides) -> VQLinear:
-    spec = dict(FORMATS[name], **overrides)
+    return random_layer(dict(FORMATS[name], **overrides), seed, device)
+
+
+def random_layer(spec: dict, seed: int = 0, device: str = "cpu") -> VQLinear:
+    """A VQLinear of this spec with seeded random codes, codebooks, scales and bias."""
     gen = torch.Generator().manual_seed(seed)
     layer = VQLinear(**spec)
     k = layer.codebook_size
