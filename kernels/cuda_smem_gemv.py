@@ -243,6 +243,8 @@ def linear(
     why = shape_reason(codes, codebooks, rowset, vector_dim, group_size, scale_group_size, x.dtype, tokens)
     if why is not None:
         raise ValueError(f"smem_gemv: {why}")
+    if tokens == 0:  # nothing to launch (a grid of zero blocks is an invalid launch)
+        return x.new_empty(*x.shape[:-1], n)
     bf16 = x.dtype == torch.bfloat16
     p = plan(codes, codebooks, vector_dim, group_size, tokens, bf16, x.device, SmemTile.decode(tile) if tile else None)
     out = torch.empty(tokens, n, dtype=x.dtype, device=x.device)  # (tokens, out)

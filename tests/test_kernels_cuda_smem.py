@@ -99,6 +99,7 @@ def test_strided_and_batched_input():
     y = smem_linear(layer, x)
     assert y.shape == (2, 3, layer.out_features)
     assert_matches(y, reference(layer, x), torch.float16)
+    assert smem_linear(layer, x[:0]).shape == (0, 3, layer.out_features)  # no tokens: nothing launched
 
 
 @needs_gxx
