@@ -206,10 +206,10 @@ def measure_group(
         t_smem, smem_err = smem_time(layers, x, op, reps)
         with torch.no_grad():  # what the dispatch runs (its first call here times the paths: triton_crossover)
             decision = explain(layers[0], x)
-        auto = decision.path.removeprefix("triton_vq_")
+        auto = tv.path_of(decision.path) or decision.path  # the op's path name ("reference" stays as it is)
         auto_tile = triton_crossover.ranking(layers[0], x, batch).tile(auto)  # None: the path's default plan
         timed = {fused_path: t_fused, "dequant_matmul": t_deq, "smem_gemv": t_smem}
-        if auto in timed and auto_tile is None:
+        if timed.get(auto) is not None and auto_tile is None:
             t_auto = timed[auto]
         else:
             t_auto = time_graph([op(layer, auto, auto_tile) for layer in layers], reps)

@@ -89,6 +89,15 @@ def kernel_name_for(path: str, layer_type: str) -> str:
     return base + ("" if layer_type == "VQLinear" else "_fused")
 
 
+def path_of(kernel: str) -> str | None:
+    """The ``vqlib::vq_linear`` path of a registry kernel name (inverse of ``kernel_name``), None for others
+    ("reference", the CPU kernels)."""
+    name = kernel.removesuffix("_fused")
+    if name == "cuda_vq_smem_gemv":
+        return "smem_gemv"
+    return name.removeprefix("triton_vq_") if name.startswith("triton_vq_") else None
+
+
 def path_format_reason(path: str, layer: nn.Module, x: Tensor) -> str | None:
     """What of this format or input ``path``'s kernel does not cover, beyond ``format_reason`` (None: nothing)."""
     if path == "smem_gemv":

@@ -167,3 +167,23 @@ def test_smem_gemv_is_checked_before_it_is_timed(bench, monkeypatch):
     corrupt["on"] = True
     assert bench.smem_time(layers, x, op, reps=1)[0] is None
     assert bench.smem_time(layers, x.float(), op, reps=1) == (None, None)  # fp32: not covered, not timed
+
+
+@pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="the CUDA emulator needs g++")
+def test_measure_group_when_the_smem_gemv_wins(bench, monkeypatch, cpu_registry):
+    """fp16 on CPU (Triton interpreter + CUDA emulator), the dispatch's clock making the shared-memory GEMV fastest:
+    the row names it as the op's path, times it, and reports its own check."""
+    pytest.importorskip("triton")
+    from vqlib.kernels import triton_crossover as tc
+    from vqlib.kernels import triton_vq_ops  # noqa: F401
+
+    monkeypatch.setattr(tc, "_RANKINGS", {})
+    monkeypatch.setattr(tc, "MEASURED_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setenv("VQLINEAR_KERNELS", "triton_vq_gemv,triton_vq_dequant_matmul,cuda_vq_smem_gemv")
+    clock = {"gemv": 5.0, "dequant_matmul": 9.0, "smem_gemv": 2.0}
+    monkeypatch.setattr(tc, "_time_path", lambda path, probe, args, flush, tile=None: clock[path] + (tile is not None))
+    monkeypatch.setattr(bench, "time_graph", lambda calls, reps: 1e-3 * len([call() for call in calls]))
+    rows = bench.measure_group("64x24", "d8_2x8", "fp16", [1], l2=1, reps=1, device="cpu")
+    (row,) = rows
+    assert row["auto"] == "smem_gemv" and row["auto_tile"] is None and "measured fastest" in row["auto_reason"]
+    assert row["t_smem_us"] == row["t_auto_us"] == 2e3 and row["smem_max_err"] < 4e-3

@@ -47,6 +47,14 @@ def test_bucket_and_admissible_paths():
     assert tc.admissible(9) == ("gemm", "dequant_matmul")  # the shared-memory GEMV is built for 1-8 tokens
 
 
+def test_kernel_names_and_paths_are_inverse():
+    for layer_type in ("VQLinear", "FusedVQLinear"):
+        for kernel in tv.kernel_entries("cpu", layer_type):
+            path = tv.path_of(kernel.name)
+            assert path in tc.PATHS + ("smem_gemv",) and tv.kernel_name_for(path, layer_type) == kernel.name
+    assert tv.path_of("reference") is None and tv.path_of("cpu_lut_avx512") is None
+
+
 def test_fastest_measured_path_runs_and_says_why(measured):
     layer = make_layer("d8_2x8_row_pad")
     decision = kernels.explain(layer, x_of(layer, 1))
