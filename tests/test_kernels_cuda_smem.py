@@ -255,6 +255,10 @@ def test_default_rule_never_picks_it(cpu_registry, monkeypatch):
     ranking = tc.ranking(layer, x, 1)
     assert ranking.paths[-1] == "smem_gemv" and ranking.times_us is None
     assert kernels.explain(layer, x).path == "triton_vq_gemv"
+    monkeypatch.setenv(kernels.ENV_SWITCH, "cuda_vq_smem_gemv")  # forced: it runs, and says what it cannot run
+    assert kernels.explain(layer, x).path == "cuda_vq_smem_gemv"
+    decision = kernels.explain(layer, x.float())
+    assert decision.path == "reference" and "torch.float32 activations not covered" in decision.reason
 
 
 # ---- native GPU ---------------------------------------------------------------------------------
