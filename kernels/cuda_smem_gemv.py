@@ -82,8 +82,10 @@ class SmemTile:
 
     @classmethod
     def decode(cls, tile: list[int]) -> "SmemTile":
-        if len(tile) != 3 or min(tile) < 0 or tile[2] > 1:
-            raise ValueError(f"smem_gemv tile: expected [copies, rows_per_block, half_sum 0/1] >= 0, got {tile}")
+        if len(tile) != 3 or min(tile) < 0 or tile[2] > 1 or tile[0] & (tile[0] - 1):
+            raise ValueError(
+                f"smem_gemv tile: expected [copies (0 or a power of two), rows_per_block >= 0, half_sum 0/1], got {tile}"
+            )
         return cls(*tile)
 
     def describe(self) -> str:

@@ -157,6 +157,9 @@ def test_format_reasons_name_what_is_not_covered():
     assert "vector_dim=3, M=1 not covered" in sg.format_reason(VQLinear(48, 8, vector_dim=3), torch.randn(1, 48).half())
     with pytest.raises(ValueError, match=r"smem_gemv: torch.float32 activations not covered"):
         sg.linear(x, *tv.op_args(layer), None)
+    for bad in ([3, 0, 0], [0, 0, 2], [0, 0], [-1, 0, 0]):  # the kernel masks lanes with copies - 1
+        with pytest.raises(ValueError, match=r"expected \[copies \(0 or a power of two\)"):
+            sg.SmemTile.decode(bad)
 
 
 @pytest.mark.parametrize("name", FORMATS)
