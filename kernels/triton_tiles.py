@@ -138,6 +138,12 @@ GEMV_VARIANTS = (
     GemvVariant(8, prefetch=True, width=2, warps=8),
 )
 GEMM_PROGRAMS_PER_SM = (8,)  # GEMM candidates: the default plan split deeper (its loads are pipelined by Triton)
+# From WIDE_TOKENS_MIN_BATCH tokens (fp16/bf16), also a 256-token x 64-row tile on 8 warps: each weight tile is decoded
+# once per 256 tokens instead of per 128 (the default), halving the CUDA-core decode that competes with the tensor
+# cores (estimated at ~60% of their time at 128 tokens per decode: ~5 instructions per weight against 128 MACs);
+# the fp32 accumulator stays at 64 registers per thread. Batch 1024's target (<= 1.1x fp16) rests on this or on
+# decode-then-cuBLAS, whose dense-weight write alone is ~20% of the fp16 GEMM at 8192x8192 (docs/kernels.md).
+WIDE_TOKENS_MIN_BATCH = 256
 
 
 def tile_candidates(
@@ -162,6 +168,9 @@ def tile_candidates(
         ]
     elif path == "gemm":
         variants = [(default, pps) for pps in GEMM_PROGRAMS_PER_SM]
+        if batch >= WIDE_TOKENS_MIN_BATCH and elem_bytes == 2:
+            wide = replace(default, block_b=256, block_n=64, num_warps=8, swap_ab=False)
+            variants.append((wide, PROGRAMS_PER_SM))
     else:
         variants = []  # dequant: one plan
     plans = [default]

@@ -154,7 +154,7 @@ def test_kernel_matches_reference(name, batch, path, split):
     assert_matches(y, ref)
 
 
-@pytest.mark.parametrize("path,batch", [("gemv", 1), ("gemv", 4), ("gemm", 16), ("gemm", 64)])
+@pytest.mark.parametrize("path,batch", [("gemv", 1), ("gemv", 4), ("gemm", 16), ("gemm", 64), ("gemm", 300)])
 def test_every_tile_candidate_matches_reference(path, batch):
     """The plans the GPU's measured choice may pick (triton_crossover) all compute the layer; planned as for a
     132-SM GPU so that split-K and every variant appear."""
@@ -165,6 +165,8 @@ def test_every_tile_candidate_matches_reference(path, batch):
     assert len(set(plans)) == len(plans) >= 2
     if path == "gemv":
         assert any(p.prefetch for p in plans) and any(p.split_k > 1 for p in plans)
+    if batch >= 256:  # the 256-token tile: each weight tile decoded once per 256 tokens
+        assert any(p.block_b == 256 and p.block_n == 64 for p in plans)
     for plan in plans:
         assert ops.TilePlan.decode(plan.encode()) == plan
         assert_matches(
