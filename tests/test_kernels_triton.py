@@ -386,7 +386,7 @@ def test_gpu_matches_reference(name, dtype, monkeypatch):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("path,batch", [("gemv", 1), ("gemv", 4), ("gemm", 16)])
+@pytest.mark.parametrize("path,batch", [("gemv", 1), ("gemv", 4), ("gemm", 16), ("gemm", 300)])
 def test_gpu_every_tile_candidate_matches_reference(path, batch):
     """Every plan the measured choice may pick, compiled (prefetch, split-K, wide tiles), in fp16."""
     layer = make_layer("d4_2x8_g128_int8", device="cuda", in_features=4100, out_features=300)
