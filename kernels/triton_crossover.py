@@ -258,15 +258,23 @@ def _same_output(path: str, probe: Tensor, args: tuple, tile: list[int], expecte
     return False
 
 
+REFERENCE_CHECK_ROWS = 1024  # output rows compared with the reference: spread over the layer, all when fewer
+
+
 def _matches_reference(layer: nn.Module, path: str, probe: Tensor, args: tuple) -> bool:
-    """Whether ``path``'s default plan computes the layer's reference output on the probe; if not, its kernel is
-    disabled for the process (one loud warning) and the other paths run."""
+    """Whether ``path``'s default plan computes the layer's reference output on the probe (on up to
+    REFERENCE_CHECK_ROWS rows spread over every row block, so a large layer needs no dense fp32 copy); if not, its
+    kernel is disabled for the process (one loud warning) and the other paths run."""
     from . import mark_broken
     from .triton_vq import kernel_name
 
-    with torch.no_grad():
-        expected = layer._reference_linear(probe)  # (n, out)
-    got = torch.ops.vqlib.vq_linear(probe, *args, path, None)
+    n = layer.out_features
+    rows = torch.linspace(0, n - 1, min(n, REFERENCE_CHECK_ROWS), device=probe.device).round().long().unique()
+    with torch.no_grad():  # the reference's arithmetic (VQLinear._reference_linear) on those rows
+        weight = layer.dequantize_weight(rows=rows).to(probe.dtype)  # (rows, in)
+        bias = None if layer.bias is None else layer.bias[rows].to(probe.dtype)
+        expected = torch.nn.functional.linear(probe, weight, bias)  # (n, rows)
+    got = torch.ops.vqlib.vq_linear(probe, *args, path, None)[:, rows]
     scale = expected.abs().max().float().clamp_min(1e-6)
     err = (got.float() - expected.float()).abs().max() / scale
     if bool(err <= AGREEMENT.get(probe.dtype, 1e-4)):

@@ -67,6 +67,17 @@ def test_groups_int8_codebooks_and_group_scales():
     assert torch.equal(layer.dequantize_weight(), expected)
 
 
+def test_dequantize_selected_rows():
+    torch.manual_seed(0)
+    layer = VQLinear(10, 6, vector_dim=4, num_codebooks=2, codebook_bits=3, group_size=4, scale_granularity="group",
+                     scale_group_size=4, codebook_dtype="int8")  # fmt: skip
+    layer.codebooks.copy_(torch.randint(-127, 128, layer.codebooks.shape))
+    layer.codes.copy_(torch.randint(0, 8, layer.codes.shape))
+    layer.scales.copy_(torch.rand(layer.scales.shape) + 0.5)
+    rows = torch.tensor([5, 0, 3])
+    assert torch.equal(layer.dequantize_weight(rows=rows), layer.dequantize_weight()[rows])
+
+
 def test_padding_is_dropped_at_forward_time():
     layer = VQLinear(5, 3, vector_dim=4, codebook_bits=2, bias=False)
     assert layer.num_vectors == 2 and layer.in_padded == 8

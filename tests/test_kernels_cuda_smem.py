@@ -251,6 +251,26 @@ def test_wrong_output_is_disabled_never_chosen(measured_fp16, monkeypatch):
     assert decision.path == "reference" and "cuda_vq_smem_gemv: computes a wrong output" in decision.reason
 
 
+@needs_gxx
+def test_reference_check_samples_rows_across_the_layer(measured_fp16, monkeypatch):
+    """Large layers are checked on REFERENCE_CHECK_ROWS rows spread over the layer (no dense fp32 copy): a wrong last
+    row is still caught."""
+    real = torch.ops.vqlib.vq_linear
+    monkeypatch.setattr(tc, "REFERENCE_CHECK_ROWS", 8)
+
+    class Ops:
+        def vq_linear(self, x, *args):
+            y = real(x, *args)
+            if args[-2] == "smem_gemv":
+                y[..., -1] += 1.0
+            return y
+
+    monkeypatch.setattr(tc.torch, "ops", type("T", (), {"vqlib": Ops()})())
+    layer = make_layer("d8_2x8_row_pad")
+    with pytest.warns(RuntimeWarning, match=r"'cuda_vq_smem_gemv' computes a wrong output"):
+        assert kernels.explain(layer, torch.randn(1, layer.in_features).half()).path == "triton_vq_dequant_matmul"
+
+
 def test_default_rule_never_picks_it(cpu_registry, monkeypatch):
     monkeypatch.setenv(tc.ENV_TUNING, "off")
     layer = make_layer("d8_2x8_row_pad")

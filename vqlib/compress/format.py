@@ -251,12 +251,16 @@ class VQLinear(DequantCacheMixin, nn.Module):
             cb = cb * self.codebook_scales.float()[:, :, None, None]
         return cb
 
-    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The (out, in) weight that this layer computes with."""
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32, rows: Tensor | None = None) -> Tensor:
+        """The (out, in) weight that this layer computes with; with ``rows`` (a 1-D index), only those rows
+        (checks of large layers without a full dense copy)."""
+        codes, scales = self.codes, self.scales
+        if rows is not None:
+            codes, scales = codes[rows], None if scales is None else scales[rows]
         return decode_weight(
-            unpack_codes(self.codes),
+            unpack_codes(codes),
             self.codebook_values(),
-            None if self.scales is None else self.scales.float(),
+            None if scales is None else scales.float(),
             vector_dim=self.vector_dim,
             group_size=self.group_size,
             scale_group_size=self.scale_group_size,
