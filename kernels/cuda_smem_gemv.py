@@ -108,8 +108,12 @@ class SmemPlan:
     copies: int
 
 
-def shape_reason(codes, codebooks, rowset, vector_dim, group_size, scale_group_size, x_dtype, tokens) -> str | None:
-    """Why the kernel cannot run this format / input (None: it can). Arguments as ``vqlib::vq_linear``'s."""
+def shape_reason(
+    codes, codebooks, rowset, vector_dim, group_size, scale_group_size, x_dtype, tokens, memory: bool = True
+) -> str | None:
+    """Why the kernel cannot run this format / input (None: it can). Arguments as ``vqlib::vq_linear``'s;
+    ``memory``: also check contiguity and alignment (not while dynamo traces: fake tensors have no data pointer;
+    ``linear`` checks them when it runs)."""
     if x_dtype not in (torch.float16, torch.bfloat16):
         return f"{x_dtype} activations not covered (float16, bfloat16)"
     if tokens > MAX_TOKENS:
@@ -129,6 +133,8 @@ def shape_reason(codes, codebooks, rowset, vector_dim, group_size, scale_group_s
         return f"codebook groups of {group_vecs} vectors do not tile lanes of {vl} vectors"
     if scale_group_size and (scale_group_size // vector_dim) % vl:
         return f"scale groups of {scale_group_size // vector_dim} vectors do not tile lanes of {vl} vectors"
+    if not memory:
+        return None
     if not (codes.is_contiguous() and codebooks.is_contiguous()):
         return "codes or codebooks not contiguous"
     if codes.data_ptr() % 16 or codebooks.data_ptr() % 16:
@@ -142,7 +148,8 @@ def format_reason(layer, x: Tensor) -> str | None:
 
     group, sgs = layer.group_size or 0, layer.scale_group_size if layer.scale_granularity == "group" else 0
     rowset = getattr(layer, "rowset", None)
-    return shape_reason(layer.codes, layer.codebooks, rowset, layer.vector_dim, group, sgs, x.dtype, tokens(x))
+    memory = not torch.compiler.is_compiling()
+    return shape_reason(layer.codes, layer.codebooks, rowset, layer.vector_dim, group, sgs, x.dtype, tokens(x), memory)
 
 
 def plan(codes, codebooks, vector_dim, group_size, tokens, bf16, device, tile: SmemTile | None = None) -> SmemPlan:

@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from test_kernels_triton import random_layer  # noqa: E402
+from test_kernels_triton import no_log_while_compiling, random_layer  # noqa: E402, F401  (a fixture)
 from vqlib.kernels import cuda_smem_gemv as sg  # noqa: E402
 from vqlib.kernels import triton_crossover as tc  # noqa: E402
 from vqlib.kernels import triton_vq as tv  # noqa: E402
@@ -282,6 +282,16 @@ def test_default_rule_never_picks_it(cpu_registry, monkeypatch):
     assert kernels.explain(layer, x).path == "cuda_vq_smem_gemv"
     decision = kernels.explain(layer, x.float())
     assert decision.path == "reference" and "torch.float32 activations not covered" in decision.reason
+
+
+@pytest.mark.usefixtures("cpu_registry", "no_log_while_compiling")
+def test_compile_fullgraph_through_registry_in_fp16():
+    """Dynamo traces the dispatch, which asks this kernel's format_reason at 1-8 fp16 tokens: nothing in it may need
+    a real tensor (a data-pointer check once broke fullgraph for every CUDA VQLinear at 1-8 tokens)."""
+    layer = make_layer("d8_2x8_row_pad")
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, layer.in_features).half()
+    assert_matches(compiled(x), reference(layer, x), torch.float16)
 
 
 # ---- native GPU ---------------------------------------------------------------------------------
