@@ -156,7 +156,12 @@ def plan(codes, codebooks, vector_dim, group_size, tokens, bf16, device, tile: S
     """Grid, shared memory and lane layout of one call (the format passed ``shape_reason``)."""
     n, nv, m = codes.shape
     k, int8 = codebooks.shape[2], codebooks.dtype == torch.int8
-    sms, smem_limit = _device_limits(device)
+    sms, smem_limit = _device_limits(torch.device(device))
+    return _plan(n, nv, m, k, int8, vector_dim, group_size, tokens, bf16, sms, smem_limit, tile)
+
+
+@functools.lru_cache(maxsize=1024)  # shapes only: decoding asks the same plan for every token of every layer
+def _plan(n, nv, m, k, int8, vector_dim, group_size, tokens, bf16, sms, smem_limit, tile) -> SmemPlan:
     t, vl, eb = token_template(tokens), lane_vectors(vector_dim, m, tokens), entry_bytes(vector_dim, int8)
     budget = min(smem_limit, BLOCK_SMEM_BUDGET)
     copies = tile.copies if tile and tile.copies else 128 // eb  # interleaved: one warp phase hits distinct banks
@@ -181,7 +186,7 @@ def plan(codes, codebooks, vector_dim, group_size, tokens, bf16, device, tile: S
     rows = rows_per_pass * math.ceil(rows / rows_per_pass)
     half_sum = bool(tile and tile.half_sum)
     if half_sum and (m != 2 or int8):
-        raise ValueError(f"smem_gemv: half_sum needs M = 2 fp16 codebooks, got M = {m}, {codebooks.dtype}")
+        raise ValueError(f"smem_gemv: half_sum needs M = 2 fp16 codebooks, got M = {m}, {'int8' if int8 else 'fp16'}")
     cb = "i8" if int8 else "f16h" if half_sum else "f16"
     name = f"vq_smem_gemv_d{vector_dim}_m{m}_t{t}_{'bf16' if bf16 else 'f16'}_{cb}"
     return SmemPlan(name, (math.ceil(n / rows), chunks), smem, lanes, rows, groups_per_chunk, copies)
