@@ -55,6 +55,7 @@ def _pow2(n: int) -> int:
 
 
 @functools.cache
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -92,6 +93,20 @@ def plan_tiles(
     """Default tiles for ``path`` (shape-based only, so a captured graph replays the same launch).
     ``sms`` (streaming multiprocessors) defaults to the device's; 1 on CPU (interpreter).
     ``elem_bytes`` 4 (float32 activations) shrinks the large GEMM tiles, which spill registers otherwise."""
+    if sms is None:
+        sms = _device_sms(device)
+    return _plan_tiles(path, batch, n, nv, dp, sms, elem_bytes)
+
+
+def _device_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=4096)  # shapes only; decoding asks the same plan for every token of every layer
+def _plan_tiles(path: str, batch: int, n: int, nv: int, dp: int, sms: int, elem_bytes: int) -> TilePlan:
+    device = torch.device("meta")  # sms is given: _with_split needs no device
     if path == "gemv":
         block_b = _pow2(batch)
         cols = 128 if block_b <= 2 else 64  # bound the (B, N, K) product held in registers
