@@ -193,12 +193,16 @@ def _plan(n, nv, m, k, int8, vector_dim, group_size, tokens, bf16, sms, smem_lim
 
 
 def tile_candidates(layer, x: Tensor) -> list[list[int] | None]:
-    """The default plan (None) and the variants the dispatch times: no replication (more blocks per SM, bank
-    conflicts), 4x the rows per block (fewer codebook fills), and for two fp16 codebooks their sum in half2."""
+    """The default plan (None) and the variants the dispatch times: no replication (more blocks per SM and groups per
+    chunk, bank conflicts), 4x the rows per block (fewer codebook fills), for grouped codebooks 2 copies (between:
+    full replication leaves d8 2x8 at groups of 128 with 2 lanes per row and a K split of in/128, i.e. fp32 partials
+    as large as the codes), and for two fp16 codebooks their sum in half2."""
     from .triton_vq import tokens
 
     base = plan(layer.codes, layer.codebooks, layer.vector_dim, layer.group_size or 0, tokens(x), False, x.device)
     variants = [SmemTile(copies=1), SmemTile(rows_per_block=4 * base.rows_per_block)]
+    if layer.group_size and base.copies > 2:  # grouped: fewer copies fit more groups per chunk, fewer fp32 partials
+        variants.append(SmemTile(copies=2))
     if layer.codes.shape[2] == 2 and layer.codebooks.dtype == torch.float16:
         variants.append(SmemTile(half_sum=1))
     return [None] + [v.encode() for v in variants if not (v.copies == base.copies and not v.rows_per_block)]

@@ -115,9 +115,10 @@ def test_decode_is_bit_exact(name):
 
 
 @needs_gxx
-@pytest.mark.parametrize("name,variants", [("d4_1x8_g128_int8_groupscale", 2), ("d8_2x8_row_pad", 3)])
+@pytest.mark.parametrize("name,variants", [("d4_1x8_g128_int8_groupscale", 3), ("d8_2x8_row_pad", 3)])
 def test_every_tile_candidate_matches_reference(name, variants):
-    """No replication, 4x the rows per block, and (two fp16 codebooks) the half2 sum of the pair."""
+    """No replication, 4x the rows per block, 2 copies (grouped codebooks), the half2 sum of the pair (two fp16
+    codebooks)."""
     layer = make_layer(name)
     for dtype in DTYPES:
         x = torch.randn(1, layer.in_features).to(dtype)
