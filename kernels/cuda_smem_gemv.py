@@ -5,8 +5,9 @@ Why it exists: Triton cannot index shared memory per thread, so its GEMV gathers
 tag rate caps batch 1 at an estimated 2-4x fp16 at 8192x8192 (docs/kernels.md). This kernel keeps the codebooks of
 its K chunk in shared memory, replicated so that a warp's gathers hit distinct banks (AQLM's 2x8 layout), and the
 activations of each lane's vectors in registers. It has not run on a GPU yet: the dispatch only picks it where it
-was measured faster than the Triton paths on the GPU at hand, after checking that its output equals the default
-plan's (``triton_crossover``); by the default rule (nothing measured) the Triton GEMV runs.
+was measured faster than the Triton paths on the GPU at hand, after checking its output against the layer's reference
+(and each plan variant's against the default plan's; ``triton_crossover``); a kernel that disagrees is disabled with a
+warning. By the default rule (nothing measured) the Triton GEMV runs.
 
 Covered: uint8 codes (codebook_bits <= 8), vector_dim 4 or 8, 1 or 2 codebooks, per-layer or grouped codebooks,
 fp16 or int8 codebooks, row / group / no scales, bias, fp16 and bf16 activations, 1-8 tokens; rows whose vector
