@@ -262,8 +262,8 @@ def smem_time(layers: list, x: torch.Tensor, op, reps: int) -> tuple[float | Non
     except Exception as exc:  # noqa: BLE001 - a kernel that cannot load is reported, the benchmark goes on
         print(f"smem_gemv failed: {type(exc).__name__}: {exc}", flush=True)
         return None, None
-    err = float((got.float() - expected.float()).abs().max() / expected.abs().max().float().clamp_min(1e-6))
-    if err > triton_crossover.AGREEMENT[x.dtype]:
+    ok, err = triton_crossover.agrees(got, expected)
+    if not ok:
         print(f"smem_gemv output differs from decode-then-cuBLAS (max error {err:.2e}): not timed", flush=True)
         return None, err
     return time_graph([op(layer, "smem_gemv") for layer in layers], reps), err

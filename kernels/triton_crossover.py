@@ -240,6 +240,13 @@ def _time_tiles(layer: nn.Module, path: str, probe: Tensor, flush: Tensor) -> di
 AGREEMENT = {torch.float16: 4e-3, torch.bfloat16: 3.2e-2, torch.float32: 1e-4}
 
 
+def agrees(got: Tensor, expected: Tensor) -> tuple[bool, float]:
+    """(within AGREEMENT for the dtype, max |got - expected| / max |expected|): one host sync, at measurement time."""
+    scale = expected.abs().max().float().clamp_min(1e-6)
+    err = float((got.float() - expected.float()).abs().max() / scale)
+    return err <= AGREEMENT.get(expected.dtype, 1e-4), err
+
+
 def _default_output(path: str, probe: Tensor, args: tuple) -> Tensor:
     return torch.ops.vqlib.vq_linear(probe, *args, path, None)  # (n, out): what every other plan must give
 
@@ -249,12 +256,10 @@ def _same_output(path: str, probe: Tensor, args: tuple, tile: list[int], expecte
     variant that only the GPU could get wrong (a race, a mis-compiled layout) must never be picked for being fast."""
     if expected is None:
         return True
-    got = torch.ops.vqlib.vq_linear(probe, *args, path, tile)
-    scale = expected.abs().max().float().clamp_min(1e-6)
-    err = (got.float() - expected.float()).abs().max() / scale
-    if bool(err <= AGREEMENT.get(probe.dtype, 1e-4)):  # one host sync per plan, at measurement time only
+    ok, err = agrees(torch.ops.vqlib.vq_linear(probe, *args, path, tile), expected)
+    if ok:
         return True
-    _warn_tile_failed(path, tile, f"disagrees with the default plan (max error {float(err):.2e} of max |output|)")
+    _warn_tile_failed(path, tile, f"disagrees with the default plan (max error {err:.2e} of max |output|)")
     return False
 
 
@@ -274,12 +279,10 @@ def _matches_reference(layer: nn.Module, path: str, probe: Tensor, args: tuple) 
         weight = layer.dequantize_weight(rows=rows).to(probe.dtype)  # (rows, in)
         bias = None if layer.bias is None else layer.bias[rows].to(probe.dtype)
         expected = torch.nn.functional.linear(probe, weight, bias)  # (n, rows)
-    got = torch.ops.vqlib.vq_linear(probe, *args, path, None)[:, rows]
-    scale = expected.abs().max().float().clamp_min(1e-6)
-    err = (got.float() - expected.float()).abs().max() / scale
-    if bool(err <= AGREEMENT.get(probe.dtype, 1e-4)):
+    ok, err = agrees(torch.ops.vqlib.vq_linear(probe, *args, path, None)[:, rows], expected)
+    if ok:
         return True
-    why = f"its output differs from the reference on this GPU (max error {float(err):.2e} of max |output|)"
+    why = f"its output differs from the reference on this GPU (max error {err:.2e} of max |output|)"
     mark_broken(kernel_name(path, layer), RuntimeError(why), failure="computes a wrong output on this GPU")
     return False
 
