@@ -71,10 +71,7 @@ def _with_split(
 ) -> TilePlan:
     """Split the vector (K) loop so that tall or wide layers still launch enough programs."""
     if sms is None:
-        index = (
-            device.index if device.index is not None else torch.cuda.current_device() if device.type == "cuda" else 0
-        )
-        sms = _sm_count(index) if device.type == "cuda" else 1
+        sms = _device_sms(device)
     want = math.ceil(programs_per_sm * sms / max(1, row_blocks))
     most = max(1, nv // (plan.block_v * min_iters))
     split = max(1, min(want, most, MAX_SPLIT_K))

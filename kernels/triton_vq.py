@@ -84,18 +84,24 @@ def kernel_name(path: str, layer: nn.Module) -> str:
     return kernel_name_for(path, type(layer).__name__)
 
 
+# vqlib::vq_linear path -> registry name of its kernel (for VQLinear; "_fused" appended for FusedVQLinear)
+KERNEL_NAMES = {
+    "gemv": "triton_vq_gemv",
+    "gemm": "triton_vq_gemm",
+    "dequant_matmul": "triton_vq_dequant_matmul",
+    "smem_gemv": "cuda_vq_smem_gemv",
+}
+_PATHS_OF = {name: path for path, name in KERNEL_NAMES.items()}
+
+
 def kernel_name_for(path: str, layer_type: str) -> str:
-    base = "cuda_vq_smem_gemv" if path == "smem_gemv" else f"triton_vq_{path}"
-    return base + ("" if layer_type == "VQLinear" else "_fused")
+    return KERNEL_NAMES[path] + ("" if layer_type == "VQLinear" else "_fused")
 
 
 def path_of(kernel: str) -> str | None:
     """The ``vqlib::vq_linear`` path of a registry kernel name (inverse of ``kernel_name``), None for others
     ("reference", the CPU kernels)."""
-    name = kernel.removesuffix("_fused")
-    if name == "cuda_vq_smem_gemv":
-        return "smem_gemv"
-    return name.removeprefix("triton_vq_") if name.startswith("triton_vq_") else None
+    return _PATHS_OF.get(kernel.removesuffix("_fused"))
 
 
 def path_format_reason(path: str, layer: nn.Module, x: Tensor) -> str | None:
