@@ -9,7 +9,9 @@ activation dtype, three methods are timed:
   be read off;
 - ``dequant``: the decode kernel into a dense weight, then cuBLAS;
 - ``smem`` (1-8 tokens, formats with 256-entry codebooks): the CUDA C++ shared-memory GEMV in its default plan
-  (``cuda_smem_gemv``), after checking its output against ``dequant``.
+  (``cuda_smem_gemv``), after checking its output against ``dequant``;
+- ``mma`` (1-16 tokens, the same formats): the CUDA C++ shared-memory decode into tensor-core fragments
+  (``cuda_smem_mma``), default plan, checked the same way.
 
 ``auto`` is what ``vqlib.kernels`` picks: the path and tile plan (``auto_tile``; None: the default plan) its
 own measurement found fastest for this shape, format, dtype and batch (``triton_crossover``); ``auto_vs_best`` (time of auto / the faster of fused and dequant
@@ -203,12 +205,13 @@ def measure_group(
         t_dense = time_graph([(lambda w=w: torch.matmul(x, w.t())) for w in dense], reps)
         t_fused = time_graph([op(layer, fused_path) for layer in layers], reps)
         t_deq = time_graph([op(layer, "dequant_matmul") for layer in layers], reps)
-        t_smem, smem_err = smem_time(layers, x, op, reps)
+        t_smem, smem_err = smem_time(layers, x, op, reps, "smem_gemv")
+        t_mma, mma_err = smem_time(layers, x, op, reps, "smem_mma")
         with torch.no_grad():  # what the dispatch runs (its first call here times the paths: triton_crossover)
             decision = explain(layers[0], x)
         auto = tv.path_of(decision.path) or decision.path  # the op's path name ("reference" stays as it is)
         auto_tile = triton_crossover.ranking(layers[0], x, batch).tile(auto)  # None: the path's default plan
-        timed = {fused_path: t_fused, "dequant_matmul": t_deq, "smem_gemv": t_smem}
+        timed = {fused_path: t_fused, "dequant_matmul": t_deq, "smem_gemv": t_smem, "smem_mma": t_mma}
         if timed.get(auto) is not None and auto_tile is None:
             t_auto = timed[auto]
         else:
@@ -238,6 +241,9 @@ def measure_group(
                 t_smem_us=None if t_smem is None else t_smem * 1e6,
                 speedup_smem=None if t_smem is None else t_dense / t_smem,
                 smem_max_err=smem_err,
+                t_mma_us=None if t_mma is None else t_mma * 1e6,
+                speedup_mma=None if t_mma is None else t_dense / t_mma,
+                mma_max_err=mma_err,
                 gbps_fused=vb / t_fused / 1e9,
                 gbps_dense=db / t_dense / 1e9,
             )
@@ -249,24 +255,25 @@ def measure_group(
     return rows
 
 
-def smem_time(layers: list, x: torch.Tensor, op, reps: int) -> tuple[float | None, float | None]:
-    """(seconds, max error relative to max |output|) of the CUDA C++ shared-memory GEMV in its default plan, or None
-    where it does not cover the format or batch. Its output is checked against decode-then-cuBLAS first: a wrong
-    kernel is reported with its error, never timed."""
-    from vqlib.kernels import cuda_smem_gemv, triton_crossover
+def smem_time(layers: list, x: torch.Tensor, op, reps: int, path: str) -> tuple[float | None, float | None]:
+    """(seconds, max error relative to max |output|) of a CUDA C++ shared-memory path (``smem_gemv``, ``smem_mma``)
+    in its default plan, or None where it does not cover the format or batch. Its output is checked against
+    decode-then-cuBLAS first: a wrong kernel is reported with its error, never timed."""
+    from vqlib.kernels import triton_crossover
+    from vqlib.kernels.triton_vq import cuda_cpp_module
 
-    if cuda_smem_gemv.format_reason(layers[0], x) is not None:
+    if cuda_cpp_module(path).format_reason(layers[0], x) is not None:
         return None, None
     try:
-        got, expected = op(layers[0], "smem_gemv")(), op(layers[0], "dequant_matmul")()
+        got, expected = op(layers[0], path)(), op(layers[0], "dequant_matmul")()
     except Exception as exc:  # noqa: BLE001 - a kernel that cannot load is reported, the benchmark goes on
-        print(f"smem_gemv failed: {type(exc).__name__}: {exc}", flush=True)
+        print(f"{path} failed: {type(exc).__name__}: {exc}", flush=True)
         return None, None
     ok, err = triton_crossover.agrees(got, expected)
     if not ok:
-        print(f"smem_gemv output differs from decode-then-cuBLAS (max error {err:.2e}): not timed", flush=True)
+        print(f"{path} output differs from decode-then-cuBLAS (max error {err:.2e}): not timed", flush=True)
         return None, err
-    return time_graph([op(layer, "smem_gemv") for layer in layers], reps), err
+    return time_graph([op(layer, path) for layer in layers], reps), err
 
 
 # ---- summary -----------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ timeout 45 "$PY" benchmarks/bench_gather_gpu.py --out "$OUT_DIR/gather.json" 2>&
 gather_rc=${PIPESTATUS[0]}
 
 timeout 230 "$PY" -m pytest tests/test_kernels_triton.py tests/test_kernels_triton_crossover.py tests/test_kernels_cuda_smem.py \
+  tests/test_kernels_cuda_smem_mma.py \
   -m gpu -q -p no:cacheprovider \
   --junitxml="$OUT_DIR/gpu_tests.xml" 2>&1 | tee "$OUT_DIR/gpu_tests.txt"
 tests_rc=${PIPESTATUS[0]}

@@ -50,6 +50,7 @@ def summarize(gather: dict, bench: dict) -> list[dict]:
                 smem_kernel_us=r.get("t_smem_us"),
                 smem_floor_us=min(smem) if smem else None,
                 smem_allows=r["t_dense_us"] / min(smem) if smem else None,
+                mma_kernel_us=r.get("t_mma_us"),
             )
         )
     return rows
@@ -63,14 +64,15 @@ def print_table(rows: list[dict]) -> None:
     print(f"batch 1, {TARGET_SHAPE}: the dispatch vs the floors its codebook gathers set (target: 4x dense)")
     print(
         f"{'format':<8} {'dtype':<5} {'dense us':>9} {'auto us':>8} {'x dense':>8} {'gather floor us':>16} "
-        f"{'auto/floor':>10} {'floor allows':>12} {'smem floor us':>14} {'smem allows':>11} {'smem kernel us':>14}  path"
+        f"{'auto/floor':>10} {'floor allows':>12} {'smem floor us':>14} {'smem allows':>11} {'smem kernel us':>14} {'mma kernel us':>13}  path"
     )
     for r in rows:
         print(
             f"{r['fmt']:<8} {r['dtype']:<5} {r['dense_us']:>9.1f} {r['auto_us']:>8.1f} {r['speedup']:>7.2f}x "
             f"{_fmt(r['pointer_floor_us'], '>16.1f')} {_fmt(r['kernel_over_floor'], '>10.2f')} "
             f"{_fmt(r['pointer_allows'], '>11.2f')}x {_fmt(r['smem_floor_us'], '>14.1f')} "
-            f"{_fmt(r['smem_allows'], '>10.2f')}x {_fmt(r['smem_kernel_us'], '>14.1f')}  {r['auto']}"
+            f"{_fmt(r['smem_allows'], '>10.2f')}x {_fmt(r['smem_kernel_us'], '>14.1f')} "
+            f"{_fmt(r['mma_kernel_us'], '>13.1f')}  {r['auto']}"
         )
 
 

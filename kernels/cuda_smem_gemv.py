@@ -31,6 +31,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -98,6 +99,9 @@ class SmemTile:
         return "shared-memory plan: " + (", ".join(p for p in parts if p) or "default")
 
 
+Tile = SmemTile  # the plan variant class of this path (triton_vq.CUDA_CPP_PATHS)
+
+
 @dataclass(frozen=True)
 class SmemPlan:
     kernel: str
@@ -107,18 +111,27 @@ class SmemPlan:
     rows_per_block: int
     groups_per_chunk: int
     copies: int
+    warps_k: int = 1  # cuda_smem_mma: warps side by side along K (the GEMV uses lanes_per_row instead)
 
 
-def shape_reason(
-    codes, codebooks, rowset, vector_dim, group_size, scale_group_size, x_dtype, tokens, memory: bool = True
+@dataclass(frozen=True)
+class SmemLayout:
+    """What a shared-memory kernel family covers (the GEMV here, the tensor-core ``cuda_smem_mma``)."""
+
+    name: str  # in reasons
+    max_tokens: int
+    token_template: Callable[[int], int]  # tokens -> the instantiated token count that runs them
+    lane_vectors: Callable[[int, int, int], int]  # (vector_dim, M, tokens) -> vectors a lane owns per row
+
+
+def covered_reason(
+    layout: SmemLayout, codes, codebooks, rowset, vector_dim, group_size, scale_group_size, x_dtype, tokens, memory
 ) -> str | None:
-    """Why the kernel cannot run this format / input (None: it can). Arguments as ``vqlib::vq_linear``'s;
-    ``memory``: also check contiguity and alignment (not while dynamo traces: fake tensors have no data pointer;
-    ``linear`` checks them when it runs)."""
+    """Why ``layout``'s kernels cannot run this format / input (None: they can); see ``shape_reason``."""
     if x_dtype not in (torch.float16, torch.bfloat16):
         return f"{x_dtype} activations not covered (float16, bfloat16)"
-    if tokens > MAX_TOKENS:
-        return f"{tokens} tokens above the shared-memory GEMV's {MAX_TOKENS}"
+    if tokens > layout.max_tokens:
+        return f"{tokens} tokens above the {layout.name}'s {layout.max_tokens}"
     if codes.dtype != torch.uint8:
         return "codebook_bits > 8: a 65,536-entry codebook does not fit shared memory"
     if rowset is not None:
@@ -126,9 +139,11 @@ def shape_reason(
     _, nv, m = codes.shape
     if vector_dim not in (4, 8) or m not in (1, 2):
         return f"vector_dim={vector_dim}, M={m} not covered (vector_dim 4 or 8, M 1 or 2)"
-    vl = lane_vectors(vector_dim, m, tokens)
+    vl = layout.lane_vectors(vector_dim, m, tokens)
     if nv % vl:
-        return f"{nv} vectors per row, not a multiple of the {vl} a lane loads at {token_template(tokens)} tokens"
+        return (
+            f"{nv} vectors per row, not a multiple of the {vl} a lane loads at {layout.token_template(tokens)} tokens"
+        )
     group_vecs = group_size // vector_dim
     if group_vecs and not (group_vecs % (32 * vl) == 0 or (group_vecs % vl == 0 and _pow2(group_vecs // vl))):
         return f"codebook groups of {group_vecs} vectors do not tile lanes of {vl} vectors"
@@ -141,6 +156,20 @@ def shape_reason(
     if codes.data_ptr() % 16 or codebooks.data_ptr() % 16:
         return "codes or codebooks not 16-byte aligned"
     return None
+
+
+GEMV_LAYOUT = SmemLayout("shared-memory GEMV", MAX_TOKENS, token_template, lane_vectors)
+
+
+def shape_reason(
+    codes, codebooks, rowset, vector_dim, group_size, scale_group_size, x_dtype, tokens, memory: bool = True
+) -> str | None:
+    """Why the kernel cannot run this format / input (None: it can). Arguments as ``vqlib::vq_linear``'s;
+    ``memory``: also check contiguity and alignment (not while dynamo traces: fake tensors have no data pointer;
+    ``linear`` checks them when it runs)."""
+    return covered_reason(
+        GEMV_LAYOUT, codes, codebooks, rowset, vector_dim, group_size, scale_group_size, x_dtype, tokens, memory
+    )
 
 
 def format_reason(layer, x: Tensor) -> str | None:
@@ -221,7 +250,7 @@ def _device_limits(device: torch.device) -> tuple[int, int]:
 # ---- kernel arguments (the structs of vq_smem_gemv.cu, same order) ------------------------------
 _POINTERS = ("x", "codes", "codebooks", "codebook_scales", "scales", "bias", "out", "partials")
 _INTS = "n nv in_features x_stride tokens k group_vecs s scale_group_vecs lanes_per_row rows_per_block"
-_INTS += " groups_per_chunk copies bias_kind"
+_INTS += " groups_per_chunk copies bias_kind warps_k"
 
 
 class GemvArgs(ctypes.Structure):
@@ -258,14 +287,26 @@ def linear(
     x2 = x.reshape(-1, in_features)  # (tokens, in)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    tokens, (n, nv, _) = x2.shape[0], codes.shape
+    tokens = x2.shape[0]
     why = shape_reason(codes, codebooks, rowset, vector_dim, group_size, scale_group_size, x.dtype, tokens)
     if why is not None:
         raise ValueError(f"smem_gemv: {why}")
+    bf16, tile_plan = x.dtype == torch.bfloat16, SmemTile.decode(tile) if tile else None
+    p = plan(codes, codebooks, vector_dim, group_size, tokens, bf16, x.device, tile_plan)
+    args = (codes, codebooks, codebook_scales, scales, bias, in_features, vector_dim, group_size, scale_group_size)
+    return run(x, x2, p, *args)
+
+
+def run(
+    x, x2, p: SmemPlan, codes, codebooks, codebook_scales, scales, bias, in_features, vector_dim, group_size,
+    scale_group_size,
+) -> Tensor:  # fmt: skip
+    """Launches plan ``p`` of a checked call (x2: x as (tokens, in), unit column stride) and, for a split
+    K range, the reduce: (..., out) in x's dtype. Shared by the GEMV and ``cuda_smem_mma``."""
+    tokens, n, nv = x2.shape[0], codes.shape[0], codes.shape[1]
     if tokens == 0:  # nothing to launch (a grid of zero blocks is an invalid launch)
         return x.new_empty(*x.shape[:-1], n)
     bf16 = x.dtype == torch.bfloat16
-    p = plan(codes, codebooks, vector_dim, group_size, tokens, bf16, x.device, SmemTile.decode(tile) if tile else None)
     out = torch.empty(tokens, n, dtype=x.dtype, device=x.device)  # (tokens, out)
     chunks = p.grid[1]
     partials = torch.empty(chunks, tokens, n, dtype=torch.float32, device=x.device) if chunks > 1 else None
@@ -274,7 +315,7 @@ def linear(
         x2.data_ptr(), codes.data_ptr(), codebooks.data_ptr(), _ptr(codebook_scales), _ptr(scales), _ptr(bias),
         out.data_ptr(), _ptr(partials), n, nv, in_features, x2.stride(0), tokens, codebooks.shape[2],
         group_size // vector_dim, 1 if scales is None else scales.shape[1], scale_group_size // vector_dim,
-        p.lanes_per_row, p.rows_per_block, p.groups_per_chunk, p.copies, bias_kind,
+        p.lanes_per_row, p.rows_per_block, p.groups_per_chunk, p.copies, bias_kind, p.warps_k,
     )  # fmt: skip
     backend = _backend(x.device)
     backend.launch(p.kernel, p.grid, THREADS, p.smem, args)
@@ -342,8 +383,8 @@ def source_hash() -> str:
 
 
 def kernel_names() -> list[str]:
-    """Every kernel of the .cu: the GEMV instantiations and the split-K reduce."""
-    names = [
+    """Every kernel of the .cu: the GEMV instantiations, the tensor-core ones (``cuda_smem_mma``) and the reduce."""
+    gemv = [
         f"vq_smem_gemv_d{d}_m{m}_t{t}_{x}_{cb}"
         for d in (4, 8)
         for m in (1, 2)
@@ -352,15 +393,28 @@ def kernel_names() -> list[str]:
         for cb in ("f16", "i8", "f16h")
         if cb != "f16h" or m == 2
     ]
-    return [*names, "vq_splitk_reduce"]
+    mma = [
+        f"vq_smem_mma_d{d}_m{m}_t{t}_{x}_{cb}"
+        for d in (4, 8)
+        for m in (1, 2)
+        for t in (8, 16)
+        for x in ("f16", "bf16")
+        for cb in ("f16", "i8")
+    ]
+    return [*gemv, *mma, "vq_splitk_reduce"]
 
 
 def _nvcc_defines(name: str) -> list[str]:
     """The -D flags that make the .cu define only kernel ``name``."""
     if name == "vq_splitk_reduce":
         return ["-DVQ_REDUCE_ONLY"]
-    d, m, t, x, cb = name.removeprefix("vq_smem_gemv_").split("_")
-    flags = dict(VQ_D=d[1:], VQ_M=m[1:], VQ_T=t[1:], VQ_XN=x, VQ_BF16=str(x == "bf16").lower(), VQ_CN=cb)
+    kind, rest = (
+        ("VQ_MMA", name.removeprefix("vq_smem_mma_"))
+        if "_mma_" in name
+        else ("VQ_GEMV", name.removeprefix("vq_smem_gemv_"))
+    )
+    d, m, t, x, cb = rest.split("_")
+    flags = dict(VQ_KIND=kind, VQ_D=d[1:], VQ_M=m[1:], VQ_T=t[1:], VQ_XN=x, VQ_BF16=str(x == "bf16").lower(), VQ_CN=cb)
     flags["VQ_CB"] = {"f16": "CB_F16", "i8": "CB_I8", "f16h": "CB_F16_HALF_SUM"}[cb]
     return [f"-D{k}={v}" for k, v in flags.items()]
 

@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget
 from . import triton_vq_jit as jit
 from .triton_crossover import admissible
 from .triton_tiles import _pow2, tile_candidates
-from .triton_vq import DEQUANT_MATMUL_MIN_BATCH
+from .triton_vq import CUDA_CPP_PATHS, DEQUANT_MATMUL_MIN_BATCH
 from .triton_vq_ops import dequantize_launches, linear_launches
 
 _TYPE = {
@@ -160,7 +160,7 @@ def planned_launches(quick: bool, sms: int, exotic: bool = False, default_only: 
                 args = _meta_args(out_f, in_f, fmt)
                 for batch in BATCHES:
                     x = torch.empty(batch, in_f, dtype=dtype, device="meta")
-                    for path in (p for p in admissible(batch) if p != "smem_gemv"):  # nvcc builds that one
+                    for path in (p for p in admissible(batch) if p not in CUDA_CPP_PATHS):  # nvcc builds those
                         if path == "dequant_matmul":
                             yield fmt[0], dtype, batch, dequantize_launches(*args[:4], None, *args[6:], dtype)[1]
                             continue

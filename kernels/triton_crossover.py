@@ -37,8 +37,8 @@ from torch import Tensor, nn
 ENV_TUNING = "VQLIB_TRITON_TUNING"  # "measure" (default) or "off" (default rule only)
 PATHS = ("gemv", "gemm", "dequant_matmul")
 # Paths never run on a GPU before this process: their default plan must also equal the layer's reference before it
-# is timed (a wrong kernel is disabled with a warning, never chosen). The CUDA C++ shared-memory GEMV is one.
-CHECKED_AGAINST_REFERENCE = ("smem_gemv",)
+# is timed (a wrong kernel is disabled with a warning, never chosen): the CUDA C++ shared-memory kernels.
+CHECKED_AGAINST_REFERENCE = ("smem_gemv", "smem_mma")
 MAX_BUCKET = 2048  # more tokens are timed at this many (the ranking no longer changes there, and memory stays bounded)
 REPS = 5
 FLUSH_MIN_BYTES = 64 << 20  # written between timed calls: at least this and twice the device's L2 (H200: 60 MB)
@@ -95,10 +95,13 @@ class PathRanking:
 
 def describe_tile(path: str, tile: list[int]) -> str:
     """Words for a ``tile`` argument of ``vqlib::vq_linear`` on ``path``."""
-    from .cuda_smem_gemv import SmemTile
+    from .triton_vq import CUDA_CPP_PATHS, cuda_cpp_module
+
+    if path in CUDA_CPP_PATHS:
+        return cuda_cpp_module(path).Tile.decode(tile).describe()
     from .triton_tiles import TilePlan
 
-    return (SmemTile if path == "smem_gemv" else TilePlan).decode(tile).describe()
+    return TilePlan.decode(tile).describe()
 
 
 def bucket(tokens: int) -> int:
@@ -106,13 +109,13 @@ def bucket(tokens: int) -> int:
 
 
 def admissible(tokens: int) -> tuple[str, ...]:
-    """Paths built for this many tokens (the GEMVs keep every token row in registers). The shared-memory GEMV comes
-    last: the default rule (nothing measured) never picks it; only a measurement on the GPU at hand does."""
-    from . import cuda_smem_gemv
+    """Paths built for this many tokens (the GEMVs keep every token row in registers). The CUDA C++ shared-memory
+    kernels come last: the default rule (nothing measured) never picks them; only a measurement on the GPU at hand
+    does."""
     from . import triton_vq as tv
 
     paths = PATHS if tokens <= tv.GEMV_MAX_BATCH else PATHS[1:]
-    return paths + ("smem_gemv",) if tokens <= cuda_smem_gemv.MAX_TOKENS else paths
+    return paths + tuple(p for p in tv.CUDA_CPP_PATHS if tokens <= tv.cuda_cpp_module(p).MAX_TOKENS)
 
 
 def default_ranking(tokens: int, because: str) -> PathRanking:
@@ -290,11 +293,10 @@ def _matches_reference(layer: nn.Module, path: str, probe: Tensor, args: tuple) 
 def _candidate_tiles(layer: nn.Module, path: str, probe: Tensor) -> list[list[int] | None]:
     """None (the default plan) first, then the other plans of the path's ``tile_candidates``."""
     from .triton_tiles import _pow2, tile_candidates
+    from .triton_vq import CUDA_CPP_PATHS, cuda_cpp_module
 
-    if path == "smem_gemv":
-        from . import cuda_smem_gemv
-
-        return cuda_smem_gemv.tile_candidates(layer, probe)
+    if path in CUDA_CPP_PATHS:
+        return cuda_cpp_module(path).tile_candidates(layer, probe)
     plan_path = "dequant" if path == "dequant_matmul" else path
     nv = layer.codes.shape[1]
     plans = tile_candidates(

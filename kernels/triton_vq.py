@@ -15,6 +15,9 @@ kernel (priority)              runs                                          tok
 ``cuda_vq_smem_gemv`` (5)      CUDA C++, codebooks in shared memory          1..8 (VQLinear only;
                                (``cuda_smem_gemv``); only where measured     see its format_reason)
                                faster on this GPU
+``cuda_vq_smem_mma`` (4)       the same decode into tensor-core fragments    1..16 (as above)
+                               (``cuda_smem_mma``); only where measured
+                               faster on this GPU
 =============================  ============================================  =========================
 
 Among the paths built for a call's token count, the fastest on this device runs: measured at the first eager
@@ -90,8 +93,20 @@ KERNEL_NAMES = {
     "gemm": "triton_vq_gemm",
     "dequant_matmul": "triton_vq_dequant_matmul",
     "smem_gemv": "cuda_vq_smem_gemv",
+    "smem_mma": "cuda_vq_smem_mma",
 }
 _PATHS_OF = {name: path for path, name in KERNEL_NAMES.items()}
+# CUDA C++ paths (PTX through the driver, not Triton) -> their module in vqlib.kernels. Each has MAX_TOKENS,
+# format_reason(layer, x), tile_candidates(layer, x), Tile (a plan variant: decode/encode/describe) and
+# linear(*op args, tile).
+CUDA_CPP_PATHS = ("smem_gemv", "smem_mma")
+
+
+def cuda_cpp_module(path: str):
+    """The module of a CUDA C++ path (a plain import: dynamo traces this while compiling a model)."""
+    from . import cuda_smem_gemv, cuda_smem_mma
+
+    return {"smem_gemv": cuda_smem_gemv, "smem_mma": cuda_smem_mma}[path]
 
 
 def kernel_name_for(path: str, layer_type: str) -> str:
@@ -106,10 +121,8 @@ def path_of(kernel: str) -> str | None:
 
 def path_format_reason(path: str, layer: nn.Module, x: Tensor) -> str | None:
     """What of this format or input ``path``'s kernel does not cover, beyond ``format_reason`` (None: nothing)."""
-    if path == "smem_gemv":
-        from . import cuda_smem_gemv
-
-        return cuda_smem_gemv.format_reason(layer, x)
+    if path in CUDA_CPP_PATHS:
+        return cuda_cpp_module(path).format_reason(layer, x)
     return None
 
 
@@ -192,7 +205,7 @@ def kernel_entries(device_type: str = "cuda", layer_type: str = "VQLinear") -> l
     ``device_type="cpu"`` ones to drive the Triton interpreter and the CUDA emulator)."""
     priorities = {"gemv": 30, "gemm": 20, "dequant_matmul": 10}  # the measured ranking decides; see path_reason
     if layer_type == "VQLinear":
-        priorities["smem_gemv"] = 5  # asked last: it runs only where ranked first (path_reason)
+        priorities |= {"smem_gemv": 5, "smem_mma": 4}  # asked last: they run only where ranked first (path_reason)
     return [
         Kernel(
             kernel_name_for(path, layer_type),

@@ -6,8 +6,8 @@ and CUDA graphs capture them; no host synchronisation, tile choices depend on sh
 - ``vqlib::vq_linear(x, codes, codebooks, codebook_scales, scales, bias, rowset, in_features,
   vector_dim, group_size, scale_group_size, path, tile) -> (..., out)`` with ``path`` one of
   ``"gemv"`` (CUDA cores, batch <= 4), ``"gemm"`` (tensor cores), ``"dequant_matmul"``
-  (decode kernel into a dense weight + ``torch.matmul``) or ``"smem_gemv"`` (CUDA C++,
-  ``cuda_smem_gemv``). ``group_size`` / ``scale_group_size`` 0 mean "no codebook groups" / "row scales"; ``rowset`` (out,) int32 or None names each row's
+  (decode kernel into a dense weight + ``torch.matmul``), ``"smem_gemv"`` or ``"smem_mma"`` (CUDA C++,
+  ``cuda_smem_gemv`` / ``cuda_smem_mma``). ``group_size`` / ``scale_group_size`` 0 mean "no codebook groups" / "row scales"; ``rowset`` (out,) int32 or None names each row's
   codebook set (fused projections).
 - ``vqlib::vq_dequantize(...) -> (out, in_features)`` dense weight in the requested dtype.
 
@@ -356,10 +356,10 @@ def vq_linear(
         group_size,
         scale_group_size,
     )
-    if path == "smem_gemv":  # CUDA C++ (PTX through the driver), not Triton: its own plans
-        from . import cuda_smem_gemv
+    from .triton_vq import CUDA_CPP_PATHS, cuda_cpp_module
 
-        return cuda_smem_gemv.linear(*args, tile)
+    if path in CUDA_CPP_PATHS:  # CUDA C++ (PTX through the driver), not Triton: their own plans
+        return cuda_cpp_module(path).linear(*args, tile)
     plan = TilePlan.decode(tile) if tile else None
     if path == "dequant_matmul":
         return dequant_matmul(*args, plan=plan)

@@ -145,8 +145,9 @@ def test_target_shape_is_measured_first_in_every_format_and_dtype(bench):
 
 
 @pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="the CUDA emulator needs g++")
-def test_smem_gemv_is_checked_before_it_is_timed(bench, monkeypatch):
-    """The shared-memory GEMV (CPU emulator here) is timed only after its output matched decode-then-cuBLAS."""
+@pytest.mark.parametrize("path", ["smem_gemv", "smem_mma"])
+def test_smem_kernels_are_checked_before_they_are_timed(bench, monkeypatch, path):
+    """The shared-memory kernels (CPU emulator here) are timed only after their output matched decode-then-cuBLAS."""
     pytest.importorskip("triton")
     from vqlib.kernels import triton_vq as tv
     from vqlib.kernels import triton_vq_ops  # noqa: F401
@@ -162,11 +163,11 @@ def test_smem_gemv_is_checked_before_it_is_timed(bench, monkeypatch):
             return lambda: layer._reference_linear(x.float()).half()
         return lambda: torch.ops.vqlib.vq_linear(x, *tv.op_args(layer), path, tile) + (1.0 if corrupt["on"] else 0.0)
 
-    seconds, err = bench.smem_time(layers, x, op, reps=1)
+    seconds, err = bench.smem_time(layers, x, op, reps=1, path=path)
     assert seconds == 2e-3 and err < 2e-3  # both copies timed
     corrupt["on"] = True
-    assert bench.smem_time(layers, x, op, reps=1)[0] is None
-    assert bench.smem_time(layers, x.float(), op, reps=1) == (None, None)  # fp32: not covered, not timed
+    assert bench.smem_time(layers, x, op, reps=1, path=path)[0] is None
+    assert bench.smem_time(layers, x.float(), op, reps=1, path=path) == (None, None)  # fp32: not covered, not timed
 
 
 @pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="the CUDA emulator needs g++")
@@ -187,3 +188,4 @@ def test_measure_group_when_the_smem_gemv_wins(bench, monkeypatch, cpu_registry)
     (row,) = rows
     assert row["auto"] == "smem_gemv" and row["auto_tile"] is None and "measured fastest" in row["auto_reason"]
     assert row["t_smem_us"] == row["t_auto_us"] == 2e3 and row["smem_max_err"] < 4e-3
+    assert row["t_mma_us"] == 2e3 and row["mma_max_err"] < 4e-3  # the tensor-core kernel: checked, then timed

@@ -182,7 +182,7 @@ def test_plans_fit_an_h200(name, monkeypatch):
 def test_shipped_ptx_is_built_from_this_source():
     shipped = sg.shipped_ptx()
     assert shipped["source_sha256"] == sg.source_hash(), "run: python -m vqlib.kernels.cuda_smem_gemv"
-    assert sorted(shipped["modules"]) == sorted(sg.kernel_names()) and len(shipped["modules"]) == 81
+    assert sorted(shipped["modules"]) == sorted(sg.kernel_names()) and len(shipped["modules"]) == 81 + 32  # + smem_mma
     for name, ptx in shipped["modules"].items():  # one kernel per module: the driver compiles only what runs
         assert ptx.count(".entry ") == 1 and f".entry {name}(" in ptx
         # what the driver compiles at first use stays small: NVVM once unswitched the row loop into 2 MB per kernel
@@ -191,7 +191,13 @@ def test_shipped_ptx_is_built_from_this_source():
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (compiles the PTX)")
 @pytest.mark.parametrize(
-    "name", ["vq_smem_gemv_d4_m2_t8_bf16_i8", "vq_smem_gemv_d8_m2_t1_f16_f16h", "vq_splitk_reduce"]
+    "name",
+    [
+        "vq_smem_gemv_d4_m2_t8_bf16_i8",
+        "vq_smem_gemv_d8_m2_t1_f16_f16h",
+        "vq_smem_mma_d4_m1_t16_bf16_i8",
+        "vq_splitk_reduce",
+    ],
 )
 def test_nvcc_builds_one_kernel_per_module(name, tmp_path):
     ptx = tmp_path / "one.ptx"
@@ -277,7 +283,7 @@ def test_default_rule_never_picks_it(cpu_registry, monkeypatch):
     layer = make_layer("d8_2x8_row_pad")
     x = torch.randn(1, layer.in_features).half()
     ranking = tc.ranking(layer, x, 1)
-    assert ranking.paths[-1] == "smem_gemv" and ranking.times_us is None
+    assert ranking.paths[-2:] == ("smem_gemv", "smem_mma") and ranking.times_us is None
     assert kernels.explain(layer, x).path == "triton_vq_gemv"
     monkeypatch.setenv(kernels.ENV_SWITCH, "cuda_vq_smem_gemv")  # forced: it runs, and says what it cannot run
     assert kernels.explain(layer, x).path == "cuda_vq_smem_gemv"

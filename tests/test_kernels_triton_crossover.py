@@ -42,16 +42,17 @@ def x_of(layer, tokens):
 
 def test_bucket_and_admissible_paths():
     assert [tc.bucket(n) for n in (1, 2, 3, 4, 5, 17, 300, 2048, 5000)] == [1, 2, 4, 4, 8, 32, 512, 2048, 2048]
-    assert tc.admissible(tv.GEMV_MAX_BATCH) == ("gemv", "gemm", "dequant_matmul", "smem_gemv")
-    assert tc.admissible(tv.GEMV_MAX_BATCH + 1) == ("gemm", "dequant_matmul", "smem_gemv")
-    assert tc.admissible(9) == ("gemm", "dequant_matmul")  # the shared-memory GEMV is built for 1-8 tokens
+    assert tc.admissible(tv.GEMV_MAX_BATCH) == ("gemv", "gemm", "dequant_matmul", "smem_gemv", "smem_mma")
+    assert tc.admissible(tv.GEMV_MAX_BATCH + 1) == ("gemm", "dequant_matmul", "smem_gemv", "smem_mma")
+    assert tc.admissible(9) == ("gemm", "dequant_matmul", "smem_mma")  # the shared-memory GEMV: 1-8 tokens
+    assert tc.admissible(17) == ("gemm", "dequant_matmul")  # the shared-memory tensor-core kernel: 1-16
 
 
 def test_kernel_names_and_paths_are_inverse():
     for layer_type in ("VQLinear", "FusedVQLinear"):
         for kernel in tv.kernel_entries("cpu", layer_type):
             path = tv.path_of(kernel.name)
-            assert path in tc.PATHS + ("smem_gemv",) and tv.kernel_name_for(path, layer_type) == kernel.name
+            assert path in tc.PATHS + tuple(tv.CUDA_CPP_PATHS) and tv.kernel_name_for(path, layer_type) == kernel.name
     assert tv.path_of("reference") is None and tv.path_of("cpu_lut_avx512") is None
 
 

@@ -27,6 +27,7 @@
 // tests/test_kernels_cuda_smem.py fails while the PTX is older than this file.
 // On CPUs the same source is compiled by g++ with vq_emu.h, which runs blocks of threads for the tests.
 #ifdef __CUDACC__
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
 #define VQ_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
@@ -42,6 +43,40 @@ __device__ __forceinline__ int opaque(int v) {  // a value the compiler cannot t
 }
 __device__ __forceinline__ float2 half_sum_to_float2(uint32_t a, uint32_t b) {
     return __half22float2(__hadd2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b)));
+}
+template <bool BF16> __device__ __forceinline__ uint32_t pack_act2(float lo, float hi) {  // two weights, one register
+    if constexpr (BF16) {
+        const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+        return *reinterpret_cast<const uint32_t*>(&v);
+    } else {
+        const __half2 v = __floats2half2_rn(lo, hi);
+        return *reinterpret_cast<const uint32_t*>(&v);
+    }
+}
+__device__ __forceinline__ uint32_t prmt(uint32_t x, uint32_t y, uint32_t selector) { return __byte_perm(x, y, selector); }
+#define VQ_HALF2_OP(name, expr)                                                    \
+    __device__ __forceinline__ uint32_t name(uint32_t a, uint32_t b) {             \
+        const __half2 r = expr(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b)); \
+        return *reinterpret_cast<const uint32_t*>(&r);                             \
+    }
+VQ_HALF2_OP(h2_add, __hadd2)
+VQ_HALF2_OP(h2_sub, __hsub2)
+VQ_HALF2_OP(h2_mul, __hmul2)
+__device__ __forceinline__ uint32_t h2_fma(uint32_t a, uint32_t b, uint32_t c) {
+    const __half2 r = __hfma2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b), *reinterpret_cast<__half2*>(&c));
+    return *reinterpret_cast<const uint32_t*>(&r);
+}
+// d += a (16x16, row) * b (16x8, col), fp32 accumulation on the tensor cores (PTX ISA, "mma.m16n8k16").
+template <bool BF16>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    if constexpr (BF16)
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    else
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 #define VQ_HOST_ENTRY(name, Args)
 #else
@@ -68,6 +103,7 @@ struct GemvArgs {
     int groups_per_chunk;              // codebook groups held in shared memory per chunk (1 without groups)
     int copies;                        // interleaved replicas of each entry in shared memory
     int bias_kind;                     // 0 none, 1 fp32, 2 fp16, 3 bf16
+    int warps_k;                       // smem_mma only: warps of a block side by side along K (a power of two <= 8)
 };
 
 struct ReduceArgs {
@@ -326,6 +362,232 @@ __device__ void smem_gemv(const GemvArgs& a) {
     }
 }
 
+// ---- smem_mma: 1-16 tokens on the tensor cores ---------------------------------------------------------------------
+// Why: above a few tokens the GEMV's fp32 multiply-adds (D per vector per token) cost more than the memory they save;
+// mma.sync multiplies a 16-row x 16-column weight tile by 8 tokens per instruction, so the decode (the same table
+// gathers as the GEMV) is paid once for up to 16 tokens (as Marlin and QTIP decode into tensor-core fragments).
+// The order of the K columns inside an mma is free as long as both operands agree, so each lane decodes whole
+// vectors: in m16n8k16 a lane (g = lane / 4, c = lane % 4) holds columns {2c, 2c+1, 2c+8, 2c+9} of rows g and g+8,
+// and here those 4 columns are dims 4s..4s+3 of one vector (k-step s of D/4). Lane c owns J consecutive vectors of
+// the warp's 4J (one code load of J*M bytes per row), and its B fragment is the same columns of token 8 nt + g.
+// A block of 8 warps: warps_k of them side by side along K (chunk = warps_k * 4J vectors, one table fill), 8 /
+// warps_k row tiles of 16 per pass; the warps' partial tiles are summed in shared memory in a fixed order.
+template <int D, int M, int NT> __host__ __device__ constexpr int mma_lane_vectors() {  // J (cuda_smem_mma: same)
+    return 16 / M < 64 / (D * NT) ? 16 / M : 64 / (D * NT);  // J*M code bytes <= 16; J*D*NT/2 x registers <= 32
+}
+
+// xb[nt][j][s] = the B fragment of k-step s of vector j: token 8 nt + g, dims 4s + {0, 1} and 4s + {2, 3} of the
+// vector's columns, packed as two activations per register (zero past in_features, tokens and idle lanes).
+template <int D, int NT, int J>
+__device__ __forceinline__ void load_mma_activations(const GemvArgs& a, int v0, bool lane_ok, int g,
+                                                     uint32_t (&xb)[NT][J][D / 4][2]) {
+    const uint16_t* x = static_cast<const uint16_t*>(a.x);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int j = 0; j < J; ++j)
+#pragma unroll
+            for (int i = 0; i < D / 2; ++i) {  // the pair of dims 2i, 2i+1
+                const int t = 8 * nt + g, col = (v0 + j) * D + 2 * i;
+                uint32_t pair = 0;
+                if (lane_ok && t < a.tokens) {
+                    const uint32_t lo = col < a.in_features ? x[(size_t)t * a.x_stride + col] : 0u;
+                    const uint32_t hi = col + 1 < a.in_features ? x[(size_t)t * a.x_stride + col + 1] : 0u;
+                    pair = lo | hi << 16;
+                }
+                xb[nt][j][i / 2][i % 2] = pair;
+            }
+}
+
+// The D weights of one vector of one row in the activation dtype's precision, as the reference rounds them: the
+// entries (times their int8 scale) summed over M in fp32, times the row/group scale.
+template <int D, int M, int J, int EB, bool INT8>
+__device__ __forceinline__ void decode_vector(const Bytes<J * M>& seg, int j, const unsigned char* const (&table_m)[M],
+                                              const float (&cbs)[M], int stride, float scale, float (&w)[D]) {
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+        const unsigned char* entry_ptr = table_m[m] + byte_at(seg, j * M + m) * stride;
+        float value[D];
+        entry_values<D, EB, INT8>(*reinterpret_cast<const Bytes<EB>*>(entry_ptr), value);
+#pragma unroll
+        for (int e = 0; e < D; ++e) {
+            if (INT8) value[e] *= cbs[m];
+            w[e] = m == 0 ? value[e] : w[e] + value[e];
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < D; ++e) w[e] *= scale;
+}
+
+// fp16 activations: the D weights as D/2 half2 registers, decoded two per instruction (the fp32 decode costs ~40
+// instructions per d8 M=2 vector, this ~12). int8 entries become halves without a conversion instruction: (b ^ 0x80)
+// placed under the exponent byte 0x64 is the half 1024 + 128 + b, minus 1152 is b, exactly (Marlin's trick).
+// Rounding: M = 1 fp16 codebooks round each weight once, exactly as the reference (the product of two halves is
+// exact in fp32); M = 2 and int8 codebooks round two or three times (pair sum, codebook scale, row scale): at most
+// a few fp16 ulps from the reference's W, within the fp16 output tolerance, never bit-compared.
+// s2[m]: (codebook m's int8 scale, 1 for fp16) x the row/group scale, as half2.
+template <int D, int M, int J, int EB, bool INT8>
+__device__ __forceinline__ void decode_vector_h2(const Bytes<J * M>& seg, int j, const unsigned char* const (&table_m)[M],
+                                                 int stride, const uint32_t (&s2)[M], uint32_t (&w2)[D / 2]) {
+    uint32_t v[M][D / 2];
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+        const Bytes<EB> e = *reinterpret_cast<const Bytes<EB>*>(table_m[m] + byte_at(seg, j * M + m) * stride);
+#pragma unroll
+        for (int i = 0; i < D / 2; ++i) {
+            if constexpr (INT8) {  // bytes 2i, 2i+1 of the entry
+                const uint32_t biased = e.word(i / 2) ^ 0x80808080u;
+                v[m][i] = h2_sub(prmt(biased, 0x64646464u, i % 2 ? 0x4342u : 0x4140u), 0x64806480u);  // 1152 = 0x6480
+            } else {
+                v[m][i] = e.word(i);
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) {
+        if constexpr (INT8)
+            w2[i] = M == 1 ? h2_mul(v[0][i], s2[0]) : h2_fma(v[M - 1][i], s2[M - 1], h2_mul(v[0][i], s2[0]));
+        else
+            w2[i] = h2_mul(M == 1 ? v[0][i] : h2_add(v[0][i], v[M - 1][i]), s2[0]);
+    }
+}
+
+// One warp tile (rows g and g+8 of this lane, 8 NT tokens) over the warp's 4J vectors: decode, pack, mma. A lane
+// past the row's vectors (only in the last chunk) gathers a zero entry (stride 0; see smem_mma) and adds zeros.
+// Rows past the block's end compute garbage nobody stores.
+template <int D, int M, int NT, int J, int EB, bool BF16, bool INT8>
+__device__ __forceinline__ void mma_tile(const Bytes<J * M> (&seg)[2], const float (&scale)[2],
+                                         const unsigned char* const (&table_m)[M], const float (&cbs)[M], int stride,
+                                         const uint32_t (&xb)[NT][J][D / 4][2], float (&acc)[NT][4]) {
+    uint32_t s2[2][M];  // fp16 activations: the scales of each row as half2
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int m = 0; m < M; ++m) s2[h][m] = pack_act2<false>(cbs[m] * scale[h], cbs[m] * scale[h]);
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+        uint32_t frag[D / 4][4];  // A fragments of the vector's k-steps: {row g, row g+8} x {dims 4s+0/1, 4s+2/3}
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            uint32_t w2[D / 2];
+            if constexpr (BF16) {  // bf16 weights: decode in fp32 as the reference, then round
+                float w[D];
+                decode_vector<D, M, J, EB, INT8>(seg[h], j, table_m, cbs, stride, scale[h], w);
+#pragma unroll
+                for (int i = 0; i < D / 2; ++i) w2[i] = pack_act2<true>(w[2 * i], w[2 * i + 1]);
+            } else {
+                decode_vector_h2<D, M, J, EB, INT8>(seg[h], j, table_m, stride, s2[h], w2);
+            }
+#pragma unroll
+            for (int s = 0; s < D / 4; ++s) {
+                frag[s][h] = w2[2 * s];
+                frag[s][2 + h] = w2[2 * s + 1];
+            }
+        }
+#pragma unroll
+        for (int s = 0; s < D / 4; ++s)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) mma_16816<BF16>(acc[nt], frag[s], xb[nt][j][s]);
+    }
+}
+
+// Sums the warps_k partial tiles of each row tile in warp order and stores rows x tokens (row-major partials or out).
+template <int NT, bool BF16>
+__device__ __forceinline__ void store_mma_pass(const GemvArgs& a, const PassConsts& c, const float* red, int pass_row0,
+                                               int row_end) {
+    const int flags = opaque(c.flags), tokens = opaque(c.tokens), warps_k = opaque(c.lanes);
+    const int warps_n = (blockDim.x >> 5) / warps_k, rows = warps_n * 16;
+    for (int i = threadIdx.x; i < rows * 8 * NT; i += blockDim.x) {
+        const int t = i / rows, rr = i % rows, row = pass_row0 + rr;  // rows fastest: coalesced stores
+        if (t >= tokens || row >= row_end) continue;
+        const int r = rr % 16, nt = t / 8, tt = t % 8;
+        const int lane = (r % 8) * 4 + tt / 2, reg = (r >= 8 ? 2 : 0) + tt % 2;  // the C fragment holding (r, tt)
+        float v = 0.f;
+        for (int kw = 0; kw < warps_k; ++kw) v += red[((((rr / 16) * warps_k + kw) * NT + nt) * 4 + reg) * 32 + lane];
+        if (flags & SPLIT) {
+            a.partials[((size_t)blockIdx.y * tokens + t) * a.n + row] = v;
+        } else {
+            store_act(a.out, BF16, t * a.n + row, v + load_bias(a.bias, flags >> BIAS_SHIFT, row));
+        }
+    }
+}
+
+template <int D, int M, int NT, bool BF16, int CB>
+__device__ void smem_mma(const GemvArgs& a) {
+    constexpr bool INT8 = CB == CB_I8;
+    constexpr int J = mma_lane_vectors<D, M, NT>();
+    constexpr int EB = INT8 ? D : 2 * D;
+    constexpr int DEPTH = code_loads_in_flight<2 * J * M>();  // two rows per lane
+    VQ_DYNAMIC_SMEM(smem);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2;
+    const int warps_k = a.warps_k, kw = warp % warps_k, warps_n = (blockDim.x >> 5) / warps_k;
+    const int chunk_vecs = warps_k * 4 * J, rows_per_pass = warps_n * 16;
+    const int v0 = blockIdx.y * chunk_vecs + kw * 4 * J + (lane & 3) * J;  // this lane's first vector
+    const bool lane_ok = v0 < a.nv;                                          // host: nv % J == 0
+    const int block_row0 = blockIdx.x * a.rows_per_block;
+    const int row0 = block_row0 + (warp / warps_k) * 16 + g, row_end = min(a.n, block_row0 + a.rows_per_block);
+
+    Bytes<J * M> ring[DEPTH][2];  // rows row0 and row0 + 8 of the next passes, in flight during the table fill
+#pragma unroll
+    for (int i = 0; i < DEPTH; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) ring[i][h] = row_codes<J, M>(a, row0 + 8 * h + i * rows_per_pass, row_end, v0, lane_ok);
+    uint32_t xb[NT][J][D / 4][2];
+    load_mma_activations<D, NT, J>(a, v0, lane_ok, g, xb);
+    const int groups = a.group_vecs ? (a.nv + a.group_vecs - 1) / a.group_vecs : 1;
+    const int g0 = a.group_vecs ? blockIdx.y * chunk_vecs / a.group_vecs : 0;
+    const size_t table_bytes = (size_t)a.groups_per_chunk * M * a.k * a.copies * EB;
+    float* cb_scale = reinterpret_cast<float*>(smem + table_bytes);
+    // a zero entry for the lanes past the row's vectors: they gather it (stride 0) instead of branching per vector,
+    // and add exact zeros (an entry times their zero activations could be 0 * inf = NaN)
+    unsigned char* zero_entry = smem + ((table_bytes + 4 * a.groups_per_chunk * M + 15) & ~(size_t)15);
+    float* red = reinterpret_cast<float*>(zero_entry + 16);
+    fill_table<M, EB, INT8>(a, smem, cb_scale, g0, min(a.groups_per_chunk, groups - g0));
+    if (threadIdx.x < 4) reinterpret_cast<uint32_t*>(zero_entry)[threadIdx.x] = 0u;
+    block_sync();
+
+    const int book0 = a.group_vecs ? (v0 / a.group_vecs - g0) * M : 0;
+    const unsigned char* table_m[M];
+    float cbs[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+        table_m[m] = lane_ok ? smem + ((size_t)(book0 + m) * a.k * a.copies + (lane & (a.copies - 1))) * EB : zero_entry;
+        cbs[m] = INT8 && lane_ok ? cb_scale[book0 + m] : 1.f;
+    }
+    const int stride = lane_ok ? a.copies * EB : 0;
+    const int scale_col = a.scale_group_vecs ? v0 / a.scale_group_vecs : 0;
+    const PassConsts consts{(lane_ok ? LANE_OK : 0) | (gridDim.y > 1 ? SPLIT : 0) | (a.scales ? HAS_SCALES : 0) |
+                                a.bias_kind << BIAS_SHIFT,
+                            a.tokens, warps_k};
+    const int passes = (row_end - block_row0 + rows_per_pass - 1) / rows_per_pass;  // uniform over the block
+#pragma unroll 1
+    for (int p0 = 0; p0 < passes; p0 += DEPTH) {
+#pragma unroll
+        for (int q = 0; q < DEPTH; ++q) {  // ring[q] holds pass p0 + q; refill it with pass p0 + q + DEPTH
+            if (p0 + q >= passes) break;
+            const int pass = p0 + q, flags = opaque(consts.flags);
+            const Bytes<J * M> seg[2] = {ring[q][0], ring[q][1]};
+            float scale[2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = row0 + 8 * h + pass * rows_per_pass;
+                ring[q][h] = row_codes<J, M>(a, row + DEPTH * rows_per_pass, row_end, v0, flags & LANE_OK);
+                const bool scaled = (flags & LANE_OK) && (flags & HAS_SCALES) && row < row_end;
+                scale[h] = scaled ? half_to_float(a.scales[(size_t)row * a.s + scale_col]) : 1.f;
+            }
+            float acc[NT][4] = {};
+            mma_tile<D, M, NT, J, EB, BF16, INT8>(seg, scale, table_m, cbs, stride, xb, acc);
+            float* slot = red + (size_t)(pass & 1) * (blockDim.x >> 5) * NT * 128;  // double buffer: one sync a pass
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) slot[((warp * NT + nt) * 4 + r) * 32 + lane] = acc[nt][r];
+            block_sync();
+            store_mma_pass<NT, BF16>(a, consts, slot, block_row0 + pass * rows_per_pass, row_end);
+        }
+    }
+}
+
 // out[t, i] = sum over splits of partials (in split order) + bias: the second stage of a split K range.
 #if !defined(VQ_D)
 extern "C" __global__ void vq_splitk_reduce(const ReduceArgs a) {
@@ -339,26 +601,40 @@ VQ_HOST_ENTRY(vq_splitk_reduce, ReduceArgs)
 #endif
 
 // vq_smem_gemv_d{D}_m{M}_t{T}_{f16|bf16}_{f16|i8|f16h}: D in {4, 8}, M in {1, 2}, T (tokens, up to) in {1, 2, 4, 8};
-// f16h (CB_F16_HALF_SUM) for M = 2 only.
+// f16h (CB_F16_HALF_SUM) for M = 2 only. vq_smem_mma_d{D}_m{M}_t{T}_{f16|bf16}_{f16|i8}: T in {8, 16}.
 #define VQ_GEMV(D, M, T, XN, BF16, CN, CB)                                                     \
     extern "C" __global__ void __launch_bounds__(VQ_THREADS, 2)                                \
         vq_smem_gemv_d##D##_m##M##_t##T##_##XN##_##CN(const GemvArgs a) {                      \
         smem_gemv<D, M, T, BF16, CB>(a);                                                       \
     }                                                                                          \
     VQ_HOST_ENTRY(vq_smem_gemv_d##D##_m##M##_t##T##_##XN##_##CN, GemvArgs)
-#define VQ_GEMV_EXPANDED(...) VQ_GEMV(__VA_ARGS__)
+#define VQ_MMA(D, M, T, XN, BF16, CN, CB)                                                      \
+    extern "C" __global__ void __launch_bounds__(VQ_THREADS, 2)                                \
+        vq_smem_mma_d##D##_m##M##_t##T##_##XN##_##CN(const GemvArgs a) {                       \
+        smem_mma<D, M, T / 8, BF16, CB>(a);                                                    \
+    }                                                                                          \
+    VQ_HOST_ENTRY(vq_smem_mma_d##D##_m##M##_t##T##_##XN##_##CN, GemvArgs)
+#define VQ_ONE(KIND, ...) KIND(__VA_ARGS__)
+#define VQ_ONE_EXPANDED(...) VQ_ONE(__VA_ARGS__)
 #if defined(VQ_D)  // one kernel per PTX module (cuda_smem_gemv.build_ptx): the driver JIT-compiles only what runs
-VQ_GEMV_EXPANDED(VQ_D, VQ_M, VQ_T, VQ_XN, VQ_BF16, VQ_CN, VQ_CB)
+VQ_ONE_EXPANDED(VQ_KIND, VQ_D, VQ_M, VQ_T, VQ_XN, VQ_BF16, VQ_CN, VQ_CB)
 #elif !defined(VQ_REDUCE_ONLY)
 #define VQ_GEMV_CB(D, M, T, XN, BF16) VQ_GEMV(D, M, T, XN, BF16, f16, CB_F16) VQ_GEMV(D, M, T, XN, BF16, i8, CB_I8)
 #define VQ_GEMV_X(D, M, T) VQ_GEMV_CB(D, M, T, f16, false) VQ_GEMV_CB(D, M, T, bf16, true)
 #define VQ_GEMV_T(D, M) VQ_GEMV_X(D, M, 1) VQ_GEMV_X(D, M, 2) VQ_GEMV_X(D, M, 4) VQ_GEMV_X(D, M, 8)
 #define VQ_GEMV_H(D, T) VQ_GEMV(D, 2, T, f16, false, f16h, CB_F16_HALF_SUM) VQ_GEMV(D, 2, T, bf16, true, f16h, CB_F16_HALF_SUM)
 #define VQ_GEMV_HT(D) VQ_GEMV_H(D, 1) VQ_GEMV_H(D, 2) VQ_GEMV_H(D, 4) VQ_GEMV_H(D, 8)
+#define VQ_MMA_CB(D, M, T, XN, BF16) VQ_MMA(D, M, T, XN, BF16, f16, CB_F16) VQ_MMA(D, M, T, XN, BF16, i8, CB_I8)
+#define VQ_MMA_X(D, M, T) VQ_MMA_CB(D, M, T, f16, false) VQ_MMA_CB(D, M, T, bf16, true)
+#define VQ_MMA_T(D, M) VQ_MMA_X(D, M, 8) VQ_MMA_X(D, M, 16)
 VQ_GEMV_T(4, 1)
 VQ_GEMV_T(4, 2)
 VQ_GEMV_T(8, 1)
 VQ_GEMV_T(8, 2)
 VQ_GEMV_HT(4)
 VQ_GEMV_HT(8)
+VQ_MMA_T(4, 1)
+VQ_MMA_T(4, 2)
+VQ_MMA_T(8, 1)
+VQ_MMA_T(8, 2)
 #endif
