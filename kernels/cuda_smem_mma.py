@@ -38,6 +38,7 @@ from .cuda_smem_gemv import (
 MAX_TOKENS = 16
 TOKEN_TEMPLATES = (8, 16)  # instantiated in the .cu: one or two n8 tiles of mma.m16n8k16
 WARPS = THREADS // 32
+MIN_COPY_BYTES = 32  # replicas kept before a chunk is narrowed: copies * entry bytes (see _plan)
 
 
 def token_template(tokens: int) -> int:
@@ -134,8 +135,15 @@ def _plan(n, nv, m, k, int8, vector_dim, group_size, tokens, bf16, sms, smem_lim
         table = groups_per_chunk(warps_k) * (m * k * copies * eb + 4 * m)
         return (table + 15) // 16 * 16 + 16 + reduce_bytes(tokens)  # + the zero entry of the lanes past the row
 
-    while smem(warps_k, copies) > budget:  # fewer groups per chunk first (keeps the table conflict-free), then copies
-        if warps_k > 1 and groups_per_chunk(warps_k) > 1 and not tile.warps_k:
+    # To fit: fewer copies down to MIN_COPY_BYTES per entry slot first, then narrower chunks (fewer groups per table),
+    # then fewer copies. Why this order: a narrower chunk means more K splits, and at 16 tokens the fp32 partials of
+    # d4 int8 groups of 128 at one warp along K would be twice the code bytes (written and read again), while 4-way
+    # replication of 4-byte entries costs an estimated <= 2 shared-memory wavefronts per gather instead of 1.
+    floor = max(1, MIN_COPY_BYTES // eb)
+    while smem(warps_k, copies) > budget:
+        if copies > floor and not tile.copies:
+            copies //= 2
+        elif warps_k > 1 and groups_per_chunk(warps_k) > 1 and not tile.warps_k:
             warps_k //= 2
         elif copies > 1 and not tile.copies:
             copies //= 2
@@ -154,17 +162,17 @@ def _plan(n, nv, m, k, int8, vector_dim, group_size, tokens, bf16, sms, smem_lim
 def tile_candidates(layer, x: Tensor) -> list[list[int] | None]:
     """The default plan (None) and the variants the dispatch times: no replication (bank conflicts, but more blocks
     per SM and groups per chunk), 4x the rows per block (fewer table fills), 2 warps along K (a chunk a quarter as
-    wide: 4x the row tiles per pass and, for grouped codebooks, fewer groups per table), and where the default had to
-    narrow the chunk to fit fully replicated groups, all 8 warps along K with fewer copies (a K split of in/256 for
-    d4 int8 groups of 128 otherwise writes fp32 partials half as large as the codes at 8 tokens)."""
+    wide: 4x the row tiles per pass and, for grouped codebooks, fewer groups per table), and where the default gave up
+    replicas to keep the chunk wide (grouped codebooks), full replication in a narrower chunk."""
     from .triton_vq import tokens
 
     base = plan(layer.codes, layer.codebooks, layer.vector_dim, layer.group_size or 0, tokens(x), False, x.device)
     variants = [MmaTile(copies=1), MmaTile(rows_per_block=4 * base.rows_per_block)]
     if base.warps_k > 2:
         variants.append(MmaTile(warps_k=2))
-    if base.warps_k < WARPS:
-        variants.append(MmaTile(warps_k=WARPS))
+    full = 128 // entry_bytes(layer.vector_dim, layer.codebooks.dtype == torch.int8)
+    if base.copies < full:  # the default gave up replicas to keep the chunk wide: try them back, narrower
+        variants.append(MmaTile(copies=full))
     return [None] + [v.encode() for v in variants if v.copies != base.copies or not v.copies]
 
 
