@@ -68,6 +68,7 @@ inline uint16_t float_to_half_exact(double d) {  // one rounding of a double to 
 inline float2 halves_to_float2(uint32_t w) { return float2{half_to_float(w & 0xffffu), half_to_float(w >> 16)}; }
 inline uint32_t byte_of(uint32_t w, int i) { return (w >> (8 * i)) & 0xffu; }
 inline int opaque(int v) { return v; }
+inline int log2_pow2(int v) { return __builtin_ctz((unsigned)v); }
 inline float half_add(uint16_t a, uint16_t b) {  // one fp16 rounding of the exact sum, as __hadd2
     const _Float16 sum = (_Float16)((double)half_to_float(a) + (double)half_to_float(b));  // exact, then rounded
     return (float)sum;

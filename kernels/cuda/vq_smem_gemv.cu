@@ -37,6 +37,7 @@ __device__ __forceinline__ float shfl_xor(float v, int lane_mask) { return __shf
 __device__ __forceinline__ void block_sync() { __syncthreads(); }
 __device__ __forceinline__ float2 halves_to_float2(uint32_t w) { return __half22float2(*reinterpret_cast<__half2*>(&w)); }
 __device__ __forceinline__ uint32_t byte_of(uint32_t w, int i) { return __byte_perm(w, 0u, 0x4440u | i); }
+__device__ __forceinline__ int log2_pow2(int v) { return __ffs(v) - 1; }
 __device__ __forceinline__ int opaque(int v) {  // a value the compiler cannot treat as loop-invariant
     asm volatile("mov.b32 %0, %0;" : "+r"(v));
     return v;
@@ -496,14 +497,15 @@ template <int NT, bool BF16>
 __device__ __forceinline__ void store_mma_pass(const GemvArgs& a, const PassConsts& c, const float* red, int pass_row0,
                                                int row_end) {
     const int flags = opaque(c.flags), tokens = opaque(c.tokens), warps_k = opaque(c.lanes);
-    const int warps_n = (blockDim.x >> 5) / warps_k, rows = warps_n * 16;
-    for (int i = threadIdx.x; i < rows * 8 * NT; i += blockDim.x) {
-        const int t = i / rows, rr = i % rows, row = pass_row0 + rr;  // rows fastest: coalesced stores
+    const int rows_log2 = log2_pow2((blockDim.x >> 5) / warps_k) + 4, rows = 1 << rows_log2;  // 16 per row tile
+    for (int i = threadIdx.x; i < rows * 8 * NT; i += blockDim.x) {  // shifts and masks: rows is a power of two
+        const int t = i >> rows_log2, rr = i & (rows - 1), row = pass_row0 + rr;  // rows fastest: coalesced stores
         if (t >= tokens || row >= row_end) continue;
-        const int r = rr % 16, nt = t / 8, tt = t % 8;
-        const int lane = (r % 8) * 4 + tt / 2, reg = (r >= 8 ? 2 : 0) + tt % 2;  // the C fragment holding (r, tt)
+        const int r = rr & 15, nt = t >> 3, tt = t & 7;
+        const int lane = (r & 7) * 4 + (tt >> 1), reg = (r >= 8 ? 2 : 0) + (tt & 1);  // the C fragment of (r, tt)
+        const float* tile = red + (size_t)((rr >> 4) * warps_k * NT + nt) * 128 + reg * 32 + lane;
         float v = 0.f;
-        for (int kw = 0; kw < warps_k; ++kw) v += red[((((rr / 16) * warps_k + kw) * NT + nt) * 4 + reg) * 32 + lane];
+        for (int kw = 0; kw < warps_k; ++kw) v += tile[kw * NT * 128];  // warp order: deterministic
         if (flags & SPLIT) {
             a.partials[((size_t)blockIdx.y * tokens + t) * a.n + row] = v;
         } else {
