@@ -172,14 +172,18 @@ def shape_reason(
     )
 
 
+def layer_reason(layout: SmemLayout, layer, x: Tensor) -> str | None:
+    """``covered_reason`` for a layer and an input (memory checks skipped while dynamo traces)."""
+    from .triton_vq import op_args, tokens
+
+    codes, codebooks, _, _, _, rowset, _, vector_dim, group, sgs = op_args(layer)
+    memory = not torch.compiler.is_compiling()
+    return covered_reason(layout, codes, codebooks, rowset, vector_dim, group, sgs, x.dtype, tokens(x), memory)
+
+
 def format_reason(layer, x: Tensor) -> str | None:
     """``shape_reason`` for a layer and an input."""
-    from .triton_vq import tokens
-
-    group, sgs = layer.group_size or 0, layer.scale_group_size if layer.scale_granularity == "group" else 0
-    rowset = getattr(layer, "rowset", None)
-    memory = not torch.compiler.is_compiling()
-    return shape_reason(layer.codes, layer.codebooks, rowset, layer.vector_dim, group, sgs, x.dtype, tokens(x), memory)
+    return layer_reason(GEMV_LAYOUT, layer, x)
 
 
 def plan(codes, codebooks, vector_dim, group_size, tokens, bf16, device, tile: SmemTile | None = None) -> SmemPlan:
@@ -284,29 +288,25 @@ def linear(
     tile: list[int] | None = None,
 ) -> Tensor:
     """x (..., in_features) -> (..., out) in x's dtype. Arguments as ``vqlib::vq_linear``'s."""
+    args = (codes, codebooks, codebook_scales, scales, bias, rowset, in_features, vector_dim, group_size)
+    return launch("smem_gemv", shape_reason, plan, SmemTile, x, *args, scale_group_size, tile)
+
+
+def launch(name, reason_of, plan_of, tile_cls, x, codes, codebooks, codebook_scales, scales, bias, rowset,
+           in_features, vector_dim, group_size, scale_group_size, tile) -> Tensor:  # fmt: skip
+    """Checks a call with ``reason_of`` (a ``shape_reason``), launches the kernel of ``plan_of`` (a ``plan``) and, for
+    a split K range, the reduce: (..., out) in x's dtype. Shared by the GEMV and ``cuda_smem_mma``."""
     x2 = x.reshape(-1, in_features)  # (tokens, in)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    tokens = x2.shape[0]
-    why = shape_reason(codes, codebooks, rowset, vector_dim, group_size, scale_group_size, x.dtype, tokens)
-    if why is not None:
-        raise ValueError(f"smem_gemv: {why}")
-    bf16, tile_plan = x.dtype == torch.bfloat16, SmemTile.decode(tile) if tile else None
-    p = plan(codes, codebooks, vector_dim, group_size, tokens, bf16, x.device, tile_plan)
-    args = (codes, codebooks, codebook_scales, scales, bias, in_features, vector_dim, group_size, scale_group_size)
-    return run(x, x2, p, *args)
-
-
-def run(
-    x, x2, p: SmemPlan, codes, codebooks, codebook_scales, scales, bias, in_features, vector_dim, group_size,
-    scale_group_size,
-) -> Tensor:  # fmt: skip
-    """Launches plan ``p`` of a checked call (x2: x as (tokens, in), unit column stride) and, for a split
-    K range, the reduce: (..., out) in x's dtype. Shared by the GEMV and ``cuda_smem_mma``."""
     tokens, n, nv = x2.shape[0], codes.shape[0], codes.shape[1]
+    why = reason_of(codes, codebooks, rowset, vector_dim, group_size, scale_group_size, x.dtype, tokens)
+    if why is not None:
+        raise ValueError(f"{name}: {why}")
     if tokens == 0:  # nothing to launch (a grid of zero blocks is an invalid launch)
         return x.new_empty(*x.shape[:-1], n)
-    bf16 = x.dtype == torch.bfloat16
+    bf16, variant = x.dtype == torch.bfloat16, tile_cls.decode(tile) if tile else None
+    p = plan_of(codes, codebooks, vector_dim, group_size, tokens, bf16, x.device, variant)
     out = torch.empty(tokens, n, dtype=x.dtype, device=x.device)  # (tokens, out)
     chunks = p.grid[1]
     partials = torch.empty(chunks, tokens, n, dtype=torch.float32, device=x.device) if chunks > 1 else None

@@ -32,7 +32,8 @@ from .cuda_smem_gemv import (
     _device_limits,
     covered_reason,
     entry_bytes,
-    run,
+    launch,
+    layer_reason,
 )
 
 MAX_TOKENS = 16
@@ -98,12 +99,8 @@ def shape_reason(
 
 
 def format_reason(layer, x: Tensor) -> str | None:
-    from .triton_vq import tokens
-
-    group, sgs = layer.group_size or 0, layer.scale_group_size if layer.scale_granularity == "group" else 0
-    rowset = getattr(layer, "rowset", None)
-    memory = not torch.compiler.is_compiling()
-    return shape_reason(layer.codes, layer.codebooks, rowset, layer.vector_dim, group, sgs, x.dtype, tokens(x), memory)
+    """``shape_reason`` for a layer and an input."""
+    return layer_reason(LAYOUT, layer, x)
 
 
 def plan(codes, codebooks, vector_dim, group_size, tokens, bf16, device, tile: MmaTile | None = None) -> SmemPlan:
@@ -191,14 +188,5 @@ def linear(
     tile: list[int] | None = None,
 ) -> Tensor:
     """x (..., in_features) -> (..., out) in x's dtype. Arguments as ``vqlib::vq_linear``'s."""
-    x2 = x.reshape(-1, in_features)  # (tokens, in)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    tokens = x2.shape[0]
-    why = shape_reason(codes, codebooks, rowset, vector_dim, group_size, scale_group_size, x.dtype, tokens)
-    if why is not None:
-        raise ValueError(f"smem_mma: {why}")
-    bf16, tile_plan = x.dtype == torch.bfloat16, MmaTile.decode(tile) if tile else None
-    p = plan(codes, codebooks, vector_dim, group_size, tokens, bf16, x.device, tile_plan)
-    args = (codes, codebooks, codebook_scales, scales, bias, in_features, vector_dim, group_size, scale_group_size)
-    return run(x, x2, p, *args)
+    args = (codes, codebooks, codebook_scales, scales, bias, rowset, in_features, vector_dim, group_size)
+    return launch("smem_mma", shape_reason, plan, MmaTile, x, *args, scale_group_size, tile)

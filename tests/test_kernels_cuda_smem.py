@@ -332,17 +332,22 @@ def test_gpu_decode_is_bit_exact():
 def test_gpu_compile_fullgraph_and_cuda_graph():
     layer = make_layer("d8_2x8_row_pad", device="cuda")
     x = torch.randn(1, layer.in_features, device="cuda", dtype=torch.float16)
-    eager = smem_linear(layer, x)
-    compiled = torch.compile(lambda x: smem_linear(layer, x), fullgraph=True)
-    assert_matches(compiled(x), eager.float(), torch.float16)
+    assert_compiles_and_replays(lambda x: smem_linear(layer, x), layer, x)
+
+
+def assert_compiles_and_replays(run, layer: VQLinear, x: torch.Tensor) -> None:
+    """``run`` (x -> layer output) under torch.compile(fullgraph=True) and captured in a CUDA graph, replayed on a new
+    input, equals the reference."""
+    compiled = torch.compile(run, fullgraph=True)
+    assert_matches(compiled(x), reference(layer, x), x.dtype)
     static_x = x.clone()
-    smem_linear(layer, static_x)  # loads the module outside the capture
+    run(static_x)  # loads the module outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_y = smem_linear(layer, static_x)
+        static_y = run(static_x)
     new_x = torch.randn_like(x)
     static_x.copy_(new_x)
     graph.replay()
     torch.cuda.synchronize()
-    assert_matches(static_y, reference(layer, new_x), torch.float16)
+    assert_matches(static_y, reference(layer, new_x), x.dtype)

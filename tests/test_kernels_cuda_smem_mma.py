@@ -13,7 +13,13 @@ import torch
 
 pytest.importorskip("triton")
 
-from test_kernels_cuda_smem import FORMATS, assert_matches, make_layer, reference  # noqa: E402
+from test_kernels_cuda_smem import (  # noqa: E402
+    FORMATS,
+    assert_compiles_and_replays,
+    assert_matches,
+    make_layer,
+    reference,
+)
 from test_kernels_triton import no_log_while_compiling, random_layer  # noqa: E402, F401  (a fixture)
 from vqlib.kernels import cuda_smem_gemv as sg  # noqa: E402
 from vqlib.kernels import cuda_smem_mma as sm  # noqa: E402
@@ -187,16 +193,4 @@ def test_gpu_matches_reference(name, dtype):
 def test_gpu_cuda_graph_and_compile():
     layer = make_layer("d4_1x8_g128_int8_groupscale", device="cuda")
     x = torch.randn(16, layer.in_features, device="cuda", dtype=torch.float16)
-    compiled = torch.compile(lambda x: mma_linear(layer, x), fullgraph=True)
-    assert_matches(compiled(x), reference(layer, x), torch.float16)
-    static_x = x.clone()
-    mma_linear(layer, static_x)  # loads the module outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = mma_linear(layer, static_x)
-    new_x = torch.randn_like(x)
-    static_x.copy_(new_x)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert_matches(static_y, reference(layer, new_x), torch.float16)
+    assert_compiles_and_replays(lambda x: mma_linear(layer, x), layer, x)

@@ -127,6 +127,18 @@ template <class F> inline uint32_t half2_map(uint32_t a, uint32_t b, uint32_t c,
 inline uint32_t h2_add(uint32_t a, uint32_t b) { return half2_map(a, b, 0u, [](double x, double y, double) { return x + y; }); }
 inline uint32_t h2_sub(uint32_t a, uint32_t b) { return half2_map(a, b, 0u, [](double x, double y, double) { return x - y; }); }
 inline uint32_t h2_mul(uint32_t a, uint32_t b) { return half2_map(a, b, 0u, [](double x, double y, double) { return x * y; }); }
+// bf16x2 arithmetic: the exact result (double) rounded once to bf16 (float first: exact for these sums and products
+// of bf16 values except in extreme exponent ranges)
+template <class F> inline uint32_t bf162_map(uint32_t a, uint32_t b, F f) {
+    uint32_t r = 0;
+    for (int i = 0; i < 2; ++i) {
+        auto h = [&](uint32_t w) { return (double)emu_act_to_float<true>((w >> (16 * i)) & 0xffffu); };
+        r |= (uint32_t)emu_float_to_bf16((float)f(h(a), h(b))) << (16 * i);
+    }
+    return r;
+}
+inline uint32_t b2_add(uint32_t a, uint32_t b) { return bf162_map(a, b, [](double x, double y) { return x + y; }); }
+inline uint32_t b2_mul(uint32_t a, uint32_t b) { return bf162_map(a, b, [](double x, double y) { return x * y; }); }
 inline uint32_t h2_fma(uint32_t a, uint32_t b, uint32_t c) {
     return half2_map(a, b, c, [](double x, double y, double z) { return x * y + z; });
 }

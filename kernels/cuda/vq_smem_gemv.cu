@@ -63,6 +63,13 @@ __device__ __forceinline__ uint32_t prmt(uint32_t x, uint32_t y, uint32_t select
 VQ_HALF2_OP(h2_add, __hadd2)
 VQ_HALF2_OP(h2_sub, __hsub2)
 VQ_HALF2_OP(h2_mul, __hmul2)
+#define VQ_BF162_OP(name, expr)                                                    \
+    __device__ __forceinline__ uint32_t name(uint32_t a, uint32_t b) {             \
+        const __nv_bfloat162 r = expr(*reinterpret_cast<__nv_bfloat162*>(&a), *reinterpret_cast<__nv_bfloat162*>(&b)); \
+        return *reinterpret_cast<const uint32_t*>(&r);                             \
+    }
+VQ_BF162_OP(b2_add, __hadd2)
+VQ_BF162_OP(b2_mul, __hmul2)
 __device__ __forceinline__ uint32_t h2_fma(uint32_t a, uint32_t b, uint32_t c) {
     const __half2 r = __hfma2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b), *reinterpret_cast<__half2*>(&c));
     return *reinterpret_cast<const uint32_t*>(&r);
@@ -179,13 +186,25 @@ __device__ __forceinline__ void entry_values(const Bytes<EB>& b, float (&v)[D]) 
 
 // Copies the codebooks of groups g0 .. g0+gc-1 (and their int8 scales) into shared memory, each entry `copies`
 // times, interleaved: slot (book * k + entry) * copies + c.
-template <int M, int EB, bool INT8>
+// TO_BF16 (fp16 entries only): each value is stored rounded to bf16, for smem_mma's bf16x2 decode.
+template <int M, int EB, bool INT8, bool TO_BF16 = false>
 __device__ void fill_table(const GemvArgs& a, unsigned char* table, float* cb_scale, int g0, int gc) {
+    static_assert(!(TO_BF16 && INT8), "only fp16 entries are converted");
     const int entries = gc * M * a.k;
     const uint8_t* src = static_cast<const uint8_t*>(a.codebooks) + (size_t)g0 * M * a.k * EB;
     for (int i = threadIdx.x; i < entries * a.copies; i += blockDim.x) {
         const int entry = i / a.copies;
-        *reinterpret_cast<Bytes<EB>*>(table + (size_t)i * EB) = load_bytes<EB>(src + (size_t)entry * EB);
+        const Bytes<EB> value = load_bytes<EB>(src + (size_t)entry * EB);
+        uint32_t* dst = reinterpret_cast<uint32_t*>(table + (size_t)i * EB);
+        if constexpr (TO_BF16) {
+#pragma unroll
+            for (int w = 0; w < EB / 4; ++w) {
+                const float2 pair = halves_to_float2(value.word(w));
+                dst[w] = pack_act2<true>(pair.x, pair.y);
+            }
+        } else {
+            *reinterpret_cast<Bytes<EB>*>(dst) = value;
+        }
     }
     if (INT8)
         for (int i = threadIdx.x; i < gc * M; i += blockDim.x) cb_scale[i] = half_to_float(a.codebook_scales[g0 * M + i]);
@@ -281,6 +300,16 @@ struct PassConsts {
     int lanes;   // a.lanes_per_row
 };
 
+// Output (t, row) of this block's chunk: to the fp32 partials when K is split, else plus bias to the output.
+template <bool BF16>
+__device__ __forceinline__ void store_result(const GemvArgs& a, int flags, int tokens, int t, int row, float v) {
+    if (flags & SPLIT) {
+        a.partials[((size_t)blockIdx.y * tokens + t) * a.n + row] = v;
+    } else {
+        store_act(a.out, BF16, t * a.n + row, v + load_bias(a.bias, flags >> BIAS_SHIFT, row));
+    }
+}
+
 // One row of a warp pass: this lane's segment dot, times the row/group scale, summed over the row's L lanes
 // (every lane takes part in the shuffles), then stored by the row's first lane.
 template <int D, int M, int T, int VL, int EB, bool BF16, int CB>
@@ -302,11 +331,7 @@ __device__ __forceinline__ void row_pass(const GemvArgs& a, const PassConsts& c,
         float v = part[t];
         for (int off = L / 2; off > 0; off >>= 1) v += shfl_xor(v, off);
         if (!(flags & WRITER) || row >= row_end || t >= tokens) continue;
-        if (flags & SPLIT) {
-            a.partials[((size_t)blockIdx.y * tokens + t) * a.n + row] = v;
-        } else {
-            store_act(a.out, BF16, t * a.n + row, v + load_bias(a.bias, flags >> BIAS_SHIFT, row));
-        }
+        store_result<BF16>(a, flags, tokens, t, row, v);
     }
 }
 
@@ -426,10 +451,14 @@ __device__ __forceinline__ void decode_vector(const Bytes<J * M>& seg, int j, co
 // Rounding: M = 1 fp16 codebooks round each weight once, exactly as the reference (the product of two halves is
 // exact in fp32); M = 2 and int8 codebooks round two or three times (pair sum, codebook scale, row scale): at most
 // a few fp16 ulps from the reference's W, within the fp16 output tolerance, never bit-compared.
-// s2[m]: (codebook m's int8 scale, 1 for fp16) x the row/group scale, as half2.
-template <int D, int M, int J, int EB, bool INT8>
+// bf16 activations with fp16 codebooks: the table holds the entries rounded to bf16 (fill_table<..., TO_BF16>) and
+// the same adds and multiplies run in bf16x2: up to three bf16 roundings per weight (entry, pair sum, scale) instead
+// of the reference's one, within the bf16 output tolerance; int8 codebooks with bf16 keep the fp32 decode.
+// s2[m]: (codebook m's int8 scale, 1 for fp16) x the row/group scale, as half2 (bf16x2 for BF16).
+template <int D, int M, int J, int EB, bool INT8, bool BF16>
 __device__ __forceinline__ void decode_vector_h2(const Bytes<J * M>& seg, int j, const unsigned char* const (&table_m)[M],
                                                  int stride, const uint32_t (&s2)[M], uint32_t (&w2)[D / 2]) {
+    static_assert(!(BF16 && INT8), "int8 codebooks with bf16 activations decode in fp32");
     uint32_t v[M][D / 2];
 #pragma unroll
     for (int m = 0; m < M; ++m) {
@@ -448,6 +477,8 @@ __device__ __forceinline__ void decode_vector_h2(const Bytes<J * M>& seg, int j,
     for (int i = 0; i < D / 2; ++i) {
         if constexpr (INT8)
             w2[i] = M == 1 ? h2_mul(v[0][i], s2[0]) : h2_fma(v[M - 1][i], s2[M - 1], h2_mul(v[0][i], s2[0]));
+        else if constexpr (BF16)
+            w2[i] = b2_mul(M == 1 ? v[0][i] : b2_add(v[0][i], v[M - 1][i]), s2[0]);
         else
             w2[i] = h2_mul(M == 1 ? v[0][i] : h2_add(v[0][i], v[M - 1][i]), s2[0]);
     }
@@ -460,24 +491,25 @@ template <int D, int M, int NT, int J, int EB, bool BF16, bool INT8>
 __device__ __forceinline__ void mma_tile(const Bytes<J * M> (&seg)[2], const float (&scale)[2],
                                          const unsigned char* const (&table_m)[M], const float (&cbs)[M], int stride,
                                          const uint32_t (&xb)[NT][J][D / 4][2], float (&acc)[NT][4]) {
-    uint32_t s2[2][M];  // fp16 activations: the scales of each row as half2
+    constexpr bool FP32_DECODE = BF16 && INT8;  // see decode_vector_h2
+    uint32_t s2[2][M];                          // the scales of each row as half2 / bf16x2
 #pragma unroll
     for (int h = 0; h < 2; ++h)
 #pragma unroll
-        for (int m = 0; m < M; ++m) s2[h][m] = pack_act2<false>(cbs[m] * scale[h], cbs[m] * scale[h]);
+        for (int m = 0; m < M; ++m) s2[h][m] = pack_act2<BF16>(cbs[m] * scale[h], cbs[m] * scale[h]);
 #pragma unroll
     for (int j = 0; j < J; ++j) {
         uint32_t frag[D / 4][4];  // A fragments of the vector's k-steps: {row g, row g+8} x {dims 4s+0/1, 4s+2/3}
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             uint32_t w2[D / 2];
-            if constexpr (BF16) {  // bf16 weights: decode in fp32 as the reference, then round
+            if constexpr (FP32_DECODE) {  // decode in fp32 as the reference, then round to bf16
                 float w[D];
                 decode_vector<D, M, J, EB, INT8>(seg[h], j, table_m, cbs, stride, scale[h], w);
 #pragma unroll
                 for (int i = 0; i < D / 2; ++i) w2[i] = pack_act2<true>(w[2 * i], w[2 * i + 1]);
             } else {
-                decode_vector_h2<D, M, J, EB, INT8>(seg[h], j, table_m, stride, s2[h], w2);
+                decode_vector_h2<D, M, J, EB, INT8, BF16>(seg[h], j, table_m, stride, s2[h], w2);
             }
 #pragma unroll
             for (int s = 0; s < D / 4; ++s) {
@@ -506,11 +538,7 @@ __device__ __forceinline__ void store_mma_pass(const GemvArgs& a, const PassCons
         const float* tile = red + (size_t)((rr >> 4) * warps_k * NT + nt) * 128 + reg * 32 + lane;
         float v = 0.f;
         for (int kw = 0; kw < warps_k; ++kw) v += tile[kw * NT * 128];  // warp order: deterministic
-        if (flags & SPLIT) {
-            a.partials[((size_t)blockIdx.y * tokens + t) * a.n + row] = v;
-        } else {
-            store_act(a.out, BF16, t * a.n + row, v + load_bias(a.bias, flags >> BIAS_SHIFT, row));
-        }
+        store_result<BF16>(a, flags, tokens, t, row, v);
     }
 }
 
@@ -544,7 +572,7 @@ __device__ void smem_mma(const GemvArgs& a) {
     // and add exact zeros (an entry times their zero activations could be 0 * inf = NaN)
     unsigned char* zero_entry = smem + ((table_bytes + 4 * a.groups_per_chunk * M + 15) & ~(size_t)15);
     float* red = reinterpret_cast<float*>(zero_entry + 16);
-    fill_table<M, EB, INT8>(a, smem, cb_scale, g0, min(a.groups_per_chunk, groups - g0));
+    fill_table<M, EB, INT8, BF16 && !INT8>(a, smem, cb_scale, g0, min(a.groups_per_chunk, groups - g0));
     if (threadIdx.x < 4) reinterpret_cast<uint32_t*>(zero_entry)[threadIdx.x] = 0u;
     block_sync();
 
