@@ -52,6 +52,17 @@ def test_matches_reference(name, dtype):
 
 
 @needs_gxx
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_split_k_matches_reference(dtype):
+    """A row wider than one block's chunk: fp32 partials per chunk, summed in chunk order by vq_splitk_reduce."""
+    layer = random_layer(dict(in_features=2048, out_features=24, vector_dim=8, num_codebooks=2), 5, "cpu")
+    x = torch.randn(16, layer.in_features).to(dtype)
+    p = sm.plan(layer.codes, layer.codebooks, 8, 0, 16, dtype == torch.bfloat16, "cpu")
+    assert p.grid[1] == 2  # 256 vectors, chunks of 8 warps x 4 x J=4
+    assert_matches(mma_linear(layer, x), reference(layer, x), dtype)
+
+
+@needs_gxx
 def test_one_fp16_codebook_rounds_each_weight_once():
     """M = 1 fp16 codebooks with row scales: the half2 decode gives fp16(entry * scale), the reference's W rounded
     once to fp16, exactly (one-hot rows; the bias is added in fp32 before the output's rounding)."""
