@@ -445,15 +445,16 @@ __device__ __forceinline__ void decode_vector(const Bytes<J * M>& seg, int j, co
     for (int e = 0; e < D; ++e) w[e] *= scale;
 }
 
-// fp16 activations: the D weights as D/2 half2 registers, decoded two per instruction (the fp32 decode costs ~40
-// instructions per d8 M=2 vector, this ~12). int8 entries become halves without a conversion instruction: (b ^ 0x80)
+// fp16 activations: the D weights as D/2 half2 registers, decoded two per instruction (sm_90 SASS per d8 M=2
+// vector, gathers and mma included: ~46 instructions with the fp32 decode, ~17 with this one). int8 entries become halves without a conversion instruction: (b ^ 0x80)
 // placed under the exponent byte 0x64 is the half 1024 + 128 + b, minus 1152 is b, exactly (Marlin's trick).
 // Rounding: M = 1 fp16 codebooks round each weight once, exactly as the reference (the product of two halves is
 // exact in fp32); M = 2 and int8 codebooks round two or three times (pair sum, codebook scale, row scale): at most
 // a few fp16 ulps from the reference's W, within the fp16 output tolerance, never bit-compared.
 // bf16 activations with fp16 codebooks: the table holds the entries rounded to bf16 (fill_table<..., TO_BF16>) and
-// the same adds and multiplies run in bf16x2: up to three bf16 roundings per weight (entry, pair sum, scale) instead
-// of the reference's one, within the bf16 output tolerance; int8 codebooks with bf16 keep the fp32 decode.
+// the same adds and multiplies run in bf16x2: the entry, the pair sum and the product rounded to bf16, and the
+// fp16 row/group scale too (a relative 2^-9 per row, bf16's own precision), instead of the reference's one rounding
+// of W; within the bf16 output tolerance. int8 codebooks with bf16 keep the fp32 decode.
 // s2[m]: (codebook m's int8 scale, 1 for fp16) x the row/group scale, as half2 (bf16x2 for BF16).
 template <int D, int M, int J, int EB, bool INT8, bool BF16>
 __device__ __forceinline__ void decode_vector_h2(const Bytes<J * M>& seg, int j, const unsigned char* const (&table_m)[M],
