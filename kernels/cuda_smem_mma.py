@@ -111,6 +111,12 @@ def plan(codes, codebooks, vector_dim, group_size, tokens, bf16, device, tile: M
     return _plan(n, nv, m, k, int8, vector_dim, group_size, tokens, bf16, sms, smem_limit, tile or MmaTile())
 
 
+def table_entry_bytes(vector_dim: int, int8: bool, bf16: bool) -> int:
+    """Bytes of a codebook entry in shared memory: as stored, except with bf16 activations, whose table holds bf16
+    values (fp16 entries rounded, int8 entries times their codebook scale, rounded: see decode_vector_h2)."""
+    return 2 * vector_dim if bf16 else entry_bytes(vector_dim, int8)
+
+
 def reduce_bytes(tokens: int) -> int:
     """Shared memory for the warps' partial tiles: two buffers x warps x (16 rows x 8 tokens) fp32 per n8 tile."""
     return 2 * WARPS * (token_template(tokens) // 8) * 128 * 4
@@ -118,7 +124,7 @@ def reduce_bytes(tokens: int) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def _plan(n, nv, m, k, int8, vector_dim, group_size, tokens, bf16, sms, smem_limit, tile: MmaTile) -> SmemPlan:
-    t, vl, eb = token_template(tokens), lane_vectors(vector_dim, m, tokens), entry_bytes(vector_dim, int8)
+    t, vl, eb = token_template(tokens), lane_vectors(vector_dim, m, tokens), table_entry_bytes(vector_dim, int8, bf16)
     budget = min(smem_limit, BLOCK_SMEM_BUDGET)
     copies = tile.copies or 128 // eb  # interleaved: one warp phase hits distinct banks whatever the codes
     warps_k = tile.warps_k or WARPS
@@ -163,11 +169,12 @@ def tile_candidates(layer, x: Tensor) -> list[list[int] | None]:
     replicas to keep the chunk wide (grouped codebooks), full replication in a narrower chunk."""
     from .triton_vq import tokens
 
-    base = plan(layer.codes, layer.codebooks, layer.vector_dim, layer.group_size or 0, tokens(x), False, x.device)
+    bf16 = x.dtype == torch.bfloat16
+    base = plan(layer.codes, layer.codebooks, layer.vector_dim, layer.group_size or 0, tokens(x), bf16, x.device)
     variants = [MmaTile(copies=1), MmaTile(rows_per_block=4 * base.rows_per_block)]
     if base.warps_k > 2:
         variants.append(MmaTile(warps_k=2))
-    full = 128 // entry_bytes(layer.vector_dim, layer.codebooks.dtype == torch.int8)
+    full = 128 // table_entry_bytes(layer.vector_dim, layer.codebooks.dtype == torch.int8, bf16)
     if base.copies < full:  # the default gave up replicas to keep the chunk wide: try them back, narrower
         variants.append(MmaTile(copies=full))
     return [None] + [v.encode() for v in variants if v.copies != base.copies or not v.copies]

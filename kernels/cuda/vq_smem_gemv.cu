@@ -186,22 +186,23 @@ __device__ __forceinline__ void entry_values(const Bytes<EB>& b, float (&v)[D]) 
 
 // Copies the codebooks of groups g0 .. g0+gc-1 (and their int8 scales) into shared memory, each entry `copies`
 // times, interleaved: slot (book * k + entry) * copies + c.
-// TO_BF16 (fp16 entries only): each value is stored rounded to bf16, for smem_mma's bf16x2 decode.
+// TO_BF16 (smem_mma with bf16 activations): each value is stored as bf16, 2 bytes, whatever the source: fp16 entries
+// rounded, int8 entries times their codebook scale (exact in fp32) rounded; the table's entries are then 2 D bytes.
 template <int M, int EB, bool INT8, bool TO_BF16 = false>
 __device__ void fill_table(const GemvArgs& a, unsigned char* table, float* cb_scale, int g0, int gc) {
-    static_assert(!(TO_BF16 && INT8), "only fp16 entries are converted");
+    constexpr int D = INT8 ? EB : EB / 2, TEB = TO_BF16 ? 2 * D : EB;  // values per entry; table bytes per entry
     const int entries = gc * M * a.k;
     const uint8_t* src = static_cast<const uint8_t*>(a.codebooks) + (size_t)g0 * M * a.k * EB;
     for (int i = threadIdx.x; i < entries * a.copies; i += blockDim.x) {
         const int entry = i / a.copies;
         const Bytes<EB> value = load_bytes<EB>(src + (size_t)entry * EB);
-        uint32_t* dst = reinterpret_cast<uint32_t*>(table + (size_t)i * EB);
+        uint32_t* dst = reinterpret_cast<uint32_t*>(table + (size_t)i * TEB);
         if constexpr (TO_BF16) {
+            float v[D];
+            entry_values<D, EB, INT8>(value, v);
+            const float s = INT8 ? half_to_float(a.codebook_scales[g0 * M + entry / a.k]) : 1.f;
 #pragma unroll
-            for (int w = 0; w < EB / 4; ++w) {
-                const float2 pair = halves_to_float2(value.word(w));
-                dst[w] = pack_act2<true>(pair.x, pair.y);
-            }
+            for (int w = 0; w < D / 2; ++w) dst[w] = pack_act2<true>(v[2 * w] * s, v[2 * w + 1] * s);
         } else {
             *reinterpret_cast<Bytes<EB>*>(dst) = value;
         }
@@ -425,41 +426,24 @@ __device__ __forceinline__ void load_mma_activations(const GemvArgs& a, int v0, 
             }
 }
 
-// The D weights of one vector of one row in the activation dtype's precision, as the reference rounds them: the
-// entries (times their int8 scale) summed over M in fp32, times the row/group scale.
-template <int D, int M, int J, int EB, bool INT8>
-__device__ __forceinline__ void decode_vector(const Bytes<J * M>& seg, int j, const unsigned char* const (&table_m)[M],
-                                              const float (&cbs)[M], int stride, float scale, float (&w)[D]) {
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-        const unsigned char* entry_ptr = table_m[m] + byte_at(seg, j * M + m) * stride;
-        float value[D];
-        entry_values<D, EB, INT8>(*reinterpret_cast<const Bytes<EB>*>(entry_ptr), value);
-#pragma unroll
-        for (int e = 0; e < D; ++e) {
-            if (INT8) value[e] *= cbs[m];
-            w[e] = m == 0 ? value[e] : w[e] + value[e];
-        }
-    }
-#pragma unroll
-    for (int e = 0; e < D; ++e) w[e] *= scale;
-}
-
-// fp16 activations: the D weights as D/2 half2 registers, decoded two per instruction (sm_90 SASS per d8 M=2
-// vector, gathers and mma included: ~46 instructions with the fp32 decode, ~17 with this one). int8 entries become halves without a conversion instruction: (b ^ 0x80)
-// placed under the exponent byte 0x64 is the half 1024 + 128 + b, minus 1152 is b, exactly (Marlin's trick).
+// The D weights of one vector of one row as D/2 half2 (bf16x2) registers, decoded two per instruction (sm_90 SASS per
+// d8 M=2 vector, gathers and mma included: ~17 instructions; ~46 with an fp32 decode). fp16 activations: int8 entries
+// become halves without a conversion instruction: (b ^ 0x80) placed under the exponent byte 0x64 is the half
+// 1024 + 128 + b, minus 1152 is b, exactly (Marlin's trick).
 // Rounding: M = 1 fp16 codebooks round each weight once, exactly as the reference (the product of two halves is
 // exact in fp32); M = 2 and int8 codebooks round two or three times (pair sum, codebook scale, row scale): at most
 // a few fp16 ulps from the reference's W, within the fp16 output tolerance, never bit-compared.
-// bf16 activations with fp16 codebooks: the table holds the entries rounded to bf16 (fill_table<..., TO_BF16>) and
-// the same adds and multiplies run in bf16x2: the entry, the pair sum and the product rounded to bf16, and the
-// fp16 row/group scale too (a relative 2^-9 per row, bf16's own precision), instead of the reference's one rounding
-// of W; within the bf16 output tolerance. int8 codebooks with bf16 keep the fp32 decode.
-// s2[m]: (codebook m's int8 scale, 1 for fp16) x the row/group scale, as half2 (bf16x2 for BF16).
+// bf16 activations: the table holds the entries as bf16 (fill_table<..., TO_BF16>: fp16 entries rounded, int8 ones
+// times their codebook scale, rounded; bf16's 7-bit mantissa cannot hold the int8 trick's 1152 + b) and the same
+// adds and multiplies run in bf16x2: the entry, the pair sum and the product rounded to bf16, and the fp16 row/group
+// scale too (a relative 2^-9 per row, bf16's own precision), instead of the reference's one rounding of W; within
+// the bf16 output tolerance.
+// INT8 here: the table holds int8 entries (fp16 activations only). s2[m]: (codebook m's int8 scale, 1 for fp16 and
+// bf16 tables) x the row/group scale, as half2 (bf16x2 for BF16).
 template <int D, int M, int J, int EB, bool INT8, bool BF16>
 __device__ __forceinline__ void decode_vector_h2(const Bytes<J * M>& seg, int j, const unsigned char* const (&table_m)[M],
                                                  int stride, const uint32_t (&s2)[M], uint32_t (&w2)[D / 2]) {
-    static_assert(!(BF16 && INT8), "int8 codebooks with bf16 activations decode in fp32");
+    static_assert(!(BF16 && INT8), "bf16 tables hold bf16 entries");
     uint32_t v[M][D / 2];
 #pragma unroll
     for (int m = 0; m < M; ++m) {
@@ -492,8 +476,7 @@ template <int D, int M, int NT, int J, int EB, bool BF16, bool INT8>
 __device__ __forceinline__ void mma_tile(const Bytes<J * M> (&seg)[2], const float (&scale)[2],
                                          const unsigned char* const (&table_m)[M], const float (&cbs)[M], int stride,
                                          const uint32_t (&xb)[NT][J][D / 4][2], float (&acc)[NT][4]) {
-    constexpr bool FP32_DECODE = BF16 && INT8;  // see decode_vector_h2
-    uint32_t s2[2][M];                          // the scales of each row as half2 / bf16x2
+    uint32_t s2[2][M];  // the scales of each row as half2 / bf16x2
 #pragma unroll
     for (int h = 0; h < 2; ++h)
 #pragma unroll
@@ -504,14 +487,7 @@ __device__ __forceinline__ void mma_tile(const Bytes<J * M> (&seg)[2], const flo
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             uint32_t w2[D / 2];
-            if constexpr (FP32_DECODE) {  // decode in fp32 as the reference, then round to bf16
-                float w[D];
-                decode_vector<D, M, J, EB, INT8>(seg[h], j, table_m, cbs, stride, scale[h], w);
-#pragma unroll
-                for (int i = 0; i < D / 2; ++i) w2[i] = pack_act2<true>(w[2 * i], w[2 * i + 1]);
-            } else {
-                decode_vector_h2<D, M, J, EB, INT8, BF16>(seg[h], j, table_m, stride, s2[h], w2);
-            }
+            decode_vector_h2<D, M, J, EB, INT8, BF16>(seg[h], j, table_m, stride, s2[h], w2);
 #pragma unroll
             for (int s = 0; s < D / 4; ++s) {
                 frag[s][h] = w2[2 * s];
@@ -547,7 +523,9 @@ template <int D, int M, int NT, bool BF16, int CB>
 __device__ void smem_mma(const GemvArgs& a) {
     constexpr bool INT8 = CB == CB_I8;
     constexpr int J = mma_lane_vectors<D, M, NT>();
-    constexpr int EB = INT8 ? D : 2 * D;
+    constexpr int EB = INT8 ? D : 2 * D;                  // bytes per codebook entry in memory
+    constexpr int TEB = BF16 ? 2 * D : EB;                // and in the table (bf16 activations: bf16 entries)
+    constexpr bool INT8_TABLE = INT8 && !BF16;
     constexpr int DEPTH = code_loads_in_flight<2 * J * M>();  // two rows per lane
     VQ_DYNAMIC_SMEM(smem);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2;
@@ -567,13 +545,13 @@ __device__ void smem_mma(const GemvArgs& a) {
     load_mma_activations<D, NT, J>(a, v0, lane_ok, g, xb);
     const int groups = a.group_vecs ? (a.nv + a.group_vecs - 1) / a.group_vecs : 1;
     const int g0 = a.group_vecs ? blockIdx.y * chunk_vecs / a.group_vecs : 0;
-    const size_t table_bytes = (size_t)a.groups_per_chunk * M * a.k * a.copies * EB;
+    const size_t table_bytes = (size_t)a.groups_per_chunk * M * a.k * a.copies * TEB;
     float* cb_scale = reinterpret_cast<float*>(smem + table_bytes);
     // a zero entry for the lanes past the row's vectors: they gather it (stride 0) instead of branching per vector,
     // and add exact zeros (an entry times their zero activations could be 0 * inf = NaN)
     unsigned char* zero_entry = smem + ((table_bytes + 4 * a.groups_per_chunk * M + 15) & ~(size_t)15);
     float* red = reinterpret_cast<float*>(zero_entry + 16);
-    fill_table<M, EB, INT8, BF16 && !INT8>(a, smem, cb_scale, g0, min(a.groups_per_chunk, groups - g0));
+    fill_table<M, EB, INT8, BF16>(a, smem, cb_scale, g0, min(a.groups_per_chunk, groups - g0));
     if (threadIdx.x < 4) reinterpret_cast<uint32_t*>(zero_entry)[threadIdx.x] = 0u;
     block_sync();
 
@@ -582,10 +560,10 @@ __device__ void smem_mma(const GemvArgs& a) {
     float cbs[M];
 #pragma unroll
     for (int m = 0; m < M; ++m) {
-        table_m[m] = lane_ok ? smem + ((size_t)(book0 + m) * a.k * a.copies + (lane & (a.copies - 1))) * EB : zero_entry;
-        cbs[m] = INT8 && lane_ok ? cb_scale[book0 + m] : 1.f;
+        table_m[m] = lane_ok ? smem + ((size_t)(book0 + m) * a.k * a.copies + (lane & (a.copies - 1))) * TEB : zero_entry;
+        cbs[m] = INT8_TABLE && lane_ok ? cb_scale[book0 + m] : 1.f;  // a bf16 table holds the scaled entries
     }
-    const int stride = lane_ok ? a.copies * EB : 0;
+    const int stride = lane_ok ? a.copies * TEB : 0;
     const int scale_col = a.scale_group_vecs ? v0 / a.scale_group_vecs : 0;
     const PassConsts consts{(lane_ok ? LANE_OK : 0) | (gridDim.y > 1 ? SPLIT : 0) | (a.scales ? HAS_SCALES : 0) |
                                 a.bias_kind << BIAS_SHIFT,
@@ -607,7 +585,7 @@ __device__ void smem_mma(const GemvArgs& a) {
                 scale[h] = scaled ? half_to_float(a.scales[(size_t)row * a.s + scale_col]) : 1.f;
             }
             float acc[NT][4] = {};
-            mma_tile<D, M, NT, J, EB, BF16, INT8>(seg, scale, table_m, cbs, stride, xb, acc);
+            mma_tile<D, M, NT, J, TEB, BF16, INT8_TABLE>(seg, scale, table_m, cbs, stride, xb, acc);
             float* slot = red + (size_t)(pass & 1) * (blockDim.x >> 5) * NT * 128;  // double buffer: one sync a pass
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt)
